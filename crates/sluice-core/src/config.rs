@@ -1,0 +1,1222 @@
+//! The configuration model and its validation.
+//!
+//! Parsing happens in two steps so that a user sees *every* problem at once,
+//! each with its TOML path:
+//! 1. the text is parsed as a TOML table (syntax errors stop here);
+//! 2. each section and entry is decoded and checked on its own, and every
+//!    failure is collected as a [`ConfigError`] with a path such as
+//!    `deployments.support.variants.v2.provider`.
+//!
+//! Nothing here reads the environment or files: secrets stay as
+//! [`SecretSource`]s until the gateway resolves them at startup.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use crate::secret::{parse_digest_hex, KeyDigest, SecretSource};
+
+/// The provider kinds sluice can talk to.
+pub const PROVIDER_KINDS: &[&str] = &["openai", "anthropic", "simulated"];
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default request body limit (4 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// One problem found in a configuration, with the TOML path it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted TOML path, e.g. `deployments.support.variants.v2.provider`
+    /// (empty for whole-file problems such as a syntax error).
+    pub path: String,
+    /// What is wrong and, where possible, how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "{n} problem{} in configuration:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.0 {
+            writeln!(f, "  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What request and response bodies the store keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogBodies {
+    /// Request and response bodies are stored in full.
+    #[default]
+    Full,
+    /// Only metadata (ids, timings, tokens, status) is stored.
+    Metadata,
+}
+
+/// The `[store]` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreConfig {
+    /// SQLite file path, or `:memory:`.
+    pub path: String,
+    /// Which bodies are recorded.
+    pub log_bodies: LogBodies,
+    /// Capacity of the bounded channel between the request path and the writer.
+    pub queue_capacity: usize,
+    /// Most events written in one transaction.
+    pub batch_max: usize,
+}
+
+/// How a client API key is configured.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiKeySecret {
+    /// The digest is known from the config.
+    Sha256(KeyDigest),
+    /// The key is read at startup and hashed.
+    Source(SecretSource),
+}
+
+/// One `[[api_keys]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKeyConfig {
+    /// Name recorded with each request made with this key.
+    pub name: String,
+    /// Where the key comes from.
+    pub secret: ApiKeySecret,
+    /// Deployments this key may call; `None` means all.
+    pub deployments: Option<Vec<String>>,
+}
+
+/// Latency distribution of the simulated provider: lognormal with the given
+/// median and 99th percentile.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatencyConfig {
+    /// Median total latency in milliseconds.
+    pub median_ms: f64,
+    /// 99th-percentile total latency in milliseconds.
+    pub p99_ms: f64,
+}
+
+/// Settings of the `simulated` provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimulatedConfig {
+    /// Seed mixed into every generated response.
+    pub seed: u64,
+    /// Latency distribution.
+    pub latency: LatencyConfig,
+    /// Share of requests answered with an upstream error (HTTP 500).
+    pub error_rate: f64,
+    /// Share of responses that leak PII-like strings (emails, phone numbers).
+    pub pii_rate: f64,
+    /// Share of responses that refuse.
+    pub refusal_rate: f64,
+    /// Multiplier on response length (1.0 = about 40 words).
+    pub verbosity: f64,
+    /// Share of requests offering tools that answer with a tool call.
+    pub tool_call_rate: f64,
+}
+
+/// Settings of an `openai` (any OpenAI-compatible) provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenAiConfig {
+    /// Base URL including the version segment, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// API key source; `None` sends no `Authorization` header.
+    pub api_key: Option<SecretSource>,
+    /// Extra headers sent upstream.
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Settings of an `anthropic` (Messages API) provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnthropicConfig {
+    /// Base URL without `/v1`, e.g. `https://api.anthropic.com`.
+    pub base_url: String,
+    /// API key source (sent as `x-api-key`).
+    pub api_key: Option<SecretSource>,
+    /// Value of the `anthropic-version` header.
+    pub version: String,
+    /// `max_tokens` used when the client sets none (the Messages API requires one).
+    pub default_max_tokens: u32,
+}
+
+/// Kind-specific provider settings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible upstream.
+    OpenAi(OpenAiConfig),
+    /// Anthropic's Messages API.
+    Anthropic(AnthropicConfig),
+    /// The built-in simulator for demos and tests (no network).
+    Simulated(SimulatedConfig),
+}
+
+impl ProviderKind {
+    /// The `kind = "..."` string.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi(_) => "openai",
+            ProviderKind::Anthropic(_) => "anthropic",
+            ProviderKind::Simulated(_) => "simulated",
+        }
+    }
+}
+
+/// One `[providers.NAME]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderConfig {
+    /// The provider's name in the config.
+    pub name: String,
+    /// Kind-specific settings.
+    pub kind: ProviderKind,
+    /// Total time allowed for a non-streamed call; for streams, the time to the
+    /// first byte and the longest silence between two chunks.
+    pub timeout: Duration,
+    /// Time allowed to establish a connection.
+    pub connect_timeout: Duration,
+}
+
+/// One variant: a concrete provider + model + prompt + parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VariantConfig {
+    /// The variant's name within its deployment.
+    pub name: String,
+    /// Name of the provider that serves it.
+    pub provider: String,
+    /// Upstream model name.
+    pub model: String,
+    /// System prompt prepended to every conversation (before the client's own
+    /// system messages).
+    pub system_prompt: Option<String>,
+    /// Default request parameters (temperature, max_tokens, ...) applied when
+    /// the client did not set them.
+    pub params: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One `[deployments.NAME]` entry: the name clients put in `model`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploymentConfig {
+    /// The deployment's name.
+    pub name: String,
+    /// Name of the variant serving everyone now.
+    pub stable: String,
+    /// All variants, by name.
+    pub variants: BTreeMap<String, VariantConfig>,
+}
+
+impl DeploymentConfig {
+    /// The stable variant (validation guarantees it exists).
+    pub fn stable_variant(&self) -> &VariantConfig {
+        &self.variants[&self.stable]
+    }
+}
+
+/// A validated sluice configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Address the gateway listens on.
+    pub listen: SocketAddr,
+    /// Largest accepted request body in bytes.
+    pub max_body_bytes: usize,
+    /// Serve requests without an API key (only when no keys are configured).
+    pub allow_anonymous: bool,
+    /// The store.
+    pub store: StoreConfig,
+    /// Client API keys.
+    pub api_keys: Vec<ApiKeyConfig>,
+    /// Providers by name.
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// Deployments by name.
+    pub deployments: BTreeMap<String, DeploymentConfig>,
+}
+
+impl Config {
+    /// Parses and validates a configuration, returning every problem found.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let table: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(ConfigErrors(vec![ConfigError {
+                    path: String::new(),
+                    message: format!("invalid TOML: {}", e.to_string().trim_end()),
+                }]))
+            }
+        };
+        let mut cx = Cx::default();
+        let config = build(&mut cx, table);
+        if cx.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(cx.errors))
+        }
+    }
+
+    /// Every secret source the config names, with the TOML path naming it.
+    pub fn secret_sources(&self) -> Vec<(String, SecretSource)> {
+        let mut out = Vec::new();
+        for (i, k) in self.api_keys.iter().enumerate() {
+            if let ApiKeySecret::Source(s) = &k.secret {
+                out.push((format!("api_keys[{i}]"), s.clone()));
+            }
+        }
+        for (name, p) in &self.providers {
+            let src = match &p.kind {
+                ProviderKind::OpenAi(o) => o.api_key.clone(),
+                ProviderKind::Anthropic(a) => a.api_key.clone(),
+                ProviderKind::Simulated(_) => None,
+            };
+            if let Some(s) = src {
+                out.push((format!("providers.{name}"), s));
+            }
+        }
+        out
+    }
+}
+
+#[derive(Default)]
+struct Cx {
+    errors: Vec<ConfigError>,
+}
+
+impl Cx {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Decodes `value` as `T`, recording a path-precise error on failure.
+    fn decode<T: DeserializeOwned>(&mut self, path: &str, value: toml::Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let full = join_path(path, if inner == "." { "" } else { &inner });
+                self.err(full, clean_serde_message(&e.inner().to_string()));
+                None
+            }
+        }
+    }
+}
+
+fn join_path(prefix: &str, rest: &str) -> String {
+    match (prefix.is_empty(), rest.is_empty()) {
+        (true, _) => rest.to_string(),
+        (_, true) => prefix.to_string(),
+        _ if rest.starts_with('[') => format!("{prefix}{rest}"),
+        _ => format!("{prefix}.{rest}"),
+    }
+}
+
+fn clean_serde_message(m: &str) -> String {
+    let mut m = m.trim_end().trim_end_matches('.').replace('\n', " ");
+    // toml appends " in `key`", which the path already says.
+    if let Some(p) = m.rfind(" in `") {
+        if m.ends_with('`') {
+            m.truncate(p);
+        }
+    }
+    m
+}
+
+/// Quotes a TOML key when it is not a bare key.
+fn key(k: &str) -> String {
+    if !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        k.to_string()
+    } else {
+        format!("\"{}\"", k.replace('"', "\\\""))
+    }
+}
+
+/// The closest candidate by edit distance, when it is close enough to be a
+/// plausible typo.
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    let mut best: Option<(usize, &str)> = None;
+    let w = word.to_lowercase();
+    for c in candidates {
+        let lc = c.to_lowercase();
+        // A word that extends or shortens a known one is a near miss too.
+        let d = if lc.len() >= 4 && (w.starts_with(&lc) || lc.starts_with(&w)) && w.len() >= 4 {
+            1
+        } else {
+            levenshtein(&w, &lc)
+        };
+        if best.is_none_or(|(bd, _)| d < bd) {
+            best = Some((d, c));
+        }
+    }
+    best.filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(1))
+        .map(|(_, c)| c)
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn known_list(mut names: Vec<&str>) -> String {
+    if names.is_empty() {
+        return "none are configured".to_string();
+    }
+    names.sort_unstable();
+    format!("known: {}", names.join(", "))
+}
+
+fn unknown_ref(what: &str, value: &str, known: Vec<&str>) -> String {
+    let hint = did_you_mean(value, known.iter().copied())
+        .map(|s| format!("; did you mean \"{s}\"?"))
+        .unwrap_or_default();
+    format!("unknown {what} \"{value}\" ({}){hint}", known_list(known))
+}
+
+fn parse_duration(cx: &mut Cx, path: &str, s: &str) -> Option<Duration> {
+    match humantime::parse_duration(s.trim()) {
+        Ok(d) if d > Duration::ZERO => Some(d),
+        Ok(_) => {
+            cx.err(path, "must be longer than zero");
+            None
+        }
+        Err(e) => {
+            cx.err(
+                path,
+                format!("invalid duration \"{s}\": {e} (examples: \"500ms\", \"30s\", \"2m\")"),
+            );
+            None
+        }
+    }
+}
+
+fn check_rate(cx: &mut Cx, path: String, v: f64) {
+    if !(0.0..=1.0).contains(&v) || v.is_nan() {
+        cx.err(path, format!("must be between 0.0 and 1.0, got {v}"));
+    }
+}
+
+fn secret_source(
+    cx: &mut Cx,
+    path: &str,
+    env_field: &str,
+    env: Option<String>,
+    file_field: &str,
+    file: Option<String>,
+) -> Option<SecretSource> {
+    match (env, file) {
+        (Some(_), Some(_)) => {
+            cx.err(
+                path,
+                format!("set only one of `{env_field}` and `{file_field}`"),
+            );
+            None
+        }
+        (Some(e), None) if e.trim().is_empty() => {
+            cx.err(format!("{path}.{env_field}"), "must not be empty");
+            None
+        }
+        (Some(e), None) => Some(SecretSource::Env(e)),
+        (None, Some(f)) if f.trim().is_empty() => {
+            cx.err(format!("{path}.{file_field}"), "must not be empty");
+            None
+        }
+        (None, Some(f)) => Some(SecretSource::File(f)),
+        (None, None) => None,
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Option<String>,
+    #[serde(default)]
+    log_bodies: LogBodies,
+    queue_capacity: Option<usize>,
+    batch_max: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApiKey {
+    name: String,
+    key_env: Option<String>,
+    key_file: Option<String>,
+    sha256: Option<String>,
+    deployments: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOpenAi {
+    base_url: Option<String>,
+    api_key_env: Option<String>,
+    api_key_file: Option<String>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAnthropic {
+    base_url: Option<String>,
+    api_key_env: Option<String>,
+    api_key_file: Option<String>,
+    version: Option<String>,
+    default_max_tokens: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSimulated {
+    #[serde(default)]
+    seed: u64,
+    latency: Option<LatencyConfig>,
+    #[serde(default)]
+    error_rate: f64,
+    #[serde(default)]
+    pii_rate: f64,
+    #[serde(default)]
+    refusal_rate: f64,
+    verbosity: Option<f64>,
+    #[serde(default)]
+    tool_call_rate: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVariant {
+    provider: String,
+    model: String,
+    system_prompt: Option<String>,
+    #[serde(default)]
+    params: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Request parameters a variant may set as defaults.
+pub const VARIANT_PARAMS: &[&str] = &[
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "response_format",
+    "reasoning_effort",
+    "parallel_tool_calls",
+    "service_tier",
+];
+
+fn take<T: DeserializeOwned>(
+    cx: &mut Cx,
+    table: &mut toml::Table,
+    path: &str,
+    field: &str,
+) -> Option<T> {
+    let v = table.remove(field)?;
+    cx.decode(&join_path(path, field), v)
+}
+
+fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
+    let listen_s: String = take(cx, &mut t, "", "listen").unwrap_or(DEFAULT_LISTEN.to_string());
+    let listen = match listen_s.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            cx.err(
+                "listen",
+                format!(
+                    "invalid address \"{listen_s}\": expected IP:PORT such as \"127.0.0.1:8080\""
+                ),
+            );
+            DEFAULT_LISTEN
+                .parse()
+                .expect("default listen address parses")
+        }
+    };
+    let max_body_bytes: usize =
+        take(cx, &mut t, "", "max_body_bytes").unwrap_or(DEFAULT_MAX_BODY_BYTES);
+    if max_body_bytes == 0 || max_body_bytes > 1 << 30 {
+        cx.err(
+            "max_body_bytes",
+            format!("must be between 1 and 1073741824 (1 GiB), got {max_body_bytes}"),
+        );
+    }
+    let allow_anonymous: bool = take(cx, &mut t, "", "allow_anonymous").unwrap_or(false);
+
+    let raw_store: RawStore = take(cx, &mut t, "", "store").unwrap_or_default();
+    let store = StoreConfig {
+        path: raw_store.path.unwrap_or_else(|| "sluice.db".to_string()),
+        log_bodies: raw_store.log_bodies,
+        queue_capacity: raw_store.queue_capacity.unwrap_or(65_536),
+        batch_max: raw_store.batch_max.unwrap_or(1024),
+    };
+    if store.path.trim().is_empty() {
+        cx.err(
+            "store.path",
+            "must not be empty (use \":memory:\" for an in-memory store)",
+        );
+    }
+    if store.queue_capacity == 0 {
+        cx.err("store.queue_capacity", "must be at least 1");
+    }
+    if store.batch_max == 0 {
+        cx.err("store.batch_max", "must be at least 1");
+    }
+
+    let api_keys = build_api_keys(cx, t.remove("api_keys"));
+    let providers = build_providers(cx, t.remove("providers"));
+    let deployments = build_deployments(cx, t.remove("deployments"), &providers);
+
+    for (i, k) in api_keys.iter().enumerate() {
+        for d in k.deployments.iter().flatten() {
+            if !deployments.contains_key(d) {
+                cx.err(
+                    format!("api_keys[{i}].deployments"),
+                    unknown_ref(
+                        "deployment",
+                        d,
+                        deployments.keys().map(String::as_str).collect(),
+                    ),
+                );
+            }
+        }
+    }
+    if api_keys.is_empty() && !allow_anonymous {
+        cx.err(
+            "api_keys",
+            "no API keys configured: add an [[api_keys]] entry (key_env, key_file or sha256), \
+             or set `allow_anonymous = true` to serve without authentication",
+        );
+    }
+
+    let known_top = [
+        "listen",
+        "max_body_bytes",
+        "allow_anonymous",
+        "store",
+        "api_keys",
+        "providers",
+        "deployments",
+    ];
+    for k in t.keys() {
+        let hint = did_you_mean(k, known_top)
+            .map(|s| format!("; did you mean `{s}`?"))
+            .unwrap_or_default();
+        cx.err(key(k), format!("unknown setting{hint}"));
+    }
+
+    Config {
+        listen,
+        max_body_bytes,
+        allow_anonymous,
+        store,
+        api_keys,
+        providers,
+        deployments,
+    }
+}
+
+fn build_api_keys(cx: &mut Cx, v: Option<toml::Value>) -> Vec<ApiKeyConfig> {
+    let Some(v) = v else { return Vec::new() };
+    let toml::Value::Array(items) = v else {
+        cx.err("api_keys", "must be an array of tables: use [[api_keys]]");
+        return Vec::new();
+    };
+    let mut out: Vec<ApiKeyConfig> = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let path = format!("api_keys[{i}]");
+        let Some(raw) = cx.decode::<RawApiKey>(&path, item) else {
+            continue;
+        };
+        if raw.name.trim().is_empty() {
+            cx.err(format!("{path}.name"), "must not be empty");
+        }
+        if out.iter().any(|k| k.name == raw.name) {
+            cx.err(
+                format!("{path}.name"),
+                format!("duplicate API key name \"{}\"", raw.name),
+            );
+        }
+        let set = [
+            raw.key_env.is_some(),
+            raw.key_file.is_some(),
+            raw.sha256.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
+        if set != 1 {
+            cx.err(
+                &path,
+                "set exactly one of `key_env`, `key_file` or `sha256`",
+            );
+            continue;
+        }
+        let secret = if let Some(h) = raw.sha256 {
+            match parse_digest_hex(&h) {
+                Some(d) => ApiKeySecret::Sha256(d),
+                None => {
+                    cx.err(
+                        format!("{path}.sha256"),
+                        "must be 64 hex digits (the SHA-256 of the key, e.g. from `sluice hash-key`)",
+                    );
+                    continue;
+                }
+            }
+        } else {
+            match secret_source(cx, &path, "key_env", raw.key_env, "key_file", raw.key_file) {
+                Some(s) => ApiKeySecret::Source(s),
+                None => continue,
+            }
+        };
+        out.push(ApiKeyConfig {
+            name: raw.name,
+            secret,
+            deployments: raw.deployments,
+        });
+    }
+    out
+}
+
+fn build_providers(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, ProviderConfig> {
+    let mut out = BTreeMap::new();
+    let Some(v) = v else { return out };
+    let toml::Value::Table(t) = v else {
+        cx.err(
+            "providers",
+            "must be a table of providers: use [providers.NAME]",
+        );
+        return out;
+    };
+    for (name, pv) in t {
+        let path = format!("providers.{}", key(&name));
+        let toml::Value::Table(mut pt) = pv else {
+            cx.err(&path, "must be a table");
+            continue;
+        };
+        let kind: Option<String> = take(cx, &mut pt, &path, "kind");
+        let Some(kind) = kind else {
+            if !cx.errors.iter().any(|e| e.path == format!("{path}.kind")) {
+                cx.err(
+                    format!("{path}.kind"),
+                    format!("missing (known kinds: {})", PROVIDER_KINDS.join(", ")),
+                );
+            }
+            continue;
+        };
+        let timeout_s: Option<String> = take(cx, &mut pt, &path, "timeout");
+        let connect_s: Option<String> = take(cx, &mut pt, &path, "connect_timeout");
+        let timeout = match timeout_s {
+            Some(s) => parse_duration(cx, &format!("{path}.timeout"), &s),
+            None => Some(Duration::from_secs(60)),
+        };
+        let connect_timeout = match connect_s {
+            Some(s) => parse_duration(cx, &format!("{path}.connect_timeout"), &s),
+            None => Some(Duration::from_secs(10)),
+        };
+        let rest = toml::Value::Table(pt);
+        let kind = match kind.as_str() {
+            "openai" => cx.decode::<RawOpenAi>(&path, rest).and_then(|r| {
+                let base_url = r
+                    .base_url
+                    .unwrap_or_else(|| "https://api.openai.com/v1".to_string());
+                check_url(cx, &format!("{path}.base_url"), &base_url);
+                let api_key = secret_source(
+                    cx,
+                    &path,
+                    "api_key_env",
+                    r.api_key_env,
+                    "api_key_file",
+                    r.api_key_file,
+                );
+                Some(ProviderKind::OpenAi(OpenAiConfig {
+                    base_url: base_url.trim_end_matches('/').to_string(),
+                    api_key,
+                    headers: r.headers,
+                }))
+            }),
+            "anthropic" => cx.decode::<RawAnthropic>(&path, rest).and_then(|r| {
+                let base_url = r
+                    .base_url
+                    .unwrap_or_else(|| "https://api.anthropic.com".to_string());
+                check_url(cx, &format!("{path}.base_url"), &base_url);
+                let api_key = secret_source(
+                    cx,
+                    &path,
+                    "api_key_env",
+                    r.api_key_env,
+                    "api_key_file",
+                    r.api_key_file,
+                );
+                let default_max_tokens = r.default_max_tokens.unwrap_or(4096);
+                if default_max_tokens == 0 {
+                    cx.err(format!("{path}.default_max_tokens"), "must be at least 1");
+                }
+                Some(ProviderKind::Anthropic(AnthropicConfig {
+                    base_url: base_url.trim_end_matches('/').to_string(),
+                    api_key,
+                    version: r.version.unwrap_or_else(|| "2023-06-01".to_string()),
+                    default_max_tokens,
+                }))
+            }),
+            "simulated" => cx.decode::<RawSimulated>(&path, rest).map(|r| {
+                let latency = r.latency.unwrap_or(LatencyConfig {
+                    median_ms: 300.0,
+                    p99_ms: 1200.0,
+                });
+                if !(latency.median_ms >= 0.0) {
+                    cx.err(format!("{path}.latency.median_ms"), "must be zero or more");
+                }
+                if !(latency.p99_ms >= latency.median_ms) {
+                    cx.err(
+                        format!("{path}.latency.p99_ms"),
+                        format!(
+                            "must be at least median_ms ({}), got {}",
+                            latency.median_ms, latency.p99_ms
+                        ),
+                    );
+                }
+                check_rate(cx, format!("{path}.error_rate"), r.error_rate);
+                check_rate(cx, format!("{path}.pii_rate"), r.pii_rate);
+                check_rate(cx, format!("{path}.refusal_rate"), r.refusal_rate);
+                check_rate(cx, format!("{path}.tool_call_rate"), r.tool_call_rate);
+                let verbosity = r.verbosity.unwrap_or(1.0);
+                if !(verbosity > 0.0 && verbosity <= 100.0) {
+                    cx.err(
+                        format!("{path}.verbosity"),
+                        format!("must be greater than 0 and at most 100, got {verbosity}"),
+                    );
+                }
+                ProviderKind::Simulated(SimulatedConfig {
+                    seed: r.seed,
+                    latency,
+                    error_rate: r.error_rate,
+                    pii_rate: r.pii_rate,
+                    refusal_rate: r.refusal_rate,
+                    verbosity,
+                    tool_call_rate: r.tool_call_rate,
+                })
+            }),
+            other => {
+                let hint = did_you_mean(other, PROVIDER_KINDS.iter().copied())
+                    .map(|s| format!("; did you mean \"{s}\"?"))
+                    .unwrap_or_default();
+                cx.err(
+                    format!("{path}.kind"),
+                    format!(
+                        "unknown provider kind \"{other}\" (known: {}){hint}",
+                        PROVIDER_KINDS.join(", ")
+                    ),
+                );
+                None
+            }
+        };
+        if let (Some(kind), Some(timeout), Some(connect_timeout)) = (kind, timeout, connect_timeout)
+        {
+            out.insert(
+                name.clone(),
+                ProviderConfig {
+                    name,
+                    kind,
+                    timeout,
+                    connect_timeout,
+                },
+            );
+        } else {
+            // Keep the name resolvable so variants that use it don't also
+            // report "unknown provider"; the real error is already recorded.
+            out.insert(
+                name.clone(),
+                ProviderConfig {
+                    name,
+                    kind: ProviderKind::Simulated(SimulatedConfig {
+                        seed: 0,
+                        latency: LatencyConfig {
+                            median_ms: 0.0,
+                            p99_ms: 0.0,
+                        },
+                        error_rate: 0.0,
+                        pii_rate: 0.0,
+                        refusal_rate: 0.0,
+                        verbosity: 1.0,
+                        tool_call_rate: 0.0,
+                    }),
+                    timeout: Duration::from_secs(1),
+                    connect_timeout: Duration::from_secs(1),
+                },
+            );
+        }
+    }
+    out
+}
+
+fn check_url(cx: &mut Cx, path: &str, url: &str) {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    match rest {
+        Some(r) if !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace) => {}
+        _ => cx.err(
+            path,
+            format!("invalid URL \"{url}\": expected http://HOST[:PORT][/PATH] or https://..."),
+        ),
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/@".contains(c))
+}
+
+fn build_deployments(
+    cx: &mut Cx,
+    v: Option<toml::Value>,
+    providers: &BTreeMap<String, ProviderConfig>,
+) -> BTreeMap<String, DeploymentConfig> {
+    let mut out = BTreeMap::new();
+    let Some(v) = v else {
+        cx.err(
+            "deployments",
+            "no deployments configured: add [deployments.NAME] with a stable variant",
+        );
+        return out;
+    };
+    let toml::Value::Table(t) = v else {
+        cx.err("deployments", "must be a table: use [deployments.NAME]");
+        return out;
+    };
+    if t.is_empty() {
+        cx.err(
+            "deployments",
+            "no deployments configured: add [deployments.NAME] with a stable variant",
+        );
+    }
+    for (name, dv) in t {
+        let path = format!("deployments.{}", key(&name));
+        if !valid_name(&name) {
+            cx.err(
+                &path,
+                "deployment names may use letters, digits and - _ . : / @ (at most 128 characters)",
+            );
+        }
+        let toml::Value::Table(mut dt) = dv else {
+            cx.err(&path, "must be a table");
+            continue;
+        };
+        let stable: Option<String> = take(cx, &mut dt, &path, "stable");
+        let variants_v = dt.remove("variants");
+        for k in dt.keys() {
+            let hint = did_you_mean(k, ["stable", "variants"])
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
+            cx.err(
+                format!("{path}.{}", key(k)),
+                format!("unknown setting{hint}"),
+            );
+        }
+        let mut variants = BTreeMap::new();
+        match variants_v {
+            None => cx.err(
+                format!("{path}.variants"),
+                "missing: define at least one variant, e.g. variants.v1 = { provider = \"...\", model = \"...\" }",
+            ),
+            Some(toml::Value::Table(vt)) => {
+                for (vname, vv) in vt {
+                    let vpath = format!("{path}.variants.{}", key(&vname));
+                    if !valid_name(&vname) {
+                        cx.err(&vpath, "variant names may use letters, digits and - _ . : / @");
+                    }
+                    let Some(raw) = cx.decode::<RawVariant>(&vpath, vv) else {
+                        continue;
+                    };
+                    if !providers.contains_key(&raw.provider) {
+                        cx.err(
+                            format!("{vpath}.provider"),
+                            unknown_ref(
+                                "provider",
+                                &raw.provider,
+                                providers.keys().map(String::as_str).collect(),
+                            ),
+                        );
+                    }
+                    if raw.model.trim().is_empty() {
+                        cx.err(format!("{vpath}.model"), "must not be empty");
+                    }
+                    for p in raw.params.keys() {
+                        if !VARIANT_PARAMS.contains(&p.as_str()) {
+                            let hint = did_you_mean(p, VARIANT_PARAMS.iter().copied())
+                                .map(|s| format!("; did you mean `{s}`?"))
+                                .unwrap_or_default();
+                            cx.err(
+                                format!("{vpath}.params.{}", key(p)),
+                                format!(
+                                    "not a parameter a variant can set (allowed: {}){hint}",
+                                    VARIANT_PARAMS.join(", ")
+                                ),
+                            );
+                        }
+                    }
+                    variants.insert(
+                        vname.clone(),
+                        VariantConfig {
+                            name: vname,
+                            provider: raw.provider,
+                            model: raw.model,
+                            system_prompt: raw.system_prompt,
+                            params: raw.params,
+                        },
+                    );
+                }
+            }
+            Some(_) => cx.err(format!("{path}.variants"), "must be a table of variants"),
+        }
+        let stable = match stable {
+            Some(s) => {
+                if !variants.is_empty() && !variants.contains_key(&s) {
+                    cx.err(
+                        format!("{path}.stable"),
+                        unknown_ref("variant", &s, variants.keys().map(String::as_str).collect()),
+                    );
+                }
+                s
+            }
+            None => {
+                if !cx.errors.iter().any(|e| e.path == format!("{path}.stable")) {
+                    cx.err(
+                        format!("{path}.stable"),
+                        "missing: name the variant that serves everyone now",
+                    );
+                }
+                String::new()
+            }
+        };
+        out.insert(
+            name.clone(),
+            DeploymentConfig {
+                name,
+                stable,
+                variants,
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = "127.0.0.1:8080"
+max_body_bytes = 4194304
+
+[store]
+path = "sluice.db"
+log_bodies = "full"
+
+[[api_keys]]
+name = "app"
+key_env = "SLUICE_APP_KEY"
+
+[providers.openai-main]
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+api_key_env = "OPENAI_API_KEY"
+timeout = "60s"
+
+[providers.anthropic-main]
+kind = "anthropic"
+api_key_env = "ANTHROPIC_API_KEY"
+
+[providers.sim]
+kind = "simulated"
+seed = 7
+latency = { median_ms = 300, p99_ms = 1200 }
+error_rate = 0.01
+
+[deployments.support]
+stable = "v1"
+variants.v1 = { provider = "openai-main", model = "gpt-4o-mini", system_prompt = "You are a support agent." }
+variants.v2 = { provider = "sim", model = "sim-1" }
+"#;
+
+    fn errors(text: &str) -> Vec<String> {
+        match Config::parse(text) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_reference_config_is_valid() {
+        let c = Config::parse(GOOD).expect("valid");
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.providers.len(), 3);
+        let d = &c.deployments["support"];
+        assert_eq!(d.stable_variant().model, "gpt-4o-mini");
+        assert_eq!(c.providers["openai-main"].timeout, Duration::from_secs(60));
+        assert_eq!(c.secret_sources().len(), 3);
+    }
+
+    #[test]
+    fn unknown_provider_is_reported_with_path_and_suggestion() {
+        let bad = GOOD.replace(
+            "{ provider = \"sim\", model = \"sim-1\" }",
+            "{ provider = \"sin\", model = \"sim-1\" }",
+        );
+        let e = errors(&bad);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(
+            e[0],
+            "deployments.support.variants.v2.provider: unknown provider \"sin\" \
+             (known: anthropic-main, openai-main, sim); did you mean \"sim\"?"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let bad = GOOD
+            .replace("kind = \"openai\"", "kind = \"opnai\"")
+            .replace("error_rate = 0.01", "error_rate = 1.5")
+            .replace("stable = \"v1\"", "stable = \"v3\"")
+            .replace("timeout = \"60s\"", "timeout = \"soon\"")
+            .replace("log_bodies = \"full\"", "log_bodies = \"some\"");
+        let bad = format!("listen_addr = 1\n{bad}");
+        let e = errors(&bad);
+        let joined = e.join("\n");
+        assert!(joined.contains("providers.openai-main.kind: unknown provider kind \"opnai\" (known: openai, anthropic, simulated); did you mean \"openai\"?"), "{joined}");
+        assert!(
+            joined.contains("providers.sim.error_rate: must be between 0.0 and 1.0"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("deployments.support.stable: unknown variant \"v3\""),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("providers.openai-main.timeout: invalid duration \"soon\""),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("store.log_bodies: unknown variant `some`"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("listen_addr: unknown setting; did you mean `listen`?"),
+            "{joined}"
+        );
+        assert_eq!(e.len(), 6, "{joined}");
+    }
+
+    #[test]
+    fn unknown_fields_inside_entries_are_named() {
+        let bad = GOOD.replace("seed = 7", "sed = 7");
+        let e = errors(&bad);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("providers.sim"), "{e:?}");
+        assert!(e[0].contains("unknown field `sed`"), "{e:?}");
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let bad = GOOD.replace("max_body_bytes = 4194304", "max_body_bytes = \"big\"");
+        let e = errors(&bad);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("max_body_bytes: "), "{e:?}");
+    }
+
+    #[test]
+    fn syntax_errors_are_reported() {
+        let e = errors("listen = ");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("invalid TOML"), "{e:?}");
+    }
+
+    #[test]
+    fn api_keys_are_required_unless_anonymous_is_allowed() {
+        let no_keys = GOOD.replace(
+            "[[api_keys]]\nname = \"app\"\nkey_env = \"SLUICE_APP_KEY\"\n",
+            "",
+        );
+        assert!(errors(&no_keys)
+            .iter()
+            .any(|e| e.starts_with("api_keys: no API keys")));
+        let anon = format!("allow_anonymous = true\n{no_keys}");
+        assert!(errors(&anon).is_empty());
+    }
+
+    #[test]
+    fn api_key_sources_are_exclusive_and_digests_checked() {
+        let both = GOOD.replace(
+            "key_env = \"SLUICE_APP_KEY\"",
+            "key_env = \"SLUICE_APP_KEY\"\nsha256 = \"00\"",
+        );
+        assert!(errors(&both)[0].contains("exactly one of"));
+        let bad_hex = GOOD.replace("key_env = \"SLUICE_APP_KEY\"", "sha256 = \"nothex\"");
+        assert!(errors(&bad_hex)[0].starts_with("api_keys[0].sha256: must be 64 hex digits"));
+    }
+
+    #[test]
+    fn variant_params_are_checked() {
+        let bad = GOOD.replace(
+            "model = \"sim-1\" }",
+            "model = \"sim-1\", params = { temprature = 0.2 } }",
+        );
+        let e = errors(&bad);
+        assert!(
+            e[0].starts_with("deployments.support.variants.v2.params.temprature"),
+            "{e:?}"
+        );
+        assert!(e[0].contains("did you mean `temperature`?"), "{e:?}");
+    }
+
+    #[test]
+    fn did_you_mean_only_suggests_close_words() {
+        assert_eq!(
+            did_you_mean("opnai", ["openai", "anthropic"]),
+            Some("openai")
+        );
+        assert_eq!(did_you_mean("zzzzzz", ["openai", "anthropic"]), None);
+    }
+}
