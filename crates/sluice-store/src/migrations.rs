@@ -1,0 +1,73 @@
+//! Versioned schema migrations.
+//!
+//! The schema version lives in SQLite's `user_version`. Each migration runs in
+//! its own transaction together with the version bump, so a crash mid-way
+//! leaves the database at the previous version, never half-migrated.
+//! Migrations are append-only: never edit one that has shipped.
+
+use rusqlite::Connection;
+
+use crate::StoreError;
+
+/// (version, SQL) in order.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE requests (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    id             TEXT NOT NULL UNIQUE,
+    ts_ms          INTEGER NOT NULL,
+    api_key        TEXT,
+    deployment     TEXT,
+    variant        TEXT,
+    provider       TEXT,
+    model          TEXT,
+    subject        TEXT,
+    stream         INTEGER NOT NULL,
+    status         INTEGER NOT NULL,
+    error_kind     TEXT,
+    error_message  TEXT,
+    latency_ms     REAL NOT NULL,
+    ttft_ms        REAL,
+    tokens_in      INTEGER,
+    tokens_out     INTEGER,
+    finish_reason  TEXT,
+    request_body   TEXT,
+    response_body  TEXT
+);
+CREATE INDEX requests_ts ON requests (ts_ms);
+CREATE INDEX requests_deployment ON requests (deployment, variant, ts_ms);
+"#,
+)];
+
+/// The newest schema version this build knows.
+pub fn latest() -> i64 {
+    MIGRATIONS.last().map(|m| m.0).unwrap_or(0)
+}
+
+/// Applies every migration newer than the database's version.
+pub fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > latest() {
+        return Err(StoreError::TooNew {
+            path: path.to_string(),
+            found: current,
+            known: latest(),
+        });
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)
+            .and_then(|_| tx.pragma_update(None, "user_version", version))
+            .map_err(|source| StoreError::Migration {
+                version: *version,
+                source,
+            })?;
+        tx.commit().map_err(|source| StoreError::Migration {
+            version: *version,
+            source,
+        })?;
+        tracing::info!(version, "store schema migrated");
+    }
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! The request record and its SQL.
+
+use rusqlite::{params, Connection, Row};
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+
+/// One served (or refused) request, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct RequestRecord {
+    /// The id returned in `x-sluice-request-id`.
+    pub id: String,
+    /// When the request arrived, unix milliseconds.
+    pub ts_ms: i64,
+    /// Name of the API key used.
+    pub api_key: Option<String>,
+    /// Deployment named in `model`, when it resolved.
+    pub deployment: Option<String>,
+    /// Variant that served it.
+    pub variant: Option<String>,
+    /// Provider of that variant.
+    pub provider: Option<String>,
+    /// Upstream model.
+    pub model: Option<String>,
+    /// The subject key (the request's `user`, else the API key name).
+    pub subject: Option<String>,
+    /// Whether the answer was streamed.
+    pub stream: bool,
+    /// HTTP status sent to the client (200 for a stream that started).
+    pub status: u16,
+    /// Machine-readable error kind (`upstream_error`, `upstream_timeout`,
+    /// `invalid_request`, `client_disconnected`, ...).
+    pub error_kind: Option<String>,
+    /// Human-readable error.
+    pub error_message: Option<String>,
+    /// Total time until the last byte, milliseconds.
+    pub latency_ms: f64,
+    /// Time to the first generated token, milliseconds.
+    pub ttft_ms: Option<f64>,
+    /// Input tokens.
+    pub tokens_in: Option<u64>,
+    /// Output tokens.
+    pub tokens_out: Option<u64>,
+    /// Finish reason of the first choice.
+    pub finish_reason: Option<String>,
+    /// Request body (when `log_bodies = "full"`).
+    pub request_body: Option<String>,
+    /// Response body, streams reassembled (when `log_bodies = "full"`).
+    pub response_body: Option<String>,
+}
+
+impl RequestRecord {
+    /// A small valid record for tests.
+    #[cfg(test)]
+    pub fn sample(id: &str) -> Self {
+        RequestRecord {
+            id: id.to_string(),
+            ts_ms: 1_700_000_000_000,
+            deployment: Some("support".into()),
+            variant: Some("v1".into()),
+            status: 200,
+            latency_ms: 12.5,
+            ..Default::default()
+        }
+    }
+
+    /// Whether the request failed (any non-2xx status or a recorded error).
+    pub fn is_error(&self) -> bool {
+        self.status >= 400 || self.error_kind.is_some()
+    }
+}
+
+const COLUMNS: &str = "id, ts_ms, api_key, deployment, variant, provider, model, subject, \
+    stream, status, error_kind, error_message, latency_ms, ttft_ms, tokens_in, tokens_out, \
+    finish_reason, request_body, response_body";
+
+fn to_i64(v: Option<u64>) -> Option<i64> {
+    v.map(|x| i64::try_from(x).unwrap_or(i64::MAX))
+}
+
+/// Inserts records in one transaction. A record whose id is already stored is
+/// left as it is (idempotent replay).
+pub(crate) fn insert_batch(
+    conn: &mut Connection,
+    records: &[RequestRecord],
+) -> Result<(), rusqlite::Error> {
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(&format!(
+            "INSERT OR IGNORE INTO requests ({COLUMNS}) VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+        ))?;
+        for r in records {
+            stmt.execute(params![
+                r.id,
+                r.ts_ms,
+                r.api_key,
+                r.deployment,
+                r.variant,
+                r.provider,
+                r.model,
+                r.subject,
+                r.stream,
+                r.status,
+                r.error_kind,
+                r.error_message,
+                r.latency_ms,
+                r.ttft_ms,
+                to_i64(r.tokens_in),
+                to_i64(r.tokens_out),
+                r.finish_reason,
+                r.request_body,
+                r.response_body,
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+fn from_row(row: &Row<'_>) -> rusqlite::Result<RequestRecord> {
+    let tokens = |i: usize| -> rusqlite::Result<Option<u64>> {
+        Ok(row.get::<_, Option<i64>>(i)?.map(|v| v.max(0) as u64))
+    };
+    Ok(RequestRecord {
+        id: row.get(0)?,
+        ts_ms: row.get(1)?,
+        api_key: row.get(2)?,
+        deployment: row.get(3)?,
+        variant: row.get(4)?,
+        provider: row.get(5)?,
+        model: row.get(6)?,
+        subject: row.get(7)?,
+        stream: row.get(8)?,
+        status: row.get(9)?,
+        error_kind: row.get(10)?,
+        error_message: row.get(11)?,
+        latency_ms: row.get(12)?,
+        ttft_ms: row.get(13)?,
+        tokens_in: tokens(14)?,
+        tokens_out: tokens(15)?,
+        finish_reason: row.get(16)?,
+        request_body: row.get(17)?,
+        response_body: row.get(18)?,
+    })
+}
+
+pub(crate) fn recent(conn: &Connection, limit: usize) -> Result<Vec<RequestRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM requests ORDER BY seq DESC LIMIT ?1"
+    ))?;
+    let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], from_row)?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+pub(crate) fn get(conn: &Connection, id: &str) -> Result<Option<RequestRecord>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {COLUMNS} FROM requests WHERE id = ?1"))?;
+    let mut rows = stmt.query_map([id], from_row)?;
+    match rows.next() {
+        None => Ok(None),
+        Some(r) => r.map(Some).map_err(|e| StoreError::Corrupt(e.to_string())),
+    }
+}
+
+/// Requests, errors and latency percentiles for one deployment variant.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct VariantSummary {
+    /// Deployment name (`-` when the request never resolved one).
+    pub deployment: String,
+    /// Variant name (`-` when none was chosen).
+    pub variant: String,
+    /// Requests recorded.
+    pub requests: u64,
+    /// Of which failed.
+    pub errors: u64,
+    /// Median latency, milliseconds.
+    pub latency_p50_ms: f64,
+    /// 99th-percentile latency, milliseconds.
+    pub latency_p99_ms: f64,
+    /// Median time to first token over streamed requests, milliseconds.
+    pub ttft_p50_ms: Option<f64>,
+    /// Output tokens in total.
+    pub tokens_out: u64,
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+pub(crate) fn summary(conn: &Connection, since_ms: i64) -> Result<Vec<VariantSummary>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT COALESCE(deployment, '-'), COALESCE(variant, '-'), latency_ms, ttft_ms, \
+         status >= 400 OR error_kind IS NOT NULL, COALESCE(tokens_out, 0) \
+         FROM requests WHERE ts_ms >= ?1 ORDER BY 1, 2",
+    )?;
+    let mut rows = stmt.query([since_ms])?;
+    let mut out: Vec<VariantSummary> = Vec::new();
+    let mut lat: Vec<f64> = Vec::new();
+    let mut ttft: Vec<f64> = Vec::new();
+    let finish = |s: &mut VariantSummary, lat: &mut Vec<f64>, ttft: &mut Vec<f64>| {
+        lat.sort_by(f64::total_cmp);
+        ttft.sort_by(f64::total_cmp);
+        s.latency_p50_ms = percentile(lat, 0.5);
+        s.latency_p99_ms = percentile(lat, 0.99);
+        s.ttft_p50_ms = (!ttft.is_empty()).then(|| percentile(ttft, 0.5));
+        lat.clear();
+        ttft.clear();
+    };
+    while let Some(row) = rows.next()? {
+        let d: String = row.get(0)?;
+        let v: String = row.get(1)?;
+        let same = out
+            .last()
+            .is_some_and(|s| s.deployment == d && s.variant == v);
+        if !same {
+            if let Some(last) = out.last_mut() {
+                finish(last, &mut lat, &mut ttft);
+            }
+            out.push(VariantSummary {
+                deployment: d,
+                variant: v,
+                requests: 0,
+                errors: 0,
+                latency_p50_ms: 0.0,
+                latency_p99_ms: 0.0,
+                ttft_p50_ms: None,
+                tokens_out: 0,
+            });
+        }
+        let s = out
+            .last_mut()
+            .ok_or_else(|| StoreError::Corrupt("summary".into()))?;
+        s.requests += 1;
+        if row.get::<_, bool>(4)? {
+            s.errors += 1;
+        }
+        s.tokens_out += row.get::<_, i64>(5)?.max(0) as u64;
+        lat.push(row.get(2)?);
+        if let Some(t) = row.get::<_, Option<f64>>(3)? {
+            ttft.push(t);
+        }
+    }
+    if let Some(last) = out.last_mut() {
+        finish(last, &mut lat, &mut ttft);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&[7.0], 0.99), 7.0);
+    }
+}
