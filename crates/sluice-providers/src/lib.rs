@@ -1,1 +1,211 @@
-//! placeholder
+//! Upstream clients for sluice.
+//!
+//! Every provider takes an OpenAI-shaped [`ChatRequest`] (already rewritten for
+//! the variant: upstream model, system prompt, default parameters) and returns
+//! OpenAI-shaped output: a `chat.completion` object, or a stream of
+//! `chat.completion.chunk` objects. Translation to and from other wire
+//! protocols (Anthropic's Messages API) happens entirely in here.
+//!
+//! - [`openai`]: any OpenAI-compatible upstream;
+//! - [`anthropic`]: Anthropic's Messages API, both directions, streams included;
+//! - [`simulated`]: a deterministic, network-free model for demos and tests.
+//!
+//! What this crate is not: it knows nothing of deployments, rollouts, policies
+//! or recording. It depends only on `sluice-core`.
+
+pub mod anthropic;
+mod http;
+pub mod openai;
+pub mod simulated;
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use serde_json::Value;
+use sluice_core::chat::{ChatRequest, Usage};
+use sluice_core::config::{ProviderConfig, ProviderKind};
+
+/// Why an upstream call failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProviderError {
+    /// No connection could be made.
+    #[error("cannot reach upstream {provider}: {message}")]
+    Unreachable {
+        /// Provider name.
+        provider: String,
+        /// Cause.
+        message: String,
+    },
+    /// The upstream did not answer in time.
+    #[error("upstream {provider} timed out after {after:?} ({phase})")]
+    Timeout {
+        /// Provider name.
+        provider: String,
+        /// The limit that was hit.
+        after: Duration,
+        /// Which wait timed out: `response`, `first byte`, `between chunks`.
+        phase: &'static str,
+    },
+    /// The upstream answered with an error status.
+    #[error("upstream {provider} returned HTTP {status}: {message}")]
+    Status {
+        /// Provider name.
+        provider: String,
+        /// HTTP status from upstream.
+        status: u16,
+        /// The upstream's error message.
+        message: String,
+        /// `Retry-After` seconds, when given.
+        retry_after: Option<u64>,
+    },
+    /// The upstream's answer could not be understood.
+    #[error("upstream {provider} sent an invalid response: {message}")]
+    InvalidResponse {
+        /// Provider name.
+        provider: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// A stream broke off or carried an error event.
+    #[error("upstream {provider} stream failed: {message}")]
+    Stream {
+        /// Provider name.
+        provider: String,
+        /// What happened.
+        message: String,
+    },
+    /// The request cannot be expressed for this provider.
+    #[error("{message}")]
+    Unsupported {
+        /// The parameter at fault.
+        param: String,
+        /// Why.
+        message: String,
+    },
+}
+
+impl ProviderError {
+    /// Stable, machine-readable kind recorded with the request.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProviderError::Unreachable { .. } => "upstream_unreachable",
+            ProviderError::Timeout { .. } => "upstream_timeout",
+            ProviderError::Status { .. } => "upstream_error",
+            ProviderError::InvalidResponse { .. } => "upstream_invalid_response",
+            ProviderError::Stream { .. } => "upstream_stream_error",
+            ProviderError::Unsupported { .. } => "invalid_request",
+        }
+    }
+}
+
+/// A finished, non-streamed completion in OpenAI's shape.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The `chat.completion` object.
+    pub body: Value,
+    /// The upstream's bytes, when they can be sent to the client unchanged.
+    pub raw: Option<Bytes>,
+    /// Token usage, if reported.
+    pub usage: Option<Usage>,
+}
+
+impl Completion {
+    /// Wraps a completion object built in-process.
+    pub fn from_value(body: Value) -> Self {
+        let usage = Usage::from_json(&body);
+        Completion {
+            body,
+            raw: None,
+            usage,
+        }
+    }
+}
+
+/// One streamed chunk in OpenAI's shape.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    /// The `chat.completion.chunk` object.
+    pub value: Value,
+    /// The upstream's `data:` text, when it can be forwarded unchanged.
+    pub raw: Option<String>,
+}
+
+/// A stream of chunks; it ends after the last chunk (no `[DONE]` item).
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, ProviderError>> + Send>>;
+
+/// Why a provider could not be built from its config.
+#[derive(Debug, thiserror::Error)]
+#[error("providers.{provider}: {message}")]
+pub struct BuildError {
+    /// Provider name.
+    pub provider: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// A configured upstream.
+#[derive(Debug, Clone)]
+pub enum Provider {
+    /// OpenAI-compatible.
+    OpenAi(openai::OpenAiProvider),
+    /// Anthropic Messages.
+    Anthropic(anthropic::AnthropicProvider),
+    /// Built-in simulator.
+    Simulated(simulated::SimulatedProvider),
+}
+
+impl Provider {
+    /// Builds a provider; `api_key` is the already-resolved secret, if any.
+    pub fn build(cfg: &ProviderConfig, api_key: Option<String>) -> Result<Provider, BuildError> {
+        Ok(match &cfg.kind {
+            ProviderKind::OpenAi(o) => {
+                Provider::OpenAi(openai::OpenAiProvider::new(cfg, o, api_key)?)
+            }
+            ProviderKind::Anthropic(a) => {
+                Provider::Anthropic(anthropic::AnthropicProvider::new(cfg, a, api_key)?)
+            }
+            ProviderKind::Simulated(s) => {
+                Provider::Simulated(simulated::SimulatedProvider::new(&cfg.name, s.clone()))
+            }
+        })
+    }
+
+    /// The provider's configured name.
+    pub fn name(&self) -> &str {
+        match self {
+            Provider::OpenAi(p) => p.name(),
+            Provider::Anthropic(p) => p.name(),
+            Provider::Simulated(p) => p.name(),
+        }
+    }
+
+    /// The provider kind (`openai`, `anthropic`, `simulated`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Provider::OpenAi(_) => "openai",
+            Provider::Anthropic(_) => "anthropic",
+            Provider::Simulated(_) => "simulated",
+        }
+    }
+
+    /// A non-streamed completion.
+    pub async fn complete(&self, req: &ChatRequest) -> Result<Completion, ProviderError> {
+        match self {
+            Provider::OpenAi(p) => p.complete(req).await,
+            Provider::Anthropic(p) => p.complete(req).await,
+            Provider::Simulated(p) => p.complete(req).await,
+        }
+    }
+
+    /// A streamed completion. The returned stream already passed the
+    /// upstream's status check; errors after that arrive as stream items.
+    pub async fn stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
+        match self {
+            Provider::OpenAi(p) => p.stream(req).await,
+            Provider::Anthropic(p) => p.stream(req).await,
+            Provider::Simulated(p) => p.stream(req).await,
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! HTTP plumbing shared by the real-protocol providers: client construction,
+//! timeouts, upstream error extraction and SSE decoding of response bodies.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use serde_json::Value;
+use sluice_core::config::ProviderConfig;
+use sluice_core::sse::{SseDecoder, SseEvent};
+
+use crate::{BuildError, ProviderError};
+
+/// Largest error body read from an upstream.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Largest non-streamed response accepted from an upstream.
+const MAX_RESPONSE_BODY: usize = 64 * 1024 * 1024;
+
+pub(crate) fn build_client(cfg: &ProviderConfig) -> Result<reqwest::Client, BuildError> {
+    reqwest::Client::builder()
+        .connect_timeout(cfg.connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .tcp_nodelay(true)
+        .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| BuildError {
+            provider: cfg.name.clone(),
+            message: format!("cannot build HTTP client: {e}"),
+        })
+}
+
+pub(crate) fn map_send_error(provider: &str, e: &reqwest::Error, after: Duration) -> ProviderError {
+    if e.is_timeout() {
+        ProviderError::Timeout {
+            provider: provider.to_string(),
+            after,
+            phase: "response",
+        }
+    } else if e.is_connect() {
+        ProviderError::Unreachable {
+            provider: provider.to_string(),
+            message: error_chain(e),
+        }
+    } else {
+        ProviderError::Unreachable {
+            provider: provider.to_string(),
+            message: error_chain(e),
+        }
+    }
+}
+
+/// The error and its causes, joined (reqwest's top-level message alone is
+/// rarely actionable).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Sends a request, allowing `timeout` until the response headers arrive.
+pub(crate) async fn send(
+    provider: &str,
+    req: reqwest::RequestBuilder,
+    timeout: Duration,
+    phase: &'static str,
+) -> Result<reqwest::Response, ProviderError> {
+    match tokio::time::timeout(timeout, req.send()).await {
+        Err(_) => Err(ProviderError::Timeout {
+            provider: provider.to_string(),
+            after: timeout,
+            phase,
+        }),
+        Ok(Err(e)) => Err(map_send_error(provider, &e, timeout)),
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+/// Reads a body up to `limit` bytes before `deadline`.
+pub(crate) async fn read_body(
+    provider: &str,
+    resp: reqwest::Response,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, ProviderError> {
+    let read = async {
+        let mut out = Vec::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(|e| ProviderError::Stream {
+                provider: provider.to_string(),
+                message: format!("response body broke off: {}", error_chain(&e)),
+            })?;
+            if out.len() + piece.len() > limit {
+                return Err(ProviderError::InvalidResponse {
+                    provider: provider.to_string(),
+                    message: format!("response body larger than {limit} bytes"),
+                });
+            }
+            out.extend_from_slice(&piece);
+        }
+        Ok(Bytes::from(out))
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) => Err(ProviderError::Timeout {
+            provider: provider.to_string(),
+            after: timeout,
+            phase: "response body",
+        }),
+        Ok(r) => r,
+    }
+}
+
+/// Reads a successful JSON response.
+pub(crate) async fn read_json(
+    provider: &str,
+    resp: reqwest::Response,
+    timeout: Duration,
+) -> Result<(Value, Bytes), ProviderError> {
+    let body = read_body(provider, resp, MAX_RESPONSE_BODY, timeout).await?;
+    let v: Value = serde_json::from_slice(&body).map_err(|e| ProviderError::InvalidResponse {
+        provider: provider.to_string(),
+        message: format!("body is not valid JSON ({e}): {}", snippet(&body)),
+    })?;
+    Ok((v, body))
+}
+
+/// The first 200 characters of a body, for error messages.
+pub(crate) fn snippet(body: &[u8]) -> String {
+    let s = String::from_utf8_lossy(body);
+    let s = s.trim();
+    if s.chars().count() > 200 {
+        format!("{}…", s.chars().take(200).collect::<String>())
+    } else if s.is_empty() {
+        "(empty body)".to_string()
+    } else {
+        s.to_string()
+    }
+}
+
+/// Turns a non-2xx response into a [`ProviderError::Status`], extracting the
+/// upstream's own message from OpenAI- or Anthropic-shaped error bodies.
+pub(crate) async fn status_error(provider: &str, resp: reqwest::Response) -> ProviderError {
+    let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let body = read_body(provider, resp, MAX_ERROR_BODY, Duration::from_secs(5))
+        .await
+        .unwrap_or_default();
+    let message = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v.get("error")
+                .and_then(|e| e.get("message").or(Some(e)))
+                .and_then(|m| m.as_str().map(str::to_string))
+        })
+        .unwrap_or_else(|| snippet(&body));
+    ProviderError::Status {
+        provider: provider.to_string(),
+        status,
+        message,
+        retry_after,
+    }
+}
+
+struct SseState<S> {
+    body: S,
+    decoder: SseDecoder,
+    ready: VecDeque<SseEvent>,
+    done: bool,
+    provider: String,
+    idle: Duration,
+}
+
+/// Decodes a streaming response body into SSE events. Each wait for the next
+/// piece of the body is bounded by `idle`; a body that breaks off is an error
+/// item; a clean end of body ends the stream.
+pub(crate) fn sse_events(
+    provider: &str,
+    resp: reqwest::Response,
+    idle: Duration,
+) -> impl Stream<Item = Result<SseEvent, ProviderError>> + Send + 'static {
+    let state = SseState {
+        body: resp.bytes_stream().boxed(),
+        decoder: SseDecoder::default(),
+        ready: VecDeque::new(),
+        done: false,
+        provider: provider.to_string(),
+        idle,
+    };
+    futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(ev) = st.ready.pop_front() {
+                return Some((Ok(ev), st));
+            }
+            if st.done {
+                return None;
+            }
+            match tokio::time::timeout(st.idle, st.body.next()).await {
+                Err(_) => {
+                    st.done = true;
+                    let e = ProviderError::Timeout {
+                        provider: st.provider.clone(),
+                        after: st.idle,
+                        phase: "between chunks",
+                    };
+                    return Some((Err(e), st));
+                }
+                Ok(None) => {
+                    st.done = true;
+                    match st.decoder.finish() {
+                        Ok(Some(ev)) => st.ready.push_back(ev),
+                        Ok(None) => {}
+                        Err(e) => {
+                            let e = ProviderError::Stream {
+                                provider: st.provider.clone(),
+                                message: e.to_string(),
+                            };
+                            return Some((Err(e), st));
+                        }
+                    }
+                }
+                Ok(Some(Err(e))) => {
+                    st.done = true;
+                    let e = ProviderError::Stream {
+                        provider: st.provider.clone(),
+                        message: format!("connection broke off mid-stream: {}", error_chain(&e)),
+                    };
+                    return Some((Err(e), st));
+                }
+                Ok(Some(Ok(bytes))) => match st.decoder.feed(&bytes) {
+                    Ok(evs) => st.ready.extend(evs),
+                    Err(e) => {
+                        st.done = true;
+                        let e = ProviderError::Stream {
+                            provider: st.provider.clone(),
+                            message: e.to_string(),
+                        };
+                        return Some((Err(e), st));
+                    }
+                },
+            }
+        }
+    })
+}
