@@ -1,1 +1,276 @@
-//! placeholder
+//! sluice's HTTP surface: the OpenAI-compatible API (`/v1/chat/completions`,
+//! `/v1/models`), `/metrics`, `/healthz`, and the server lifecycle (bind,
+//! serve, graceful shutdown that flushes every record).
+//!
+//! What this crate is not: it holds no domain logic of its own (that is in
+//! `sluice-core`), no SQL (`sluice-store`) and no upstream wire protocols
+//! (`sluice-providers`). It wires them into one request pipeline
+//! ([`pipeline`]).
+
+pub mod error;
+pub mod metrics;
+pub mod pipeline;
+pub mod snapshot;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use sluice_core::Config;
+use sluice_store::{
+    EventSender, EventWriter, Store, StoreError, StoreLocation, WriterStatsSnapshot,
+};
+use tokio::net::TcpListener;
+
+pub use error::ApiError;
+pub use snapshot::{EnvSecrets, SecretResolver, Snapshot};
+
+/// Shared state of a running gateway.
+pub struct AppState {
+    /// The current compiled configuration.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Where request records go.
+    pub events: EventSender,
+    /// Prometheus metrics.
+    pub metrics: metrics::Metrics,
+}
+
+/// Why the gateway could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The configuration could not be compiled (secrets, provider clients).
+    #[error("cannot start with this configuration:\n  {}", .0.join("\n  "))]
+    Config(Vec<String>),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The server failed while running.
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What happened during shutdown.
+#[derive(Debug, Clone, Copy)]
+pub struct ShutdownReport {
+    /// Final event writer counters: `written` equals `enqueued` when nothing
+    /// was lost.
+    pub events: WriterStatsSnapshot,
+    /// Whether in-flight requests finished before the grace period ran out.
+    pub drained: bool,
+}
+
+/// A bound, ready-to-serve gateway.
+pub struct Gateway {
+    listener: TcpListener,
+    app: Arc<AppState>,
+    writer: EventWriter,
+    store: Arc<Store>,
+}
+
+impl Gateway {
+    /// Opens the store, compiles the config and binds the listen address.
+    pub async fn bind(
+        config: Config,
+        secrets: &dyn SecretResolver,
+    ) -> Result<Gateway, GatewayError> {
+        let store = Arc::new(Store::open(StoreLocation::from_config(&config.store.path))?);
+        let writer = store.spawn_writer(config.store.queue_capacity, config.store.batch_max)?;
+        let addr = config.listen;
+        let snapshot = Snapshot::build(config, secrets).map_err(GatewayError::Config)?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| GatewayError::Bind { addr, source })?;
+        let events = writer.sender();
+        let app = Arc::new(AppState {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics: metrics::Metrics::new(events.clone()),
+            events,
+        });
+        Ok(Gateway {
+            listener,
+            app,
+            writer,
+            store,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| self.app.snapshot.load().config.listen)
+    }
+
+    /// The store (for reads; writes go through the event writer).
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
+    /// Shared state (for embedding and tests).
+    pub fn state(&self) -> Arc<AppState> {
+        self.app.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight
+    /// requests and streams finish for up to `grace`, and flushes every
+    /// record to the store before returning.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        grace: Duration,
+    ) -> Result<ShutdownReport, GatewayError> {
+        let Gateway {
+            listener,
+            app,
+            writer,
+            store: _store,
+        } = self;
+        let router = router(app.clone());
+        let (signalled_tx, mut signalled_rx) = tokio::sync::watch::channel(false);
+        let shutdown = async move {
+            shutdown.await;
+            let _ = signalled_tx.send(true);
+        };
+        let server = axum::serve(listener, router).with_graceful_shutdown(shutdown);
+        let server = std::pin::pin!(std::future::IntoFuture::into_future(server));
+        let deadline = async {
+            let _ = signalled_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        };
+        let drained = tokio::select! {
+            r = server => { r.map_err(GatewayError::Serve)?; true }
+            _ = deadline => {
+                tracing::warn!(?grace, "in-flight requests did not finish within the grace period; stopping");
+                false
+            }
+        };
+        // Give in-flight stream bodies dropped by the deadline a moment to
+        // hand their records over, then flush everything.
+        tokio::task::yield_now().await;
+        drop(app);
+        let events = writer.shutdown().await;
+        Ok(ShutdownReport { events, drained })
+    }
+}
+
+/// The HTTP routes.
+pub fn router(app: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(pipeline::chat_completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{model}", get(get_model))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(app)
+}
+
+fn model_object(name: &str) -> serde_json::Value {
+    json!({"id": name, "object": "model", "created": 0, "owned_by": "sluice"})
+}
+
+async fn list_models(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let snap = app.snapshot.load();
+    let key = match pipeline::authenticate(&snap, &headers) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    let data: Vec<_> = snap
+        .deployments
+        .keys()
+        .filter(|d| key.is_none_or(|k| k.may_use(d)))
+        .map(|d| model_object(d))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn get_model(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(model): Path<String>,
+) -> Response {
+    let snap = app.snapshot.load();
+    let key = match pipeline::authenticate(&snap, &headers) {
+        Ok(k) => k,
+        Err(e) => return e.into_response(),
+    };
+    match pipeline::resolve(&snap, key, &model) {
+        Ok(d) => Json(model_object(&d.config.name)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn healthz(State(app): State<Arc<AppState>>) -> Response {
+    let s = app.events.stats();
+    Json(json!({
+        "status": "ok",
+        "deployments": app.snapshot.load().deployments.len(),
+        "events": {"enqueued": s.enqueued, "written": s.written, "failed": s.failed, "dropped": s.dropped},
+    }))
+    .into_response()
+}
+
+async fn metrics_text(State(app): State<Arc<AppState>>) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found(method: Method, uri: Uri) -> Response {
+    ApiError::route_not_found(method.as_str(), uri.path()).into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    ApiError::method_not_allowed().into_response()
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!("cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

@@ -1,1 +1,326 @@
-fn main() {}
+//! The `sluice` command: serve the gateway, check a config, inspect recorded
+//! requests, and run the self-contained demo.
+
+mod demo;
+mod table;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use sluice_core::Config;
+use sluice_gateway::{EnvSecrets, Gateway, SecretResolver};
+use sluice_store::Store;
+
+/// sluice: release model, prompt and agent versions in stages, watched and
+/// judged, behind an OpenAI-compatible gateway.
+#[derive(Parser)]
+#[command(name = "sluice", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the gateway.
+    Serve {
+        /// Configuration file.
+        #[arg(long, short, default_value = "sluice.toml")]
+        config: PathBuf,
+        /// Listen address, overriding `listen` in the config.
+        #[arg(long)]
+        listen: Option<String>,
+        /// SQLite store path, overriding `store.path` in the config.
+        #[arg(long)]
+        db: Option<String>,
+        /// How long in-flight requests may take to finish on shutdown.
+        #[arg(long, default_value = "30s", value_parser = humantime_duration)]
+        grace: Duration,
+    },
+    /// Validate a configuration file and print every problem with its path.
+    CheckConfig {
+        /// Configuration file.
+        file: PathBuf,
+        /// Also check that every secret (env var, file) it names is available.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Print recently recorded requests.
+    Requests {
+        /// SQLite store path.
+        #[arg(long, default_value = "sluice.db")]
+        db: String,
+        /// How many requests to show.
+        #[arg(long, default_value_t = 20)]
+        last: usize,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the gateway on simulated variants, send traffic, and show what
+    /// was recorded. Needs no keys and no network.
+    Demo {
+        /// How many requests the built-in client sends.
+        #[arg(long, default_value_t = 300)]
+        requests: usize,
+        /// How many requests are in flight at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Listen address (falls back to a free port if taken).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Keep the store at this path instead of a temporary file.
+        #[arg(long)]
+        db: Option<String>,
+        /// Exit after the summary instead of serving until Ctrl-C.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Print the SHA-256 of an API key, for `sha256 = "..."` in [[api_keys]].
+    HashKey {
+        /// The key (read from standard input when omitted).
+        key: Option<String>,
+    },
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration \"{s}\": {e}"))
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(match cli.command {
+        Command::Serve { .. } => "info",
+        _ => "warn",
+    });
+    let result = match cli.command {
+        Command::CheckConfig { file, strict } => check_config(&file, strict),
+        Command::HashKey { key } => hash_key(key),
+        Command::Requests { db, last, json } => requests(&db, last, json),
+        Command::Serve {
+            config,
+            listen,
+            db,
+            grace,
+        } => runtime().and_then(|rt| rt.block_on(serve(&config, listen, db, grace))),
+        Command::Demo {
+            requests,
+            concurrency,
+            listen,
+            db,
+            no_wait,
+        } => runtime().and_then(|rt| {
+            rt.block_on(demo::run(demo::Options {
+                requests,
+                concurrency,
+                listen,
+                db,
+                wait: !no_wait,
+            }))
+        }),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn read_config(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read config file {} (pass --config PATH; see examples/ for starting points)",
+            path.display()
+        )
+    })
+}
+
+fn check_config(file: &Path, strict: bool) -> Result<ExitCode> {
+    let text = read_config(file)?;
+    let config = match Config::parse(&text) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{}: {} problem(s)", file.display(), errors.0.len());
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let mut missing = Vec::new();
+    for (path, src) in config.secret_sources() {
+        if let Err(e) = EnvSecrets.resolve(&src) {
+            missing.push(format!("{path}: {e}"));
+        }
+    }
+    for m in &missing {
+        if strict {
+            eprintln!("  {m}");
+        } else {
+            eprintln!("warning: {m} (needed by `sluice serve`)");
+        }
+    }
+    if strict && !missing.is_empty() {
+        eprintln!(
+            "{}: {} secret(s) unavailable",
+            file.display(),
+            missing.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    println!(
+        "{}: ok ({} provider{}, {} deployment{}, {} API key{})",
+        file.display(),
+        config.providers.len(),
+        plural(config.providers.len()),
+        config.deployments.len(),
+        plural(config.deployments.len()),
+        config.api_keys.len(),
+        plural(config.api_keys.len()),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn hash_key(key: Option<String>) -> Result<ExitCode> {
+    let key = match key {
+        Some(k) => k,
+        None => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_line(&mut s)
+                .context("cannot read the key from standard input")?;
+            s
+        }
+    };
+    let key = key.trim();
+    anyhow::ensure!(!key.is_empty(), "the key is empty");
+    println!("{}", sluice_core::secret::digest_hex(key));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn requests(db: &str, last: usize, json: bool) -> Result<ExitCode> {
+    let store = Store::open_existing(db)
+        .with_context(|| format!("cannot open store {db} (pass --db PATH)"))?;
+    let rows = store.recent(last)?;
+    if json {
+        for r in rows.iter().rev() {
+            println!("{}", serde_json::to_string(r)?);
+        }
+    } else {
+        println!("{}", table::requests(&rows));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(
+    path: &Path,
+    listen: Option<String>,
+    db: Option<String>,
+    grace: Duration,
+) -> Result<ExitCode> {
+    let text = read_config(path)?;
+    let mut config = match Config::parse(&text) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{}: {} problem(s)", path.display(), errors.0.len());
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    if let Some(l) = listen {
+        config.listen = l
+            .parse()
+            .with_context(|| format!("--listen {l}: expected IP:PORT such as 127.0.0.1:8080"))?;
+    }
+    if let Some(db) = db {
+        config.store.path = db;
+    }
+    let summary = describe(&config);
+    let store_path = config.store.path.clone();
+    let gateway = Gateway::bind(config, &EnvSecrets).await?;
+    println!("sluice listening on http://{}", gateway.local_addr());
+    println!("store: {store_path}");
+    for line in summary {
+        println!("  {line}");
+    }
+    let report = gateway
+        .run(sluice_gateway::shutdown_signal(), grace)
+        .await?;
+    let e = report.events;
+    println!(
+        "sluice stopped: {} request record(s) written, {} lost{}",
+        e.written,
+        e.failed + e.dropped,
+        if report.drained {
+            ""
+        } else {
+            " (grace period ran out)"
+        }
+    );
+    Ok(if e.failed + e.dropped == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// One line per deployment: its name, stable variant, provider and model.
+pub fn describe(config: &Config) -> Vec<String> {
+    config
+        .deployments
+        .values()
+        .map(|d| {
+            let v = d.stable_variant();
+            let kind = config
+                .providers
+                .get(&v.provider)
+                .map(|p| p.kind.name())
+                .unwrap_or("?");
+            format!(
+                "deployment {} → variant {} ({} {} via {}){}",
+                d.name,
+                v.name,
+                kind,
+                v.model,
+                v.provider,
+                if d.variants.len() > 1 {
+                    format!(", {} variants", d.variants.len())
+                } else {
+                    String::new()
+                }
+            )
+        })
+        .collect()
+}

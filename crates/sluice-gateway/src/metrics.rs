@@ -1,0 +1,250 @@
+//! Prometheus metrics: request counts, errors, latency and time-to-first-token
+//! histograms by deployment and variant, token counts, and the event writer's
+//! health (so a lost record can never go unnoticed).
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use sluice_store::{EventSender, RequestRecord};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    deployment: String,
+    variant: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    deployment: String,
+    variant: String,
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VariantLabels {
+    deployment: String,
+    variant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    deployment: String,
+    variant: String,
+    direction: String,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS.iter().copied())
+}
+
+/// All gateway metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    duration: Family<VariantLabels, Histogram, fn() -> Histogram>,
+    ttft: Family<VariantLabels, Histogram, fn() -> Histogram>,
+    tokens: Family<TokenLabels, Counter>,
+    in_flight: Arc<AtomicI64>,
+}
+
+struct WriterCollector {
+    events: EventSender,
+    in_flight: Arc<AtomicI64>,
+}
+
+impl std::fmt::Debug for WriterCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriterCollector")
+    }
+}
+
+impl Collector for WriterCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.events.stats();
+        for (name, help, v) in [
+            (
+                "sluice_events_enqueued",
+                "Request records handed to the event writer.",
+                s.enqueued,
+            ),
+            (
+                "sluice_events_written",
+                "Request records committed to the store.",
+                s.written,
+            ),
+            (
+                "sluice_events_delayed",
+                "Request records that waited because the writer queue was full.",
+                s.delayed,
+            ),
+            (
+                "sluice_events_failed",
+                "Request records lost after repeated store write failures.",
+                s.failed,
+            ),
+            (
+                "sluice_events_dropped",
+                "Request records handed over after the writer stopped.",
+                s.dropped,
+            ),
+            (
+                "sluice_store_write_errors",
+                "Failed store write attempts (each retried).",
+                s.write_errors,
+            ),
+        ] {
+            let c = ConstCounter::new(v);
+            let m = encoder.encode_descriptor(name, help, None, c.metric_type())?;
+            c.encode(m)?;
+        }
+        let depth = ConstGauge::new(i64::try_from(self.events.queue_depth()).unwrap_or(i64::MAX));
+        let m = encoder.encode_descriptor(
+            "sluice_events_queue_depth",
+            "Request records waiting for the writer.",
+            None,
+            depth.metric_type(),
+        )?;
+        depth.encode(m)?;
+        let inflight = ConstGauge::new(self.in_flight.load(Ordering::Relaxed));
+        let m = encoder.encode_descriptor(
+            "sluice_requests_in_flight",
+            "Chat completion requests being served now.",
+            None,
+            inflight.metric_type(),
+        )?;
+        inflight.encode(m)
+    }
+}
+
+/// Decrements the in-flight gauge when dropped.
+pub struct InFlight(Arc<AtomicI64>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    /// Creates the metrics, reading writer health from `events` at scrape time.
+    pub fn new(events: EventSender) -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let duration: Family<VariantLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        let ttft: Family<VariantLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        let tokens = Family::<TokenLabels, Counter>::default();
+        registry.register(
+            "sluice_requests",
+            "Chat completion requests by deployment, variant and HTTP status.",
+            requests.clone(),
+        );
+        registry.register(
+            "sluice_request_errors",
+            "Failed chat completion requests by deployment, variant and error kind.",
+            errors.clone(),
+        );
+        registry.register(
+            "sluice_request_duration_seconds",
+            "Time from request arrival to the last byte of the answer.",
+            duration.clone(),
+        );
+        registry.register(
+            "sluice_time_to_first_token_seconds",
+            "Time from request arrival to the first generated token of a stream.",
+            ttft.clone(),
+        );
+        registry.register(
+            "sluice_tokens",
+            "Tokens by deployment, variant and direction (input, output).",
+            tokens.clone(),
+        );
+        let in_flight = Arc::new(AtomicI64::new(0));
+        registry.register_collector(Box::new(WriterCollector {
+            events,
+            in_flight: in_flight.clone(),
+        }));
+        Metrics {
+            registry,
+            requests,
+            errors,
+            duration,
+            ttft,
+            tokens,
+            in_flight,
+        }
+    }
+
+    /// Counts a request as in flight until the guard drops.
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.in_flight.clone())
+    }
+
+    /// Records a finished request.
+    pub fn observe(&self, r: &RequestRecord) {
+        let deployment = r.deployment.clone().unwrap_or_else(|| "-".into());
+        let variant = r.variant.clone().unwrap_or_else(|| "-".into());
+        self.requests
+            .get_or_create(&RequestLabels {
+                deployment: deployment.clone(),
+                variant: variant.clone(),
+                status: r.status.to_string(),
+            })
+            .inc();
+        if let Some(kind) = &r.error_kind {
+            self.errors
+                .get_or_create(&ErrorLabels {
+                    deployment: deployment.clone(),
+                    variant: variant.clone(),
+                    kind: kind.clone(),
+                })
+                .inc();
+        }
+        let vl = VariantLabels {
+            deployment: deployment.clone(),
+            variant: variant.clone(),
+        };
+        self.duration
+            .get_or_create(&vl)
+            .observe(r.latency_ms / 1000.0);
+        if let Some(t) = r.ttft_ms {
+            self.ttft.get_or_create(&vl).observe(t / 1000.0);
+        }
+        for (direction, n) in [("input", r.tokens_in), ("output", r.tokens_out)] {
+            if let Some(n) = n {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        deployment: deployment.clone(),
+                        variant: variant.clone(),
+                        direction: direction.into(),
+                    })
+                    .inc_by(n);
+            }
+        }
+    }
+
+    /// The exposition text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!("cannot encode metrics: {e}");
+        }
+        out
+    }
+}

@@ -1,0 +1,466 @@
+//! The request path for `POST /v1/chat/completions`, as a sequence of small
+//! phases called in order by [`chat_completions`]:
+//!
+//! ```text
+//! authenticate → read body → parse → resolve deployment → assign variant
+//!   → input policy → prepare upstream request → call provider
+//!   → output policy → respond → record
+//! ```
+//!
+//! Each phase is a plain function with one job; later capabilities (rollout
+//! assignment, policies, shadow traffic) replace or extend single phases.
+//!
+//! Invariants kept here:
+//! - every request that reaches this handler produces exactly one
+//!   [`RequestRecord`], whatever happens (errors, streams cut by the client);
+//! - the path never waits on the database: records are handed to the writer.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde_json::Value;
+use sluice_core::chat::{finish_reason, ChatRequest, Message};
+use sluice_core::config::{LogBodies, VariantConfig};
+use sluice_core::stream::StreamAccumulator;
+use sluice_providers::{ChunkStream, Provider, ProviderError};
+use sluice_store::RequestRecord;
+
+use crate::error::ApiError;
+use crate::snapshot::{ApiKey, Deployment, Snapshot};
+use crate::AppState;
+
+/// Header carrying the request id.
+pub const REQUEST_ID: &str = "x-sluice-request-id";
+/// Header naming the variant that served the request.
+pub const VARIANT: &str = "x-sluice-variant";
+/// Header naming the deployment.
+pub const DEPLOYMENT: &str = "x-sluice-deployment";
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A new request id: `req_` and a time-ordered UUIDv7 in hex.
+pub fn new_request_id() -> String {
+    format!("req_{}", uuid::Uuid::now_v7().simple())
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Phase: authenticate. `Authorization: Bearer KEY` (or `x-api-key: KEY`).
+pub fn authenticate<'a>(
+    snap: &'a Snapshot,
+    headers: &HeaderMap,
+) -> Result<Option<&'a ApiKey>, ApiError> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+                .unwrap_or(v)
+                .trim()
+        })
+        .or_else(|| {
+            headers
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        })
+        .filter(|k| !k.is_empty());
+    if snap.keys.is_empty() && snap.config.allow_anonymous {
+        return Ok(None);
+    }
+    let Some(presented) = presented else {
+        return Err(ApiError::unauthorized(
+            "You didn't provide an API key. Provide it in an Authorization header using Bearer auth \
+             (Authorization: Bearer YOUR_KEY).",
+        ));
+    };
+    match snap.authenticate(presented) {
+        Some(k) => Ok(Some(k)),
+        None => Err(ApiError::unauthorized(
+            "Incorrect API key provided. Use a key configured in [[api_keys]].",
+        )),
+    }
+}
+
+/// Phase: read the body, refusing more than `limit` bytes.
+pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit));
+    }
+    match axum::body::to_bytes(body, limit).await {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let inner = e.into_inner();
+            if inner
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                Err(ApiError::too_large(limit))
+            } else {
+                Err(ApiError::unreadable_body(&inner))
+            }
+        }
+    }
+}
+
+/// Phase: resolve the deployment named in `model`.
+pub fn resolve<'a>(
+    snap: &'a Snapshot,
+    key: Option<&ApiKey>,
+    model: &str,
+) -> Result<&'a Deployment, ApiError> {
+    match snap.deployments.get(model) {
+        Some(d) if key.is_none_or(|k| k.may_use(model)) => Ok(d),
+        _ => Err(ApiError::model_not_found(model)),
+    }
+}
+
+/// Why a request got its variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssignmentReason {
+    /// No rollout is active: the stable variant serves.
+    Stable,
+}
+
+/// The variant chosen for a request.
+#[derive(Debug, Clone)]
+pub struct Assignment<'a> {
+    /// The variant's config.
+    pub variant: &'a VariantConfig,
+    /// Its provider.
+    pub provider: Arc<Provider>,
+    /// Why.
+    pub reason: AssignmentReason,
+}
+
+/// Phase: assign a variant. Today every request goes to stable; staged
+/// rollouts plug in here.
+pub fn assign<'a>(deployment: &'a Deployment) -> Result<Assignment<'a>, ApiError> {
+    let variant = deployment.config.stable_variant();
+    let provider = deployment
+        .providers
+        .get(&variant.name)
+        .cloned()
+        .ok_or_else(|| ApiError::model_not_found(&deployment.config.name))?;
+    Ok(Assignment {
+        variant,
+        provider,
+        reason: AssignmentReason::Stable,
+    })
+}
+
+/// Phase: input policy. No principles exist yet; this is where the
+/// constitution is enforced on inputs.
+pub fn input_policy(_req: &ChatRequest) -> Result<(), ApiError> {
+    Ok(())
+}
+
+/// Phase: rewrite the client's request for the variant: upstream model, the
+/// variant's system prompt first, its default parameters where the client set
+/// none. `metadata` is sluice's (used for routing) and is only forwarded when
+/// the client asked the upstream to `store` the completion.
+pub fn prepare(req: &ChatRequest, variant: &VariantConfig) -> Result<ChatRequest, ApiError> {
+    let mut up = req.clone();
+    up.model = variant.model.clone();
+    if let Some(sp) = &variant.system_prompt {
+        up.messages.insert(0, Message::system(sp.clone()));
+    }
+    up.apply_defaults(&variant.params)
+        .map_err(ApiError::invalid)?;
+    if up.store != Some(true) {
+        up.metadata = None;
+    }
+    Ok(up)
+}
+
+/// Everything known about a request so far; becomes its record.
+struct Ctx {
+    rec: RequestRecord,
+    started: Instant,
+    log_full: bool,
+}
+
+fn with_headers(mut resp: Response, rec: &RequestRecord) -> Response {
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&rec.id) {
+        h.insert(REQUEST_ID, v);
+    }
+    if let Some(v) = rec
+        .variant
+        .as_deref()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        h.insert(VARIANT, v);
+    }
+    if let Some(v) = rec
+        .deployment
+        .as_deref()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        h.insert(DEPLOYMENT, v);
+    }
+    resp
+}
+
+fn finish(app: &AppState, rec: RequestRecord) {
+    app.metrics.observe(&rec);
+    app.events.record(rec);
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    State(app): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let _in_flight = app.metrics.in_flight();
+    let snap = app.snapshot.load_full();
+    let mut ctx = Ctx {
+        rec: RequestRecord {
+            id: new_request_id(),
+            ts_ms: now_ms(),
+            ..Default::default()
+        },
+        started: Instant::now(),
+        log_full: snap.config.store.log_bodies == LogBodies::Full,
+    };
+    match handle(&app, &snap, &headers, body, &mut ctx).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            let mut rec = std::mem::take(&mut ctx.rec);
+            rec.status = e.status.as_u16();
+            rec.error_kind = Some(e.record_kind.to_string());
+            rec.error_message = Some(e.message.clone());
+            rec.latency_ms = ms_since(ctx.started);
+            let resp = with_headers(e.into_response(), &rec);
+            finish(&app, rec);
+            resp
+        }
+    }
+}
+
+async fn handle(
+    app: &Arc<AppState>,
+    snap: &Snapshot,
+    headers: &HeaderMap,
+    body: Body,
+    ctx: &mut Ctx,
+) -> Result<Response, ApiError> {
+    let key = authenticate(snap, headers)?;
+    ctx.rec.api_key = key.map(|k| k.name.clone());
+    let bytes = read_body(headers, body, snap.config.max_body_bytes).await?;
+    if ctx.log_full {
+        ctx.rec.request_body = Some(String::from_utf8_lossy(&bytes).into_owned());
+    }
+    let req = ChatRequest::parse(&bytes).map_err(ApiError::invalid)?;
+    ctx.rec.stream = req.is_stream();
+    ctx.rec.subject = req.user.clone().or_else(|| ctx.rec.api_key.clone());
+    let deployment = resolve(snap, key, &req.model)?;
+    ctx.rec.deployment = Some(deployment.config.name.clone());
+    let assignment = assign(deployment)?;
+    ctx.rec.variant = Some(assignment.variant.name.clone());
+    ctx.rec.provider = Some(assignment.variant.provider.clone());
+    ctx.rec.model = Some(assignment.variant.model.clone());
+    input_policy(&req)?;
+    let upstream = prepare(&req, assignment.variant)?;
+    if req.is_stream() {
+        let stream = assignment
+            .provider
+            .stream(&upstream)
+            .await
+            .map_err(|e| ApiError::upstream(&e))?;
+        Ok(stream_response(
+            app.clone(),
+            ctx,
+            stream,
+            req.wants_stream_usage(),
+        ))
+    } else {
+        let completion = assignment
+            .provider
+            .complete(&upstream)
+            .await
+            .map_err(|e| ApiError::upstream(&e))?;
+        let mut rec = std::mem::take(&mut ctx.rec);
+        rec.status = 200;
+        rec.latency_ms = ms_since(ctx.started);
+        if let Some(u) = completion.usage {
+            rec.tokens_in = Some(u.prompt_tokens);
+            rec.tokens_out = Some(u.completion_tokens);
+        }
+        rec.finish_reason = finish_reason(&completion.body);
+        let body = match completion.raw {
+            Some(raw) => raw,
+            None => Bytes::from(serde_json::to_vec(&completion.body).unwrap_or_default()),
+        };
+        if ctx.log_full {
+            rec.response_body = Some(String::from_utf8_lossy(&body).into_owned());
+        }
+        let resp = (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response();
+        let resp = with_headers(resp, &rec);
+        finish(app, rec);
+        Ok(resp)
+    }
+}
+
+/// Owns a streamed request's record until the stream ends; if the client goes
+/// away first, dropping it records the request as `client_disconnected`.
+struct StreamRecorder {
+    app: Arc<AppState>,
+    rec: Option<RequestRecord>,
+    started: Instant,
+    acc: StreamAccumulator,
+    log_full: bool,
+}
+
+impl StreamRecorder {
+    fn finish(&mut self, error: Option<(&'static str, String)>) {
+        let Some(mut rec) = self.rec.take() else {
+            return;
+        };
+        rec.status = 200;
+        rec.latency_ms = ms_since(self.started);
+        if let Some(u) = self.acc.usage() {
+            rec.tokens_in = Some(u.prompt_tokens);
+            rec.tokens_out = Some(u.completion_tokens);
+        }
+        rec.finish_reason = self.acc.finish_reason().map(str::to_string);
+        if let Some((kind, message)) = error {
+            rec.error_kind = Some(kind.to_string());
+            rec.error_message = Some(message);
+        }
+        if self.log_full && self.acc.chunks() > 0 {
+            rec.response_body = Some(self.acc.completion().to_string());
+        }
+        finish(&self.app, rec);
+    }
+}
+
+impl Drop for StreamRecorder {
+    fn drop(&mut self) {
+        if self.rec.is_some() {
+            self.finish(Some((
+                "client_disconnected",
+                "the client closed the connection before the stream ended".to_string(),
+            )));
+        }
+    }
+}
+
+fn sse_error(e: &ProviderError) -> Bytes {
+    let api = ApiError::upstream(e);
+    let body = serde_json::json!({"error": {
+        "message": api.message,
+        "type": api.kind,
+        "param": Value::Null,
+        "code": e.kind(),
+    }});
+    Bytes::from(format!("data: {body}\n\n"))
+}
+
+fn stream_response(
+    app: Arc<AppState>,
+    ctx: &mut Ctx,
+    upstream: ChunkStream,
+    want_usage: bool,
+) -> Response {
+    let rec = std::mem::take(&mut ctx.rec);
+    let headers_rec = RequestRecord {
+        id: rec.id.clone(),
+        variant: rec.variant.clone(),
+        deployment: rec.deployment.clone(),
+        ..Default::default()
+    };
+    let recorder = StreamRecorder {
+        app,
+        rec: Some(rec),
+        started: ctx.started,
+        acc: StreamAccumulator::new(),
+        log_full: ctx.log_full,
+    };
+    let body = futures_util::stream::unfold(
+        (upstream, recorder, false),
+        move |(mut upstream, mut recorder, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                match upstream.next().await {
+                    Some(Ok(chunk)) => {
+                        let produced = recorder.acc.push(&chunk.value);
+                        if produced {
+                            if let Some(rec) = recorder.rec.as_mut() {
+                                if rec.ttft_ms.is_none() {
+                                    rec.ttft_ms = Some(ms_since(recorder.started));
+                                }
+                            }
+                        }
+                        let usage_only = chunk.value.get("usage").is_some_and(|u| !u.is_null())
+                            && chunk
+                                .value
+                                .get("choices")
+                                .and_then(Value::as_array)
+                                .is_none_or(Vec::is_empty);
+                        if usage_only && !want_usage {
+                            continue;
+                        }
+                        let text = match chunk.raw {
+                            Some(raw) => raw,
+                            None => chunk.value.to_string(),
+                        };
+                        let bytes = Bytes::from(format!("data: {text}\n\n"));
+                        return Some((
+                            Ok::<_, std::convert::Infallible>(bytes),
+                            (upstream, recorder, false),
+                        ));
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!("stream failed: {e}");
+                        recorder.finish(Some((e.kind(), e.to_string())));
+                        return Some((Ok(sse_error(&e)), (upstream, recorder, true)));
+                    }
+                    None => {
+                        recorder.finish(None);
+                        return Some((
+                            Ok(Bytes::from_static(b"data: [DONE]\n\n")),
+                            (upstream, recorder, true),
+                        ));
+                    }
+                }
+            }
+        },
+    );
+    let resp = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    with_headers(resp, &headers_rec)
+}

@@ -1,0 +1,168 @@
+//! The compiled, immutable view of the configuration that the request path
+//! reads: providers with their clients, deployments, and API key digests.
+//!
+//! Invariant: the request path only ever reads a [`Snapshot`] through an
+//! `ArcSwap`; a new configuration is compiled off the hot path and swapped in
+//! whole, so a request sees either the old or the new config, never a mix.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use sluice_core::config::{ApiKeySecret, Config, DeploymentConfig};
+use sluice_core::secret::{digest, KeyDigest, SecretSource};
+use sluice_providers::Provider;
+use subtle::ConstantTimeEq;
+
+/// An API key as the gateway holds it: a name and a digest.
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    /// Name recorded with requests.
+    pub name: String,
+    digest: KeyDigest,
+    /// Deployments this key may use (`None`: all).
+    pub deployments: Option<Vec<String>>,
+}
+
+impl ApiKey {
+    /// Whether this key may call the deployment.
+    pub fn may_use(&self, deployment: &str) -> bool {
+        self.deployments
+            .as_ref()
+            .is_none_or(|d| d.iter().any(|x| x == deployment))
+    }
+}
+
+/// A deployment with its variants' providers resolved.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    /// The config entry.
+    pub config: DeploymentConfig,
+    /// Provider of each variant, by variant name.
+    pub providers: BTreeMap<String, Arc<Provider>>,
+}
+
+/// Everything the request path needs, immutable.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The validated config this was built from.
+    pub config: Config,
+    /// Deployments by name.
+    pub deployments: BTreeMap<String, Deployment>,
+    /// Client keys.
+    pub keys: Vec<ApiKey>,
+}
+
+/// Reads a secret from its source.
+pub trait SecretResolver {
+    /// The secret's value, or a message saying why it is unavailable.
+    fn resolve(&self, source: &SecretSource) -> Result<String, String>;
+}
+
+/// Resolves secrets from the process environment and the file system.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EnvSecrets;
+
+impl SecretResolver for EnvSecrets {
+    fn resolve(&self, source: &SecretSource) -> Result<String, String> {
+        match source {
+            SecretSource::Env(var) => match std::env::var(var) {
+                Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+                Ok(_) => Err(format!("environment variable {var} is empty")),
+                Err(_) => Err(format!("environment variable {var} is not set")),
+            },
+            SecretSource::File(path) => match std::fs::read_to_string(path) {
+                Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+                Ok(_) => Err(format!("file {path} is empty")),
+                Err(e) => Err(format!("cannot read file {path}: {e}")),
+            },
+        }
+    }
+}
+
+impl Snapshot {
+    /// Compiles a config: resolves secrets and builds provider clients.
+    /// Returns every problem found.
+    pub fn build(config: Config, secrets: &dyn SecretResolver) -> Result<Snapshot, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut keys = Vec::new();
+        for (i, k) in config.api_keys.iter().enumerate() {
+            let digest = match &k.secret {
+                ApiKeySecret::Sha256(d) => Some(*d),
+                ApiKeySecret::Source(src) => match secrets.resolve(src) {
+                    Ok(v) => Some(digest(&v)),
+                    Err(e) => {
+                        errors.push(format!("api_keys[{i}] ({}): {e}", k.name));
+                        None
+                    }
+                },
+            };
+            if let Some(digest) = digest {
+                keys.push(ApiKey {
+                    name: k.name.clone(),
+                    digest,
+                    deployments: k.deployments.clone(),
+                });
+            }
+        }
+        let mut providers: BTreeMap<String, Arc<Provider>> = BTreeMap::new();
+        for (name, p) in &config.providers {
+            let key = match config
+                .secret_sources()
+                .into_iter()
+                .find(|(path, _)| path == &format!("providers.{name}"))
+            {
+                Some((_, src)) => match secrets.resolve(&src) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        errors.push(format!("providers.{name}: {e}"));
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            match Provider::build(p, key) {
+                Ok(built) => {
+                    providers.insert(name.clone(), Arc::new(built));
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let mut deployments = BTreeMap::new();
+        for (name, d) in &config.deployments {
+            let mut dp = BTreeMap::new();
+            for (vname, v) in &d.variants {
+                if let Some(p) = providers.get(&v.provider) {
+                    dp.insert(vname.clone(), p.clone());
+                }
+            }
+            deployments.insert(
+                name.clone(),
+                Deployment {
+                    config: d.clone(),
+                    providers: dp,
+                },
+            );
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Snapshot {
+            config,
+            deployments,
+            keys,
+        })
+    }
+
+    /// Finds the key whose digest matches, comparing every configured digest
+    /// in constant time so timing reveals nothing about near misses.
+    pub fn authenticate(&self, presented: &str) -> Option<&ApiKey> {
+        let d = digest(presented);
+        let mut found = None;
+        for k in &self.keys {
+            if bool::from(k.digest.ct_eq(&d)) {
+                found = Some(k);
+            }
+        }
+        found
+    }
+}

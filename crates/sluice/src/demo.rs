@@ -1,0 +1,271 @@
+//! `sluice demo`: the whole product on one machine with no keys and no
+//! network. It starts the gateway on a temporary SQLite store with
+//! `simulated` variants, drives traffic through it with a built-in client (a
+//! mix of streamed and non-streamed requests from many users), and prints what
+//! the store recorded per variant.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use sluice_core::Config;
+use sluice_gateway::{EnvSecrets, Gateway, GatewayError};
+
+/// The API key the demo configures.
+pub const DEMO_KEY: &str = "sk-sluice-demo";
+
+/// Demo settings from the command line.
+pub struct Options {
+    /// Requests to send.
+    pub requests: usize,
+    /// Concurrency of the client.
+    pub concurrency: usize,
+    /// Preferred listen address.
+    pub listen: String,
+    /// Store path (a temporary file when `None`).
+    pub db: Option<String>,
+    /// Serve until Ctrl-C after the summary.
+    pub wait: bool,
+}
+
+/// The demo's configuration: two deployments on simulated providers.
+pub fn demo_config(listen: &str, db: &str) -> String {
+    format!(
+        r#"# sluice demo: simulated providers only (no keys, no network)
+listen = "{listen}"
+
+[store]
+path = "{db}"
+log_bodies = "full"
+
+[[api_keys]]
+name = "demo"
+sha256 = "{key}"
+
+[providers.sim-stable]
+kind = "simulated"
+seed = 7
+latency = {{ median_ms = 120, p99_ms = 600 }}
+error_rate = 0.01
+refusal_rate = 0.02
+
+[providers.sim-candidate]
+kind = "simulated"
+seed = 11
+latency = {{ median_ms = 90, p99_ms = 450 }}
+error_rate = 0.02
+pii_rate = 0.05
+verbosity = 1.4
+
+[deployments.support]
+stable = "v1"
+variants.v1 = {{ provider = "sim-stable", model = "sim-support-1", system_prompt = "You are a support agent." }}
+variants.v2 = {{ provider = "sim-candidate", model = "sim-support-2", system_prompt = "You are a concise support agent." }}
+
+[deployments.summarize]
+stable = "v1"
+variants.v1 = {{ provider = "sim-stable", model = "sim-summarize-1", params = {{ temperature = 0.2, max_tokens = 200 }} }}
+"#,
+        key = sluice_core::secret::digest_hex(DEMO_KEY),
+        db = db.replace('\\', "\\\\").replace('"', "\\\""),
+    )
+}
+
+const PROMPTS: &[&str] = &[
+    "How do I get a refund for my order?",
+    "My package has not arrived yet, what should I do?",
+    "Can I change the email address on my account?",
+    "Why was I charged twice this month?",
+    "How do I reset my password?",
+    "Do you ship to Norway?",
+    "Summarize our returns policy in two sentences.",
+    "What is the status of order 1042?",
+];
+
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    streamed: AtomicU64,
+}
+
+/// Runs the demo.
+pub async fn run(opts: Options) -> Result<ExitCode> {
+    let tmp = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let db = match &opts.db {
+        Some(p) => p.clone(),
+        None => tmp
+            .path()
+            .join("sluice-demo.db")
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let gateway = match bind(&opts.listen, &db).await {
+        Ok(g) => g,
+        Err(GatewayError::Bind { addr, source }) => {
+            eprintln!("note: {addr} is not available ({source}); using a free port instead");
+            bind("127.0.0.1:0", &db).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let addr = gateway.local_addr();
+    let store = gateway.store();
+    let state = gateway.state();
+    let base = format!("http://{addr}");
+    println!("sluice demo: gateway on {base} (simulated providers, store {db})");
+    for line in crate::describe(&state.snapshot.load().config) {
+        println!("  {line}");
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(gateway.run(
+        async move {
+            let _ = stop_rx.await;
+        },
+        Duration::from_secs(10),
+    ));
+
+    let since = chrono_now_ms();
+    let started = Instant::now();
+    let tally = Arc::new(Tally::default());
+    let bar = ProgressBar::new(opts.requests as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} requests  {per_sec}  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .context("cannot build the demo client")?;
+    let url = format!("{base}/v1/chat/completions");
+    futures_util::stream::iter(0..opts.requests)
+        .for_each_concurrent(opts.concurrency.max(1), |i| {
+            let client = client.clone();
+            let url = url.clone();
+            let tally = tally.clone();
+            let bar = bar.clone();
+            async move {
+                let ok = send_one(&client, &url, i, &tally).await;
+                if ok {
+                    tally.ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    tally.failed.fetch_add(1, Ordering::Relaxed);
+                }
+                bar.set_message(format!("{} failed", tally.failed.load(Ordering::Relaxed)));
+                bar.inc(1);
+            }
+        })
+        .await;
+    bar.finish();
+    let elapsed = started.elapsed();
+    state.events.flush().await;
+
+    println!();
+    println!(
+        "sent {} requests in {:.1}s ({} streamed): {} ok, {} failed (simulated upstream errors)",
+        opts.requests,
+        elapsed.as_secs_f64(),
+        tally.streamed.load(Ordering::Relaxed),
+        tally.ok.load(Ordering::Relaxed),
+        tally.failed.load(Ordering::Relaxed),
+    );
+    let summary = store.summary(since)?;
+    println!("{}", crate::table::summary(&summary));
+    let recorded: u64 = summary.iter().map(|s| s.requests).sum();
+    println!(
+        "recorded {recorded} of {} requests in the store",
+        opts.requests
+    );
+
+    if opts.wait {
+        println!();
+        println!("sluice keeps serving on {base}  (API key: {DEMO_KEY}; Ctrl-C to stop)");
+        println!("  curl {base}/v1/chat/completions -H 'Authorization: Bearer {DEMO_KEY}' \\");
+        println!("       -H 'Content-Type: application/json' \\");
+        println!("       -d '{{\"model\": \"support\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'");
+        println!("  curl {base}/metrics");
+        println!("  sluice requests --db {db} --last 10   (while the demo runs)");
+        sluice_gateway::shutdown_signal().await;
+    }
+    drop(state);
+    let _ = stop_tx.send(());
+    let report = server.await.context("gateway task failed")??;
+    let lost = report.events.failed + report.events.dropped;
+    if lost > 0 {
+        eprintln!("error: {lost} request record(s) were lost");
+        return Ok(ExitCode::FAILURE);
+    }
+    if recorded != opts.requests as u64 {
+        eprintln!(
+            "error: {} requests were sent but {recorded} recorded",
+            opts.requests
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bind(listen: &str, db: &str) -> Result<Gateway, GatewayError> {
+    let config = Config::parse(&demo_config(listen, db))
+        .map_err(|e| GatewayError::Config(e.0.iter().map(ToString::to_string).collect()))?;
+    Gateway::bind(config, &EnvSecrets).await
+}
+
+fn chrono_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Sends request `i`; returns whether it succeeded.
+async fn send_one(client: &reqwest::Client, url: &str, i: usize, tally: &Tally) -> bool {
+    let deployment = if i % 5 == 4 { "summarize" } else { "support" };
+    let stream = i % 3 == 0;
+    let prompt = format!("{} (ticket {})", PROMPTS[i % PROMPTS.len()], i);
+    let mut body = json!({
+        "model": deployment,
+        "messages": [{"role": "user", "content": prompt}],
+        "user": format!("user-{}", i % 97),
+    });
+    if stream {
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        tally.streamed.fetch_add(1, Ordering::Relaxed);
+    }
+    let resp = match client
+        .post(url)
+        .bearer_auth(DEMO_KEY)
+        .json(&body)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(_) => return false,
+    };
+    if !resp.status().is_success() {
+        let _ = resp.bytes().await;
+        return false;
+    }
+    match resp.bytes().await {
+        Ok(b) => !stream || !String::from_utf8_lossy(&b).contains("\"error\""),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_config_is_valid() {
+        let c = Config::parse(&demo_config("127.0.0.1:0", "/tmp/x \"y\".db")).expect("valid");
+        assert_eq!(c.deployments.len(), 2);
+        assert_eq!(c.store.path, "/tmp/x \"y\".db");
+    }
+}
