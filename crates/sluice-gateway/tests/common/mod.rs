@@ -1,0 +1,464 @@
+//! Test fixtures: local upstream servers that speak OpenAI's and Anthropic's
+//! wire protocols (with switchable misbehaviour), and a helper that starts the
+//! real gateway on an ephemeral port in front of them.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use sluice_core::secret::SecretSource;
+use sluice_core::Config;
+use sluice_gateway::{Gateway, SecretResolver, ShutdownReport};
+use sluice_store::Store;
+use tokio::net::TcpListener;
+
+/// Requests an upstream received: (headers, body).
+#[derive(Clone, Default)]
+pub struct Seen(pub Arc<Mutex<Vec<(HeaderMap, Value)>>>);
+
+impl Seen {
+    pub fn last(&self) -> (HeaderMap, Value) {
+        self.0
+            .lock()
+            .expect("lock")
+            .last()
+            .cloned()
+            .expect("a request reached the upstream")
+    }
+    pub fn count(&self) -> usize {
+        self.0.lock().expect("lock").len()
+    }
+}
+
+async fn serve(router: Router) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(l, router).await;
+    });
+    addr
+}
+
+fn sse(events: Vec<String>, cut: bool, gap: Duration) -> Response {
+    let s = futures_util::stream::unfold(
+        (events.into_iter(), cut, false),
+        move |(mut it, cut, ended)| async move {
+            if ended {
+                return None;
+            }
+            tokio::time::sleep(gap).await;
+            match it.next() {
+                Some(e) => Some((
+                    Ok::<Bytes, std::io::Error>(Bytes::from(e)),
+                    (it, cut, false),
+                )),
+                None if cut => Some((
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "cut",
+                    )),
+                    (it, cut, true),
+                )),
+                None => None,
+            }
+        },
+    );
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(s))
+        .expect("response")
+}
+
+/// The completion the OpenAI mock returns for `model`.
+pub fn openai_completion(model: &str, tools: bool) -> Value {
+    let message = if tools {
+        json!({"role": "assistant", "content": null, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]})
+    } else {
+        json!({"role": "assistant", "content": "Hello from the mock.", "refusal": null})
+    };
+    json!({
+        "id": "chatcmpl-mock1", "object": "chat.completion", "created": 1_700_000_000, "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": null,
+                     "finish_reason": if tools { "tool_calls" } else { "stop" }}],
+        "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16},
+        "system_fingerprint": "fp_mock"
+    })
+}
+
+fn openai_chunks(model: &str, tools: bool, usage: bool) -> Vec<String> {
+    let c = |delta: Value, finish: Value| {
+        format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-mock1", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                   "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        )
+    };
+    let mut v = vec![c(json!({"role": "assistant", "content": ""}), Value::Null)];
+    if tools {
+        v.push(c(json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}), Value::Null));
+        v.push(c(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}),
+            Value::Null,
+        ));
+        v.push(c(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "\"Oslo\"}"}}]}),
+            Value::Null,
+        ));
+        v.push(c(json!({}), json!("tool_calls")));
+    } else {
+        for w in ["Hello", " from", " the", " mock."] {
+            v.push(c(json!({"content": w}), Value::Null));
+        }
+        v.push(c(json!({}), json!("stop")));
+    }
+    if usage {
+        v.push(format!(
+            "data: {}\n\n",
+            json!({"id": "chatcmpl-mock1", "object": "chat.completion.chunk", "created": 1_700_000_000,
+                   "model": model, "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}})
+        ));
+    }
+    v.push("data: [DONE]\n\n".to_string());
+    v
+}
+
+/// An OpenAI-compatible upstream. Behaviour by upstream model name:
+/// `gpt-ok` answers, `gpt-tools` calls a tool, `gpt-500` fails,
+/// `gpt-badjson` sends a non-JSON 200, `gpt-cut` breaks streams off,
+/// `gpt-slow` answers after 3 s, `gpt-429` rate-limits, `gpt-400` rejects.
+pub async fn openai_upstream() -> (SocketAddr, Seen) {
+    let seen = Seen::default();
+    async fn handler(
+        State(seen): State<Seen>,
+        headers: HeaderMap,
+        Json(body): Json<Value>,
+    ) -> Response {
+        seen.0.lock().expect("lock").push((headers, body.clone()));
+        let model = body["model"].as_str().unwrap_or("").to_string();
+        let stream = body["stream"] == true;
+        let usage = body["stream_options"]["include_usage"] == true;
+        match model.as_str() {
+            "gpt-500" => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": {"message": "The server had an error", "type": "server_error"}}))).into_response(),
+            "gpt-429" => (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "7")], Json(json!({"error": {"message": "Rate limit reached", "type": "rate_limit"}}))).into_response(),
+            "gpt-400" => (StatusCode::BAD_REQUEST, Json(json!({"error": {"message": "Invalid value for 'temperature'", "type": "invalid_request_error"}}))).into_response(),
+            "gpt-badjson" => (StatusCode::OK, [("content-type", "application/json")], "this is not json").into_response(),
+            "gpt-slow" => {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                Json(openai_completion(&model, false)).into_response()
+            }
+            "gpt-cut" if stream => {
+                let mut ev = openai_chunks(&model, false, false);
+                ev.truncate(3);
+                sse(ev, true, Duration::from_millis(5))
+            }
+            _ => {
+                let tools = model == "gpt-tools";
+                if stream {
+                    sse(openai_chunks(&model, tools, usage), false, Duration::from_millis(2))
+                } else {
+                    Json(openai_completion(&model, tools)).into_response()
+                }
+            }
+        }
+    }
+    let r = Router::new()
+        .route("/v1/chat/completions", post(handler))
+        .with_state(seen.clone());
+    (serve(r).await, seen)
+}
+
+fn anthropic_event(kind: &str, data: Value) -> String {
+    format!("event: {kind}\ndata: {data}\n\n")
+}
+
+/// An Anthropic Messages upstream. Model `claude-tools` answers with a
+/// tool_use block; `claude-overloaded` sends an error event mid-stream.
+pub async fn anthropic_upstream() -> (SocketAddr, Seen) {
+    let seen = Seen::default();
+    async fn handler(
+        State(seen): State<Seen>,
+        headers: HeaderMap,
+        Json(body): Json<Value>,
+    ) -> Response {
+        seen.0
+            .lock()
+            .expect("lock")
+            .push((headers.clone(), body.clone()));
+        if headers.get("x-api-key").and_then(|v| v.to_str().ok()) != Some("anthropic-secret")
+            || headers.get("anthropic-version").is_none()
+        {
+            return (StatusCode::UNAUTHORIZED, Json(json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}))).into_response();
+        }
+        let model = body["model"].as_str().unwrap_or("").to_string();
+        let tools = model == "claude-tools";
+        if body["stream"] == true {
+            let mut ev = vec![
+                anthropic_event(
+                    "message_start",
+                    json!({"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant", "model": model, "content": [], "usage": {"input_tokens": 21, "output_tokens": 1}}}),
+                ),
+                anthropic_event("ping", json!({"type": "ping"})),
+                anthropic_event(
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+                ),
+                anthropic_event(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Bonjour"}}),
+                ),
+                anthropic_event(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " le monde"}}),
+                ),
+                anthropic_event(
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": 0}),
+                ),
+            ];
+            if model == "claude-overloaded" {
+                ev.push(anthropic_event("error", json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})));
+                return sse(ev, false, Duration::from_millis(2));
+            }
+            if tools {
+                ev.push(anthropic_event("content_block_start", json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}})));
+                ev.push(anthropic_event("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"city\": "}})));
+                ev.push(anthropic_event("content_block_delta", json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "\"Paris\"}"}})));
+                ev.push(anthropic_event(
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": 1}),
+                ));
+            }
+            ev.push(anthropic_event("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": if tools { "tool_use" } else { "end_turn" }}, "usage": {"output_tokens": 9}})));
+            ev.push(anthropic_event(
+                "message_stop",
+                json!({"type": "message_stop"}),
+            ));
+            return sse(ev, false, Duration::from_millis(2));
+        }
+        let mut content = vec![json!({"type": "text", "text": "Bonjour le monde"})];
+        if tools {
+            content.push(json!({"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}));
+        }
+        Json(json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": model, "content": content,
+            "stop_reason": if tools { "tool_use" } else { "end_turn" }, "stop_sequence": null,
+            "usage": {"input_tokens": 21, "output_tokens": 9}
+        }))
+        .into_response()
+    }
+    let r = Router::new()
+        .route("/v1/messages", post(handler))
+        .with_state(seen.clone());
+    (serve(r).await, seen)
+}
+
+/// A port nothing listens on.
+pub async fn dead_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let p = l.local_addr().expect("addr").port();
+    drop(l);
+    p
+}
+
+/// Resolves secrets from a fixed map (no process environment involved).
+pub struct MapSecrets(pub HashMap<String, String>);
+
+impl SecretResolver for MapSecrets {
+    fn resolve(&self, source: &SecretSource) -> Result<String, String> {
+        let k = match source {
+            SecretSource::Env(v) | SecretSource::File(v) => v,
+        };
+        self.0
+            .get(k)
+            .cloned()
+            .ok_or_else(|| format!("{k} is not set"))
+    }
+}
+
+pub const CLIENT_KEY: &str = "sk-test-client";
+pub const OTHER_KEY: &str = "sk-test-limited";
+
+/// A config routing deployments to the mocks. Each `gpt-*` behaviour gets a
+/// deployment of the same name.
+pub fn config_text(openai: SocketAddr, anthropic: SocketAddr, dead: u16, db: &str) -> String {
+    let mut s = format!(
+        r#"
+listen = "127.0.0.1:0"
+max_body_bytes = 65536
+
+[store]
+path = "{db}"
+log_bodies = "full"
+
+[[api_keys]]
+name = "app"
+key_env = "CLIENT_KEY"
+
+[[api_keys]]
+name = "limited"
+sha256 = "{limited}"
+deployments = ["support"]
+
+[providers.mock-openai]
+kind = "openai"
+base_url = "http://{openai}/v1"
+api_key_env = "UPSTREAM_KEY"
+timeout = "800ms"
+
+[providers.mock-anthropic]
+kind = "anthropic"
+base_url = "http://{anthropic}"
+api_key_env = "ANTHROPIC_KEY"
+
+[providers.nowhere]
+kind = "openai"
+base_url = "http://127.0.0.1:{dead}/v1"
+
+[deployments.support]
+stable = "v1"
+variants.v1 = {{ provider = "mock-openai", model = "gpt-ok", system_prompt = "You are a support agent." }}
+
+[deployments.claude]
+stable = "v1"
+variants.v1 = {{ provider = "mock-anthropic", model = "claude-sonnet-4", system_prompt = "Be kind." }}
+
+[deployments.claude-tools]
+stable = "v1"
+variants.v1 = {{ provider = "mock-anthropic", model = "claude-tools" }}
+
+[deployments.claude-overloaded]
+stable = "v1"
+variants.v1 = {{ provider = "mock-anthropic", model = "claude-overloaded" }}
+
+[deployments.refused]
+stable = "v1"
+variants.v1 = {{ provider = "nowhere", model = "gpt-ok" }}
+
+[deployments.defaults]
+stable = "v1"
+variants.v1 = {{ provider = "mock-openai", model = "gpt-ok", params = {{ temperature = 0.1, max_tokens = 77 }} }}
+"#,
+        limited = sluice_core::secret::digest_hex(OTHER_KEY),
+    );
+    for m in [
+        "gpt-tools",
+        "gpt-500",
+        "gpt-badjson",
+        "gpt-cut",
+        "gpt-slow",
+        "gpt-429",
+        "gpt-400",
+    ] {
+        s.push_str(&format!(
+            "\n[deployments.{m}]\nstable = \"v1\"\nvariants.v1 = {{ provider = \"mock-openai\", model = \"{m}\" }}\n"
+        ));
+    }
+    s
+}
+
+/// A running gateway with its mocks.
+pub struct Harness {
+    pub base: String,
+    pub store: Arc<Store>,
+    pub openai_seen: Seen,
+    pub anthropic_seen: Seen,
+    pub state: Arc<sluice_gateway::AppState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<ShutdownReport, sluice_gateway::GatewayError>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        let (oa, openai_seen) = openai_upstream().await;
+        let (an, anthropic_seen) = anthropic_upstream().await;
+        let dead = dead_port().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = dir.path().join("e2e.db").to_string_lossy().into_owned();
+        let config = Config::parse(&config_text(oa, an, dead, &db)).expect("test config is valid");
+        let secrets = MapSecrets(HashMap::from([
+            ("CLIENT_KEY".to_string(), CLIENT_KEY.to_string()),
+            ("UPSTREAM_KEY".to_string(), "upstream-secret".to_string()),
+            ("ANTHROPIC_KEY".to_string(), "anthropic-secret".to_string()),
+        ]));
+        let gw = Gateway::bind(config, &secrets)
+            .await
+            .expect("gateway binds");
+        let base = format!("http://{}", gw.local_addr());
+        let store = gw.store();
+        let state = gw.state();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(gw.run(
+            async move {
+                let _ = rx.await;
+            },
+            Duration::from_secs(5),
+        ));
+        Harness {
+            base,
+            store,
+            openai_seen,
+            anthropic_seen,
+            state,
+            stop: Some(tx),
+            task: Some(task),
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Waits until every record handed over so far is committed.
+    pub async fn flush(&self) {
+        self.state.events.flush().await;
+    }
+
+    /// Stops the gateway and returns its shutdown report.
+    pub async fn stop(mut self) -> ShutdownReport {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let task = self.task.take().expect("running");
+        drop(self.state);
+        task.await.expect("join").expect("clean shutdown")
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client")
+}
+
+/// Posts a chat request with the main client key.
+pub async fn chat(h: &Harness, body: Value) -> reqwest::Response {
+    client()
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(CLIENT_KEY)
+        .json(&body)
+        .send()
+        .await
+        .expect("request sent")
+}
+
+/// Parses an SSE body into its `data:` payloads.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
+}
