@@ -367,17 +367,26 @@ pub fn did_you_mean<'a>(
     let w = word.to_lowercase();
     for c in candidates {
         let lc = c.to_lowercase();
-        // A word that extends or shortens a known one is a near miss too.
+        // A word that extends or shortens a known one is a near miss too, and
+        // so is a typo of one segment of a compound name (`opnai` for
+        // `openai-main`).
         let d = if lc.len() >= 4 && (w.starts_with(&lc) || lc.starts_with(&w)) && w.len() >= 4 {
             1
         } else {
-            levenshtein(&w, &lc)
+            let whole = levenshtein(&w, &lc);
+            let segment = lc
+                .split(['-', '_', '.'])
+                .filter(|seg| seg.len() >= 4 && lc.contains(['-', '_', '.']))
+                .map(|seg| levenshtein(&w, seg) + 1)
+                .min()
+                .unwrap_or(usize::MAX);
+            whole.min(segment)
         };
         if best.is_none_or(|(bd, _)| d < bd) {
             best = Some((d, c));
         }
     }
-    best.filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(1))
+    best.filter(|(d, _)| *d <= (word.len() / 3).max(1) + 1)
         .map(|(_, c)| c)
 }
 
@@ -602,6 +611,10 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
         cx.err("store.batch_max", "must be at least 1");
     }
 
+    let raw_keys = t
+        .get("api_keys")
+        .and_then(toml::Value::as_array)
+        .map_or(0, Vec::len);
     let api_keys = build_api_keys(cx, t.remove("api_keys"));
     let providers = build_providers(cx, t.remove("providers"));
     let deployments = build_deployments(cx, t.remove("deployments"), &providers);
@@ -620,7 +633,7 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
             }
         }
     }
-    if api_keys.is_empty() && !allow_anonymous {
+    if raw_keys == 0 && !allow_anonymous {
         cx.err(
             "api_keys",
             "no API keys configured: add an [[api_keys]] entry (key_env, key_file or sha256), \
@@ -1218,5 +1231,11 @@ variants.v2 = { provider = "sim", model = "sim-1" }
             Some("openai")
         );
         assert_eq!(did_you_mean("zzzzzz", ["openai", "anthropic"]), None);
+        assert_eq!(
+            did_you_mean("opnai", ["openai-main", "sim"]),
+            Some("openai-main")
+        );
+        assert_eq!(did_you_mean("v3", ["v1", "v2"]), Some("v1"));
+        assert_eq!(did_you_mean("gpt", ["anthropic-main"]), None);
     }
 }

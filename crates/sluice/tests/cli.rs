@@ -1,0 +1,343 @@
+//! The `sluice` binary as a user runs it: config checking, serving with a
+//! graceful SIGTERM that flushes every record, `sluice requests`, the demo.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{json, Value};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sluice"))
+}
+
+fn examples_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+#[test]
+fn every_example_config_is_accepted() {
+    let mut n = 0;
+    for entry in std::fs::read_dir(examples_dir()).expect("examples/ exists") {
+        let path = entry.expect("entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        n += 1;
+        let out = bin().arg("check-config").arg(&path).output().expect("runs");
+        assert!(
+            out.status.success(),
+            "{} rejected:\n{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains(": ok ("));
+    }
+    assert!(n >= 3, "expected example configs, found {n}");
+}
+
+#[test]
+fn a_bad_config_lists_every_problem_with_its_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+listen = "localhost"
+[[api_keys]]
+name = "app"
+sha256 = "abc"
+[providers.openai-main]
+kind = "openai"
+timeout = "forever"
+[deployments.support]
+stable = "v1"
+variants.v1 = { provider = "opnai", model = "gpt-4o-mini" }
+"#,
+    )
+    .expect("write");
+    let out = bin().arg("check-config").arg(&path).output().expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "listen: invalid address \"localhost\"",
+        "api_keys[0].sha256: must be 64 hex digits",
+        "providers.openai-main.timeout: invalid duration \"forever\"",
+        "deployments.support.variants.v1.provider: unknown provider \"opnai\" (known: openai-main); did you mean \"openai-main\"?",
+    ] {
+        assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+    }
+    assert!(err.contains("4 problem(s)"), "{err}");
+}
+
+#[test]
+fn strict_check_requires_secrets() {
+    let path = examples_dir().join("quickstart-openai.toml");
+    let out = bin()
+        .arg("check-config")
+        .arg("--strict")
+        .arg(&path)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("SLUICE_APP_KEY")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OPENAI_API_KEY is not set"));
+    let out = bin()
+        .arg("check-config")
+        .arg("--strict")
+        .arg(&path)
+        .env("OPENAI_API_KEY", "sk-x")
+        .env("SLUICE_APP_KEY", "sk-y")
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+}
+
+#[test]
+fn hash_key_prints_the_digest() {
+    let out = bin().args(["hash-key", "sk-local"]).output().expect("runs");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        sluice_core::secret::digest_hex("sk-local")
+    );
+}
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(config: &std::path::Path, db: &str, env: &[(&str, &str)]) -> Server {
+    let mut cmd = bin();
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--db",
+        db,
+        "--grace",
+        "20s",
+        "--config",
+    ])
+    .arg(config)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("serve starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().expect("a line").expect("utf-8");
+    let base = first
+        .strip_prefix("sluice listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
+        .to_string();
+    let mut rest = Vec::new();
+    for l in lines.by_ref().take(2) {
+        rest.push(l.expect("line"));
+    }
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("deployment support → variant v1")),
+        "{rest:?}"
+    );
+    // Keep draining stdout so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, base }
+}
+
+const SIM_CONFIG: &str = r#"
+[[api_keys]]
+name = "app"
+key_env = "TEST_APP_KEY"
+
+[providers.sim]
+kind = "simulated"
+seed = 3
+latency = { median_ms = 300, p99_ms = 600 }
+error_rate = 0.05
+
+[deployments.support]
+stable = "v1"
+variants.v1 = { provider = "sim", model = "sim-1" }
+"#;
+
+#[test]
+fn sigterm_finishes_in_flight_streams_and_flushes_every_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, SIM_CONFIG).expect("write");
+    let db = dir.path().join("s.db").to_string_lossy().into_owned();
+    let server = start_server(&config, &db, &[("TEST_APP_KEY", "sk-app")]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    const N: usize = 120;
+    const IN_FLIGHT: usize = 8;
+    let url = format!("{}/v1/chat/completions", server.base);
+    let pid = server.child.id();
+    let (statuses, tails) = rt.block_on(async {
+        let c = reqwest::Client::new();
+        let statuses = futures_util::future::join_all((0..N).map(|i| {
+            let c = c.clone();
+            let url = url.clone();
+            async move {
+                let r = c
+                    .post(&url)
+                    .bearer_auth("sk-app")
+                    .json(&json!({"model": "support", "stream": i % 2 == 0,
+                                  "messages": [{"role": "user", "content": format!("q{i}")}]}))
+                    .send()
+                    .await
+                    .expect("sent");
+                let s = r.status().as_u16();
+                let _ = r.bytes().await;
+                s
+            }
+        }))
+        .await;
+        // Open streams, then ask the server to stop while they are mid-way.
+        let mut open = Vec::new();
+        for i in 0..IN_FLIGHT {
+            let r = c
+                .post(&url)
+                .bearer_auth("sk-app")
+                .json(
+                    &json!({"model": "support", "stream": true, "seed": 1000 + i,
+                              "messages": [{"role": "user", "content": "a long answer please"}]}),
+                )
+                .send()
+                .await
+                .expect("sent");
+            open.push(r);
+        }
+        let killed = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(killed.success());
+        let mut tails = Vec::new();
+        for r in open {
+            let s = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            tails.push((s, body));
+        }
+        (statuses, tails)
+    });
+    let mut server = server;
+    let status = server.child.wait().expect("exits");
+    assert!(status.success(), "serve exited with {status}");
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 502),
+        "{statuses:?}"
+    );
+    for (s, body) in &tails {
+        if *s == 200 {
+            assert!(
+                body.ends_with("data: [DONE]\n\n") || body.contains("\"error\""),
+                "an in-flight stream was cut by shutdown: {body}"
+            );
+        }
+    }
+
+    // Every request, including the in-flight ones, is in the store.
+    let out = bin()
+        .args(["requests", "--db", &db, "--last", "100000", "--json"])
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(rows.len(), N + IN_FLIGHT);
+    let errors = rows.iter().filter(|r| r["status"] != 200).count();
+    assert_eq!(errors, statuses.iter().filter(|s| **s != 200).count());
+    assert!(rows
+        .iter()
+        .all(|r| r["deployment"] == "support" && r["api_key"] == "app"));
+
+    let out = bin()
+        .args(["requests", "--db", &db, "--last", "5"])
+        .output()
+        .expect("runs");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(table.matches("req_").count(), 5, "{table}");
+    assert!(
+        table.contains("latency ms") && table.contains("support"),
+        "{table}"
+    );
+}
+
+#[test]
+fn serve_refuses_to_start_without_its_secrets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, SIM_CONFIG).expect("write");
+    let out = bin()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            ":memory:",
+            "--config",
+        ])
+        .arg(&config)
+        .env_remove("TEST_APP_KEY")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("api_keys[0] (app): environment variable TEST_APP_KEY is not set"),
+        "{err}"
+    );
+}
+
+#[test]
+fn requests_on_a_missing_store_says_so() {
+    let out = bin()
+        .args(["requests", "--db", "/nonexistent/sluice.db"])
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/sluice.db"));
+}
+
+#[test]
+fn the_demo_runs_without_keys_or_network() {
+    let out = bin()
+        .args([
+            "demo",
+            "--requests",
+            "60",
+            "--concurrency",
+            "12",
+            "--no-wait",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("ANTHROPIC_API_KEY")
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("recorded 60 of 60 requests"), "{stdout}");
+    assert!(
+        stdout.contains("support") && stdout.contains("p99 ms"),
+        "{stdout}"
+    );
+}
