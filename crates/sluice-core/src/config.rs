@@ -768,7 +768,7 @@ fn build_providers(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, Prov
         };
         let rest = toml::Value::Table(pt);
         let kind = match kind.as_str() {
-            "openai" => cx.decode::<RawOpenAi>(&path, rest).and_then(|r| {
+            "openai" => cx.decode::<RawOpenAi>(&path, rest).map(|r| {
                 let base_url = r
                     .base_url
                     .unwrap_or_else(|| "https://api.openai.com/v1".to_string());
@@ -781,13 +781,13 @@ fn build_providers(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, Prov
                     "api_key_file",
                     r.api_key_file,
                 );
-                Some(ProviderKind::OpenAi(OpenAiConfig {
+                ProviderKind::OpenAi(OpenAiConfig {
                     base_url: base_url.trim_end_matches('/').to_string(),
                     api_key,
                     headers: r.headers,
-                }))
+                })
             }),
-            "anthropic" => cx.decode::<RawAnthropic>(&path, rest).and_then(|r| {
+            "anthropic" => cx.decode::<RawAnthropic>(&path, rest).map(|r| {
                 let base_url = r
                     .base_url
                     .unwrap_or_else(|| "https://api.anthropic.com".to_string());
@@ -804,22 +804,22 @@ fn build_providers(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, Prov
                 if default_max_tokens == 0 {
                     cx.err(format!("{path}.default_max_tokens"), "must be at least 1");
                 }
-                Some(ProviderKind::Anthropic(AnthropicConfig {
+                ProviderKind::Anthropic(AnthropicConfig {
                     base_url: base_url.trim_end_matches('/').to_string(),
                     api_key,
                     version: r.version.unwrap_or_else(|| "2023-06-01".to_string()),
                     default_max_tokens,
-                }))
+                })
             }),
             "simulated" => cx.decode::<RawSimulated>(&path, rest).map(|r| {
                 let latency = r.latency.unwrap_or(LatencyConfig {
                     median_ms: 300.0,
                     p99_ms: 1200.0,
                 });
-                if !(latency.median_ms >= 0.0) {
+                if latency.median_ms.is_nan() || latency.median_ms < 0.0 {
                     cx.err(format!("{path}.latency.median_ms"), "must be zero or more");
                 }
-                if !(latency.p99_ms >= latency.median_ms) {
+                if latency.p99_ms.is_nan() || latency.p99_ms < latency.median_ms {
                     cx.err(
                         format!("{path}.latency.p99_ms"),
                         format!(
@@ -833,7 +833,7 @@ fn build_providers(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, Prov
                 check_rate(cx, format!("{path}.refusal_rate"), r.refusal_rate);
                 check_rate(cx, format!("{path}.tool_call_rate"), r.tool_call_rate);
                 let verbosity = r.verbosity.unwrap_or(1.0);
-                if !(verbosity > 0.0 && verbosity <= 100.0) {
+                if verbosity.is_nan() || verbosity <= 0.0 || verbosity > 100.0 {
                     cx.err(
                         format!("{path}.verbosity"),
                         format!("must be greater than 0 and at most 100, got {verbosity}"),

@@ -38,12 +38,8 @@ pub(crate) fn map_send_error(provider: &str, e: &reqwest::Error, after: Duration
             after,
             phase: "response",
         }
-    } else if e.is_connect() {
-        ProviderError::Unreachable {
-            provider: provider.to_string(),
-            message: error_chain(e),
-        }
     } else {
+        // Connect failures and connections dropped before a response.
         ProviderError::Unreachable {
             provider: provider.to_string(),
             message: error_chain(e),

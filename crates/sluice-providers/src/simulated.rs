@@ -227,7 +227,7 @@ impl SimulatedProvider {
         }
         for i in 0..words {
             text.push(' ');
-            text.push_str(*rng.pick(WORDS));
+            text.push_str(rng.pick::<&str>(WORDS));
             if i % 12 == 11 {
                 text.push('.');
             }
@@ -235,7 +235,7 @@ impl SimulatedProvider {
         text.push('.');
         if rng.unit() < self.cfg.pii_rate {
             text.push(' ');
-            text.push_str(*rng.pick(LEAKS));
+            text.push_str(rng.pick::<&str>(LEAKS));
         }
         let mut finish = "stop";
         if let Some(stop) = &req.stop {
