@@ -633,6 +633,12 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
             }
         }
     }
+    if raw_keys > 0 && allow_anonymous {
+        cx.err(
+            "allow_anonymous",
+            "cannot be true while [[api_keys]] are configured: remove the keys or this setting",
+        );
+    }
     if raw_keys == 0 && !allow_anonymous {
         cx.err(
             "api_keys",
@@ -1197,6 +1203,8 @@ variants.v2 = { provider = "sim", model = "sim-1" }
             .any(|e| e.starts_with("api_keys: no API keys")));
         let anon = format!("allow_anonymous = true\n{no_keys}");
         assert!(errors(&anon).is_empty());
+        let both = format!("allow_anonymous = true\n{GOOD}");
+        assert!(errors(&both)[0].starts_with("allow_anonymous: cannot be true"));
     }
 
     #[test]
