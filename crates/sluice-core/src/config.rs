@@ -775,35 +775,27 @@ fn build_providers(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, Prov
         let rest = toml::Value::Table(pt);
         let kind = match kind.as_str() {
             "openai" => cx.decode::<RawOpenAi>(&path, rest).map(|r| {
-                let base_url = r
-                    .base_url
-                    .unwrap_or_else(|| "https://api.openai.com/v1".to_string());
-                check_url(cx, &format!("{path}.base_url"), &base_url);
-                let api_key = secret_source(
+                let (base_url, api_key) = endpoint(
                     cx,
                     &path,
-                    "api_key_env",
+                    r.base_url,
+                    "https://api.openai.com/v1",
                     r.api_key_env,
-                    "api_key_file",
                     r.api_key_file,
                 );
                 ProviderKind::OpenAi(OpenAiConfig {
-                    base_url: base_url.trim_end_matches('/').to_string(),
+                    base_url,
                     api_key,
                     headers: r.headers,
                 })
             }),
             "anthropic" => cx.decode::<RawAnthropic>(&path, rest).map(|r| {
-                let base_url = r
-                    .base_url
-                    .unwrap_or_else(|| "https://api.anthropic.com".to_string());
-                check_url(cx, &format!("{path}.base_url"), &base_url);
-                let api_key = secret_source(
+                let (base_url, api_key) = endpoint(
                     cx,
                     &path,
-                    "api_key_env",
+                    r.base_url,
+                    "https://api.anthropic.com",
                     r.api_key_env,
-                    "api_key_file",
                     r.api_key_file,
                 );
                 let default_max_tokens = r.default_max_tokens.unwrap_or(4096);
@@ -811,7 +803,7 @@ fn build_providers(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, Prov
                     cx.err(format!("{path}.default_max_tokens"), "must be at least 1");
                 }
                 ProviderKind::Anthropic(AnthropicConfig {
-                    base_url: base_url.trim_end_matches('/').to_string(),
+                    base_url,
                     api_key,
                     version: r.version.unwrap_or_else(|| "2023-06-01".to_string()),
                     default_max_tokens,
@@ -906,6 +898,21 @@ fn build_providers(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, Prov
         }
     }
     out
+}
+
+/// A real provider's base URL (checked, without a trailing slash) and key source.
+fn endpoint(
+    cx: &mut Cx,
+    path: &str,
+    base_url: Option<String>,
+    default_url: &str,
+    key_env: Option<String>,
+    key_file: Option<String>,
+) -> (String, Option<SecretSource>) {
+    let url = base_url.unwrap_or_else(|| default_url.to_string());
+    check_url(cx, &format!("{path}.base_url"), &url);
+    let key = secret_source(cx, path, "api_key_env", key_env, "api_key_file", key_file);
+    (url.trim_end_matches('/').to_string(), key)
 }
 
 fn check_url(cx: &mut Cx, path: &str, url: &str) {
@@ -1245,5 +1252,33 @@ variants.v2 = { provider = "sim", model = "sim-1" }
         );
         assert_eq!(did_you_mean("v3", ["v1", "v2"]), Some("v1"));
         assert_eq!(did_you_mean("gpt", ["anthropic-main"]), None);
+    }
+
+    proptest::proptest! {
+        /// Arbitrary text never panics the config parser.
+        #[test]
+        fn parser_never_panics_on_text(text in "\\PC{0,200}") {
+            let _ = Config::parse(&text);
+        }
+
+        /// Plausible-but-wrong configs (random values in known places) never
+        /// panic and always yield errors with non-empty messages.
+        #[test]
+        fn parser_reports_problems_in_mutated_configs(
+            key in "(listen|max_body_bytes|kind|seed|timeout|stable|provider|model|error_rate|path)",
+            value in "(\"\"|\"x\"|-1|0|1.5|true|\\[\\]|\\{\\})",
+        ) {
+            let text = GOOD
+                .lines()
+                .map(|l| {
+                    let k = l.split('=').next().unwrap_or("").trim();
+                    if k == key { format!("{key} = {value}") } else { l.to_string() }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            if let Err(e) = Config::parse(&text) {
+                proptest::prop_assert!(e.0.iter().all(|e| !e.message.is_empty()));
+            }
+        }
     }
 }

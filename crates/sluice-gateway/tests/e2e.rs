@@ -654,3 +654,30 @@ async fn no_event_is_lost_under_concurrency() {
         assert!(store.get(id).expect("read").is_some(), "{id} recorded");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_mode_keeps_no_bodies() {
+    let h =
+        Harness::start_with(|c| c.replace("log_bodies = \"full\"", "log_bodies = \"metadata\""))
+            .await;
+    let r = chat(
+        &h,
+        json!({"model": "support", "messages": [{"role": "user", "content": "private words"}]}),
+    )
+    .await;
+    let id = header(&r, "x-sluice-request-id");
+    assert_eq!(r.status(), 200);
+    let r = chat(&h, json!({"model": "support", "stream": true, "messages": [{"role": "user", "content": "private words"}]})).await;
+    let id2 = header(&r, "x-sluice-request-id");
+    r.text().await.expect("body");
+    h.flush().await;
+    for id in [id, id2] {
+        let rec = h.store.get(&id).expect("read").expect("recorded");
+        assert!(
+            rec.request_body.is_none() && rec.response_body.is_none(),
+            "{rec:?}"
+        );
+        assert_eq!(rec.tokens_out, Some(5));
+    }
+    h.stop().await;
+}

@@ -17,7 +17,7 @@
 //! max_tokens → `length`, tool_use → `tool_calls`, refusal → `content_filter`;
 //! `usage.input_tokens/output_tokens` → `prompt_tokens/completion_tokens`.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
@@ -26,7 +26,7 @@ use sluice_core::chat::{ChatRequest, Content, Role, Usage};
 use sluice_core::config::{AnthropicConfig, ProviderConfig};
 
 use crate::http::{read_json, send, sse_events, status_error};
-use crate::{BuildError, Chunk, ChunkStream, Completion, ProviderError};
+use crate::{now_secs, BuildError, Chunk, ChunkStream, Completion, ProviderError};
 
 /// A client for Anthropic's Messages API.
 #[derive(Debug, Clone)]
@@ -201,13 +201,6 @@ impl AnthropicProvider {
         );
         Ok(Box::pin(s))
     }
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn unsupported(param: &str, message: &str) -> ProviderError {
@@ -712,5 +705,24 @@ mod tests {
             &json!({"error":{"type":"overloaded_error","message":"Overloaded"}}),
         );
         assert_eq!(e.unwrap_err(), "Overloaded");
+    }
+
+    proptest::proptest! {
+        /// Any sequence of known or unknown events with arbitrary JSON never
+        /// panics the translator.
+        #[test]
+        fn translator_never_panics(
+            events in proptest::collection::vec(
+                ("(message_start|content_block_start|content_block_delta|message_delta|message_stop|error|ping|other)",
+                 "\\{(\"index\":(0|1|-1|\"x\"),)?\"delta\":\\{\"type\":\"(text_delta|input_json_delta)\"(,\"text\":1)?\\}\\}"),
+                0..12),
+        ) {
+            let mut t = StreamTranslator::new(0);
+            for (kind, data) in events {
+                if let Ok(v) = serde_json::from_str::<Value>(&data) {
+                    let _ = t.event(&kind, &v);
+                }
+            }
+        }
     }
 }

@@ -135,6 +135,14 @@ pub struct Chunk {
 /// A stream of chunks; it ends after the last chunk (no `[DONE]` item).
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, ProviderError>> + Send>>;
 
+/// Unix seconds now, for the `created` field of translated responses.
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Why a provider could not be built from its config.
 #[derive(Debug, thiserror::Error)]
 #[error("providers.{provider}: {message}")]

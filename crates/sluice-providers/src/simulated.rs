@@ -10,13 +10,13 @@
 //! `tool_call_rate` are the shares of requests that fail, refuse, leak
 //! PII-like strings, or call a tool.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use sluice_core::chat::{ChatRequest, Usage};
 use sluice_core::config::SimulatedConfig;
 
-use crate::{Chunk, ChunkStream, Completion, ProviderError};
+use crate::{now_secs, Chunk, ChunkStream, Completion, ProviderError};
 
 /// The simulator.
 #[derive(Debug, Clone)]
@@ -376,13 +376,6 @@ impl SimulatedProvider {
         );
         Ok(Box::pin(s))
     }
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

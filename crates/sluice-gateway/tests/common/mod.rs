@@ -381,12 +381,18 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start() -> Harness {
+        Self::start_with(|c| c).await
+    }
+
+    /// Starts with the test config rewritten by `edit`.
+    pub async fn start_with(edit: impl Fn(String) -> String) -> Harness {
         let (oa, openai_seen) = openai_upstream().await;
         let (an, anthropic_seen) = anthropic_upstream().await;
         let dead = dead_port().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("e2e.db").to_string_lossy().into_owned();
-        let config = Config::parse(&config_text(oa, an, dead, &db)).expect("test config is valid");
+        let config =
+            Config::parse(&edit(config_text(oa, an, dead, &db))).expect("test config is valid");
         let secrets = MapSecrets(HashMap::from([
             ("CLIENT_KEY".to_string(), CLIENT_KEY.to_string()),
             ("UPSTREAM_KEY".to_string(), "upstream-secret".to_string()),
