@@ -6,6 +6,7 @@
 //! Callers hand it text and lookups, so everything here can be unit-, property-
 //! and fuzz-tested in isolation. It depends on no other sluice crate.
 
+pub mod assign;
 pub mod chat;
 pub mod config;
 pub mod secret;

@@ -20,6 +20,13 @@ use serde::Deserialize;
 
 use crate::secret::{parse_digest_hex, KeyDigest, SecretSource};
 
+mod rollout;
+
+pub use rollout::{
+    AdminTokenConfig, CohortConfig, OnFailure, Role, RolloutConfig, StageConfig, StageKind,
+    SubjectSource,
+};
+
 /// The provider kinds sluice can talk to.
 pub const PROVIDER_KINDS: &[&str] = &["openai", "anthropic", "simulated"];
 
@@ -109,6 +116,20 @@ pub struct ApiKeyConfig {
     pub secret: ApiKeySecret,
     /// Deployments this key may call; `None` means all.
     pub deployments: Option<Vec<String>>,
+    /// What the key may do beyond calling deployments.
+    pub role: KeyRole,
+}
+
+/// The role of a client API key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyRole {
+    /// Calls deployments.
+    #[default]
+    Client,
+    /// May also pin a variant with the `x-sluice-variant` request header
+    /// (for testing a candidate before it is exposed).
+    Operator,
 }
 
 /// Latency distribution of the simulated provider: lognormal with the given
@@ -213,6 +234,9 @@ pub struct VariantConfig {
     /// System prompt prepended to every conversation (before the client's own
     /// system messages).
     pub system_prompt: Option<String>,
+    /// A file holding the system prompt, relative to the config file; read
+    /// when the gateway starts or reloads.
+    pub system_prompt_file: Option<String>,
     /// Default request parameters (temperature, max_tokens, ...) applied when
     /// the client did not set them.
     pub params: serde_json::Map<String, serde_json::Value>,
@@ -253,6 +277,12 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     /// Deployments by name.
     pub deployments: BTreeMap<String, DeploymentConfig>,
+    /// Named sets of users.
+    pub cohorts: BTreeMap<String, CohortConfig>,
+    /// Rollout plans by name.
+    pub rollouts: BTreeMap<String, RolloutConfig>,
+    /// Tokens for the admin API.
+    pub admin_tokens: Vec<AdminTokenConfig>,
 }
 
 impl Config {
@@ -282,6 +312,11 @@ impl Config {
         for (i, k) in self.api_keys.iter().enumerate() {
             if let ApiKeySecret::Source(s) = &k.secret {
                 out.push((format!("api_keys[{i}]"), s.clone()));
+            }
+        }
+        for (i, t) in self.admin_tokens.iter().enumerate() {
+            if let ApiKeySecret::Source(s) = &t.secret {
+                out.push((format!("admin_tokens[{i}]"), s.clone()));
             }
         }
         for (name, p) in &self.providers {
@@ -490,6 +525,8 @@ struct RawApiKey {
     key_file: Option<String>,
     sha256: Option<String>,
     deployments: Option<Vec<String>>,
+    #[serde(default)]
+    role: KeyRole,
 }
 
 #[derive(Deserialize)]
@@ -535,6 +572,7 @@ struct RawVariant {
     provider: String,
     model: String,
     system_prompt: Option<String>,
+    system_prompt_file: Option<String>,
     #[serde(default)]
     params: serde_json::Map<String, serde_json::Value>,
 }
@@ -618,6 +656,9 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
     let api_keys = build_api_keys(cx, t.remove("api_keys"));
     let providers = build_providers(cx, t.remove("providers"));
     let deployments = build_deployments(cx, t.remove("deployments"), &providers);
+    let cohorts = rollout::build_cohorts(cx, t.remove("cohorts"));
+    let rollouts = rollout::build_rollouts(cx, t.remove("rollouts"), &deployments, &cohorts);
+    let admin_tokens = rollout::build_admin_tokens(cx, t.remove("admin_tokens"));
 
     for (i, k) in api_keys.iter().enumerate() {
         for d in k.deployments.iter().flatten() {
@@ -655,6 +696,9 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
         "api_keys",
         "providers",
         "deployments",
+        "cohorts",
+        "rollouts",
+        "admin_tokens",
     ];
     for k in t.keys() {
         let hint = did_you_mean(k, known_top)
@@ -671,6 +715,9 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
         api_keys,
         providers,
         deployments,
+        cohorts,
+        rollouts,
+        admin_tokens,
     }
 }
 
@@ -731,6 +778,7 @@ fn build_api_keys(cx: &mut Cx, v: Option<toml::Value>) -> Vec<ApiKeyConfig> {
             name: raw.name,
             secret,
             deployments: raw.deployments,
+            role: raw.role,
         });
     }
     out
@@ -1009,6 +1057,9 @@ fn build_deployments(
                     if raw.model.trim().is_empty() {
                         cx.err(format!("{vpath}.model"), "must not be empty");
                     }
+                    if raw.system_prompt.is_some() && raw.system_prompt_file.is_some() {
+                        cx.err(&vpath, "set only one of `system_prompt` and `system_prompt_file`");
+                    }
                     for p in raw.params.keys() {
                         if !VARIANT_PARAMS.contains(&p.as_str()) {
                             let hint = did_you_mean(p, VARIANT_PARAMS.iter().copied())
@@ -1030,6 +1081,7 @@ fn build_deployments(
                             provider: raw.provider,
                             model: raw.model,
                             system_prompt: raw.system_prompt,
+                            system_prompt_file: raw.system_prompt_file,
                             params: raw.params,
                         },
                     );

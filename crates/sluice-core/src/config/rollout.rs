@@ -1,0 +1,489 @@
+//! Configuration of cohorts, rollout plans and admin tokens.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::{
+    did_you_mean, join_path, key, parse_duration, secret_source, unknown_ref, ApiKeySecret, Cx,
+    DeploymentConfig,
+};
+use crate::secret::parse_digest_hex;
+
+/// Admin roles, from least to most powerful. A role may do everything the
+/// roles below it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads rollouts and history.
+    Viewer,
+    /// Also reviews interactions and gives `reviewer` approvals.
+    Reviewer,
+    /// Also starts, advances, pauses, resumes, rolls back, promotes, aborts.
+    Operator,
+    /// Everything, including reloading the configuration.
+    Admin,
+}
+
+impl Role {
+    /// The role's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Reviewer => "reviewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// One `[[admin_tokens]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminTokenConfig {
+    /// Name recorded as the actor of each action taken with the token.
+    pub name: String,
+    /// What the token may do.
+    pub role: Role,
+    /// Where the token comes from.
+    pub secret: ApiKeySecret,
+}
+
+/// One `[cohorts.NAME]` entry: a named set of users.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CohortConfig {
+    /// The cohort's name.
+    pub name: String,
+    /// Subjects that belong to it by name.
+    pub subjects: BTreeSet<String>,
+    /// Requests whose `metadata` has all these key/value pairs belong to it.
+    pub match_metadata: BTreeMap<String, String>,
+    /// Requests with all these header values belong to it (names lowercase).
+    pub match_headers: BTreeMap<String, String>,
+}
+
+/// Where a rollout reads a request's subject from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubjectSource {
+    /// The request's `user` field.
+    User,
+    /// A request header (name lowercase).
+    Header(String),
+    /// The name of the API key used.
+    ApiKey,
+}
+
+/// What a stage exposes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageKind {
+    /// Nobody is served by the candidate; traffic may be mirrored to it.
+    Shadow,
+    /// Members of these cohorts (and of earlier cohort stages) get the
+    /// candidate.
+    Cohort(Vec<String>),
+    /// Subjects whose bucket is below `basis_points` (percent × 100) get the
+    /// candidate, as do members of earlier cohort stages.
+    Percent {
+        /// Share of subjects in hundredths of a percent (0..=10000).
+        basis_points: u32,
+    },
+}
+
+impl StageKind {
+    /// A short label: `shadow`, `cohort`, `percent-5`.
+    pub fn label(&self) -> String {
+        match self {
+            StageKind::Shadow => "shadow".into(),
+            StageKind::Cohort(_) => "cohort".into(),
+            StageKind::Percent { basis_points } => {
+                if basis_points % 100 == 0 {
+                    format!("percent-{}", basis_points / 100)
+                } else {
+                    format!("percent-{}", *basis_points as f64 / 100.0)
+                }
+            }
+        }
+    }
+}
+
+/// One stage of a rollout plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageConfig {
+    /// What it exposes.
+    pub kind: StageKind,
+    /// Least time in the stage before it may advance (paused time excluded).
+    pub min_duration: Duration,
+    /// Least requests served in the stage (both variants) before it may advance.
+    pub min_requests: u64,
+    /// Roles that must each approve before the stage may advance.
+    pub approval: Vec<Role>,
+}
+
+/// What happens when a stage fails its gates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    /// Send everyone back to stable and end the rollout.
+    #[default]
+    Rollback,
+    /// Stop exposing the candidate and wait for a human.
+    Pause,
+}
+
+/// One `[rollouts.NAME]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutConfig {
+    /// The rollout's name.
+    pub name: String,
+    /// The deployment it changes.
+    pub deployment: String,
+    /// The variant being rolled out.
+    pub candidate: String,
+    /// Where subjects come from.
+    pub subject: SubjectSource,
+    /// Salt of the assignment hash (default: the rollout's name), so a
+    /// restarted process or a resumed rollout keeps everyone where they were.
+    pub salt: String,
+    /// The plan.
+    pub stages: Vec<StageConfig>,
+    /// What a failed stage does.
+    pub on_failure: OnFailure,
+}
+
+impl RolloutConfig {
+    /// Cohorts whose members get the candidate at stage `i`: those of every
+    /// cohort stage up to and including `i`.
+    pub fn cohorts_through(&self, i: usize) -> Vec<&str> {
+        self.stages
+            .iter()
+            .take(i + 1)
+            .filter_map(|s| match &s.kind {
+                StageKind::Cohort(c) => Some(c.iter().map(String::as_str)),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdminToken {
+    name: String,
+    role: Role,
+    token_env: Option<String>,
+    token_file: Option<String>,
+    sha256: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    header: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCohort {
+    #[serde(default)]
+    subjects: BTreeSet<String>,
+    #[serde(default, rename = "match")]
+    matches: RawMatch,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStage {
+    kind: String,
+    percent: Option<f64>,
+    cohorts: Option<Vec<String>>,
+    min_duration: Option<String>,
+    #[serde(default)]
+    min_requests: u64,
+    #[serde(default)]
+    approval: Vec<Role>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRollout {
+    deployment: String,
+    candidate: String,
+    #[serde(default = "default_subject")]
+    subject: String,
+    salt: Option<String>,
+    stages: Vec<toml::Value>,
+    #[serde(default)]
+    on_failure: OnFailure,
+}
+
+fn default_subject() -> String {
+    "user".into()
+}
+
+pub(super) fn build_admin_tokens(cx: &mut Cx, v: Option<toml::Value>) -> Vec<AdminTokenConfig> {
+    let Some(v) = v else { return Vec::new() };
+    let toml::Value::Array(items) = v else {
+        cx.err("admin_tokens", "must be an array of tables: use [[admin_tokens]]");
+        return Vec::new();
+    };
+    let mut out: Vec<AdminTokenConfig> = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let path = format!("admin_tokens[{i}]");
+        let Some(raw) = cx.decode::<RawAdminToken>(&path, item) else {
+            continue;
+        };
+        if raw.name.trim().is_empty() {
+            cx.err(format!("{path}.name"), "must not be empty");
+        }
+        if out.iter().any(|t| t.name == raw.name) {
+            cx.err(format!("{path}.name"), format!("duplicate admin token name \"{}\"", raw.name));
+        }
+        let set = [raw.token_env.is_some(), raw.token_file.is_some(), raw.sha256.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if set != 1 {
+            cx.err(&path, "set exactly one of `token_env`, `token_file` or `sha256`");
+            continue;
+        }
+        let secret = if let Some(h) = raw.sha256 {
+            match parse_digest_hex(&h) {
+                Some(d) => ApiKeySecret::Sha256(d),
+                None => {
+                    cx.err(
+                        format!("{path}.sha256"),
+                        "must be 64 hex digits (the SHA-256 of the token, e.g. from `sluice hash-key`)",
+                    );
+                    continue;
+                }
+            }
+        } else {
+            match secret_source(cx, &path, "token_env", raw.token_env, "token_file", raw.token_file) {
+                Some(s) => ApiKeySecret::Source(s),
+                None => continue,
+            }
+        };
+        out.push(AdminTokenConfig {
+            name: raw.name,
+            role: raw.role,
+            secret,
+        });
+    }
+    out
+}
+
+pub(super) fn build_cohorts(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, CohortConfig> {
+    let mut out = BTreeMap::new();
+    let Some(v) = v else { return out };
+    let toml::Value::Table(t) = v else {
+        cx.err("cohorts", "must be a table: use [cohorts.NAME]");
+        return out;
+    };
+    for (name, cv) in t {
+        let path = format!("cohorts.{}", key(&name));
+        let Some(raw) = cx.decode::<RawCohort>(&path, cv) else {
+            out.insert(name.clone(), CohortConfig { name, ..Default::default() });
+            continue;
+        };
+        if raw.subjects.is_empty() && raw.matches.metadata.is_empty() && raw.matches.header.is_empty() {
+            cx.err(
+                &path,
+                "an empty cohort matches nobody: set `subjects = [...]` or `match = { metadata.KEY = \"VALUE\" }`",
+            );
+        }
+        for h in raw.matches.header.keys() {
+            if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                cx.err(format!("{path}.match.header.{}", key(h)), "not a valid header name");
+            }
+        }
+        out.insert(
+            name.clone(),
+            CohortConfig {
+                name,
+                subjects: raw.subjects,
+                match_metadata: raw.matches.metadata,
+                match_headers: raw
+                    .matches
+                    .header
+                    .into_iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v))
+                    .collect(),
+            },
+        );
+    }
+    out
+}
+
+fn build_stage(
+    cx: &mut Cx,
+    path: &str,
+    v: toml::Value,
+    cohorts: &BTreeMap<String, CohortConfig>,
+) -> Option<StageConfig> {
+    let raw: RawStage = cx.decode(path, v)?;
+    let min_duration = match raw.min_duration {
+        Some(s) => parse_duration(cx, &join_path(path, "min_duration"), &s)?,
+        None => Duration::ZERO,
+    };
+    let kind = match raw.kind.as_str() {
+        "shadow" => {
+            if raw.percent.is_some() || raw.cohorts.is_some() {
+                cx.err(path, "a shadow stage takes neither `percent` nor `cohorts`");
+            }
+            StageKind::Shadow
+        }
+        "cohort" => {
+            if raw.percent.is_some() {
+                cx.err(join_path(path, "percent"), "a cohort stage takes `cohorts`, not `percent`");
+            }
+            let list = raw.cohorts.unwrap_or_default();
+            if list.is_empty() {
+                cx.err(join_path(path, "cohorts"), "name at least one cohort");
+            }
+            for c in &list {
+                if !cohorts.contains_key(c) {
+                    cx.err(
+                        join_path(path, "cohorts"),
+                        unknown_ref("cohort", c, cohorts.keys().map(String::as_str).collect()),
+                    );
+                }
+            }
+            StageKind::Cohort(list)
+        }
+        "percent" => {
+            if raw.cohorts.is_some() {
+                cx.err(join_path(path, "cohorts"), "a percent stage takes `percent`, not `cohorts`");
+            }
+            let Some(p) = raw.percent else {
+                cx.err(join_path(path, "percent"), "missing: the share of subjects, e.g. percent = 5");
+                return None;
+            };
+            let bp = (p * 100.0).round();
+            if !(p > 0.0 && p <= 100.0) || (p * 100.0 - bp).abs() > 1e-6 {
+                cx.err(
+                    join_path(path, "percent"),
+                    format!("must be greater than 0 and at most 100 in steps of 0.01, got {p}"),
+                );
+                return None;
+            }
+            StageKind::Percent { basis_points: bp as u32 }
+        }
+        other => {
+            let hint = did_you_mean(other, ["shadow", "cohort", "percent"])
+                .map(|s| format!("; did you mean \"{s}\"?"))
+                .unwrap_or_default();
+            cx.err(
+                join_path(path, "kind"),
+                format!("unknown stage kind \"{other}\" (known: shadow, cohort, percent){hint}"),
+            );
+            return None;
+        }
+    };
+    Some(StageConfig {
+        kind,
+        min_duration,
+        min_requests: raw.min_requests,
+        approval: raw.approval,
+    })
+}
+
+pub(super) fn build_rollouts(
+    cx: &mut Cx,
+    v: Option<toml::Value>,
+    deployments: &BTreeMap<String, DeploymentConfig>,
+    cohorts: &BTreeMap<String, CohortConfig>,
+) -> BTreeMap<String, RolloutConfig> {
+    let mut out = BTreeMap::new();
+    let Some(v) = v else { return out };
+    let toml::Value::Table(t) = v else {
+        cx.err("rollouts", "must be a table: use [rollouts.NAME]");
+        return out;
+    };
+    for (name, rv) in t {
+        let path = format!("rollouts.{}", key(&name));
+        let Some(raw) = cx.decode::<RawRollout>(&path, rv) else {
+            continue;
+        };
+        match deployments.get(&raw.deployment) {
+            None => cx.err(
+                format!("{path}.deployment"),
+                unknown_ref("deployment", &raw.deployment, deployments.keys().map(String::as_str).collect()),
+            ),
+            Some(d) => {
+                if !d.variants.contains_key(&raw.candidate) {
+                    cx.err(
+                        format!("{path}.candidate"),
+                        unknown_ref(
+                            &format!("variant of deployment \"{}\"", d.name),
+                            &raw.candidate,
+                            d.variants.keys().map(String::as_str).collect(),
+                        ),
+                    );
+                } else if raw.candidate == d.stable {
+                    cx.err(
+                        format!("{path}.candidate"),
+                        format!("\"{}\" is already the stable variant of \"{}\"", raw.candidate, d.name),
+                    );
+                }
+            }
+        }
+        let subject = match raw.subject.as_str() {
+            "user" => SubjectSource::User,
+            "api_key" => SubjectSource::ApiKey,
+            s => match s.strip_prefix("header:") {
+                Some(h) if !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => {
+                    SubjectSource::Header(h.to_ascii_lowercase())
+                }
+                _ => {
+                    cx.err(
+                        format!("{path}.subject"),
+                        format!("invalid subject \"{s}\": use \"user\", \"api_key\" or \"header:NAME\""),
+                    );
+                    SubjectSource::User
+                }
+            },
+        };
+        if raw.stages.is_empty() {
+            cx.err(format!("{path}.stages"), "a rollout needs at least one stage");
+        }
+        let mut stages = Vec::new();
+        for (i, sv) in raw.stages.into_iter().enumerate() {
+            if let Some(s) = build_stage(cx, &format!("{path}.stages[{i}]"), sv, cohorts) {
+                stages.push(s);
+            }
+        }
+        let mut last = 0;
+        for (i, s) in stages.iter().enumerate() {
+            if let StageKind::Percent { basis_points } = s.kind {
+                if basis_points < last {
+                    cx.err(
+                        format!("{path}.stages[{i}].percent"),
+                        format!(
+                            "percent stages must not shrink ({} after {}): a subject once exposed stays exposed",
+                            basis_points as f64 / 100.0,
+                            last as f64 / 100.0
+                        ),
+                    );
+                }
+                last = basis_points;
+            }
+        }
+        out.insert(
+            name.clone(),
+            RolloutConfig {
+                salt: raw.salt.unwrap_or_else(|| name.clone()),
+                name,
+                deployment: raw.deployment,
+                candidate: raw.candidate,
+                subject,
+                stages,
+                on_failure: raw.on_failure,
+            },
+        );
+    }
+    out
+}
