@@ -143,12 +143,20 @@ pub fn decide(
     random_bucket: impl FnOnce() -> u32,
 ) -> Decision {
     let Some(st) = rollout.stages.get(stage) else {
-        return Decision { candidate: false, reason: Reason::Stable, sticky: true };
+        return Decision {
+            candidate: false,
+            reason: Reason::Stable,
+            sticky: true,
+        };
     };
     let subject = facts.subject(&rollout.subject);
     let subject = subject.as_deref();
     if matches!(st.kind, StageKind::Shadow) {
-        return Decision { candidate: false, reason: Reason::Stable, sticky: true };
+        return Decision {
+            candidate: false,
+            reason: Reason::Stable,
+            sticky: true,
+        };
     }
     let member = rollout
         .cohorts_through(stage)
@@ -156,7 +164,11 @@ pub fn decide(
         .filter_map(|name| cohorts.get(name))
         .any(|c| in_cohort(c, subject, facts));
     if member {
-        return Decision { candidate: true, reason: Reason::Cohort, sticky: subject.is_some() };
+        return Decision {
+            candidate: true,
+            reason: Reason::Cohort,
+            sticky: subject.is_some(),
+        };
     }
     match st.kind {
         StageKind::Percent { basis_points } => {
@@ -164,9 +176,17 @@ pub fn decide(
                 Some(s) => (bucket(&rollout.salt, s), true),
                 None => (random_bucket() % BUCKETS, false),
             };
-            Decision { candidate: b < basis_points, reason: Reason::Bucket, sticky }
+            Decision {
+                candidate: b < basis_points,
+                reason: Reason::Bucket,
+                sticky,
+            }
         }
-        _ => Decision { candidate: false, reason: Reason::Stable, sticky: subject.is_some() },
+        _ => Decision {
+            candidate: false,
+            reason: Reason::Stable,
+            sticky: subject.is_some(),
+        },
     }
 }
 
@@ -181,12 +201,25 @@ mod tests {
         None
     }
 
-    fn facts<'a>(user: Option<&'a str>, meta: Option<&'a BTreeMap<String, String>>) -> RequestFacts<'a> {
-        RequestFacts { user, api_key: Some("app"), metadata: meta, header: &no_header }
+    fn facts<'a>(
+        user: Option<&'a str>,
+        meta: Option<&'a BTreeMap<String, String>>,
+    ) -> RequestFacts<'a> {
+        RequestFacts {
+            user,
+            api_key: Some("app"),
+            metadata: meta,
+            header: &no_header,
+        }
     }
 
     fn stage(kind: StageKind) -> StageConfig {
-        StageConfig { kind, min_duration: Duration::ZERO, min_requests: 0, approval: vec![] }
+        StageConfig {
+            kind,
+            min_duration: Duration::ZERO,
+            min_requests: 0,
+            approval: vec![],
+        }
     }
 
     fn plan() -> RolloutConfig {
@@ -224,7 +257,10 @@ mod tests {
     /// would reshuffle its users on upgrade.
     #[test]
     fn bucket_values_are_stable_across_versions() {
-        assert_eq!(bucket("support-v2", "alice@corp.example"), bucket("support-v2", "alice@corp.example"));
+        assert_eq!(
+            bucket("support-v2", "alice@corp.example"),
+            bucket("support-v2", "alice@corp.example")
+        );
         let golden = [
             ("support-v2", "alice@corp.example"),
             ("support-v2", "bob@corp.example"),
@@ -254,7 +290,10 @@ mod tests {
         assert_eq!((d.candidate, d.reason), (true, Reason::Cohort));
         // No subject: per-request, unsticky.
         let d = decide(&p, 2, &c, &facts(None, None), || 50);
-        assert_eq!((d.candidate, d.sticky, d.reason), (true, false, Reason::Bucket));
+        assert_eq!(
+            (d.candidate, d.sticky, d.reason),
+            (true, false, Reason::Bucket)
+        );
         let d = decide(&p, 2, &c, &facts(None, None), || 150);
         assert!(!d.candidate && !d.sticky);
     }

@@ -9,6 +9,7 @@
 pub mod assign;
 pub mod chat;
 pub mod config;
+pub mod rollout;
 pub mod secret;
 pub mod sse;
 pub mod stream;

@@ -13,7 +13,9 @@ use crate::secret::parse_digest_hex;
 
 /// Admin roles, from least to most powerful. A role may do everything the
 /// roles below it may.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Reads rollouts and history.
@@ -227,7 +229,10 @@ fn default_subject() -> String {
 pub(super) fn build_admin_tokens(cx: &mut Cx, v: Option<toml::Value>) -> Vec<AdminTokenConfig> {
     let Some(v) = v else { return Vec::new() };
     let toml::Value::Array(items) = v else {
-        cx.err("admin_tokens", "must be an array of tables: use [[admin_tokens]]");
+        cx.err(
+            "admin_tokens",
+            "must be an array of tables: use [[admin_tokens]]",
+        );
         return Vec::new();
     };
     let mut out: Vec<AdminTokenConfig> = Vec::new();
@@ -240,14 +245,24 @@ pub(super) fn build_admin_tokens(cx: &mut Cx, v: Option<toml::Value>) -> Vec<Adm
             cx.err(format!("{path}.name"), "must not be empty");
         }
         if out.iter().any(|t| t.name == raw.name) {
-            cx.err(format!("{path}.name"), format!("duplicate admin token name \"{}\"", raw.name));
+            cx.err(
+                format!("{path}.name"),
+                format!("duplicate admin token name \"{}\"", raw.name),
+            );
         }
-        let set = [raw.token_env.is_some(), raw.token_file.is_some(), raw.sha256.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count();
+        let set = [
+            raw.token_env.is_some(),
+            raw.token_file.is_some(),
+            raw.sha256.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
         if set != 1 {
-            cx.err(&path, "set exactly one of `token_env`, `token_file` or `sha256`");
+            cx.err(
+                &path,
+                "set exactly one of `token_env`, `token_file` or `sha256`",
+            );
             continue;
         }
         let secret = if let Some(h) = raw.sha256 {
@@ -262,7 +277,14 @@ pub(super) fn build_admin_tokens(cx: &mut Cx, v: Option<toml::Value>) -> Vec<Adm
                 }
             }
         } else {
-            match secret_source(cx, &path, "token_env", raw.token_env, "token_file", raw.token_file) {
+            match secret_source(
+                cx,
+                &path,
+                "token_env",
+                raw.token_env,
+                "token_file",
+                raw.token_file,
+            ) {
                 Some(s) => ApiKeySecret::Source(s),
                 None => continue,
             }
@@ -286,18 +308,34 @@ pub(super) fn build_cohorts(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<Str
     for (name, cv) in t {
         let path = format!("cohorts.{}", key(&name));
         let Some(raw) = cx.decode::<RawCohort>(&path, cv) else {
-            out.insert(name.clone(), CohortConfig { name, ..Default::default() });
+            out.insert(
+                name.clone(),
+                CohortConfig {
+                    name,
+                    ..Default::default()
+                },
+            );
             continue;
         };
-        if raw.subjects.is_empty() && raw.matches.metadata.is_empty() && raw.matches.header.is_empty() {
+        if raw.subjects.is_empty()
+            && raw.matches.metadata.is_empty()
+            && raw.matches.header.is_empty()
+        {
             cx.err(
                 &path,
                 "an empty cohort matches nobody: set `subjects = [...]` or `match = { metadata.KEY = \"VALUE\" }`",
             );
         }
         for h in raw.matches.header.keys() {
-            if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                cx.err(format!("{path}.match.header.{}", key(h)), "not a valid header name");
+            if h.is_empty()
+                || !h
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                cx.err(
+                    format!("{path}.match.header.{}", key(h)),
+                    "not a valid header name",
+                );
             }
         }
         out.insert(
@@ -338,7 +376,10 @@ fn build_stage(
         }
         "cohort" => {
             if raw.percent.is_some() {
-                cx.err(join_path(path, "percent"), "a cohort stage takes `cohorts`, not `percent`");
+                cx.err(
+                    join_path(path, "percent"),
+                    "a cohort stage takes `cohorts`, not `percent`",
+                );
             }
             let list = raw.cohorts.unwrap_or_default();
             if list.is_empty() {
@@ -356,10 +397,16 @@ fn build_stage(
         }
         "percent" => {
             if raw.cohorts.is_some() {
-                cx.err(join_path(path, "cohorts"), "a percent stage takes `percent`, not `cohorts`");
+                cx.err(
+                    join_path(path, "cohorts"),
+                    "a percent stage takes `percent`, not `cohorts`",
+                );
             }
             let Some(p) = raw.percent else {
-                cx.err(join_path(path, "percent"), "missing: the share of subjects, e.g. percent = 5");
+                cx.err(
+                    join_path(path, "percent"),
+                    "missing: the share of subjects, e.g. percent = 5",
+                );
                 return None;
             };
             let bp = (p * 100.0).round();
@@ -370,7 +417,9 @@ fn build_stage(
                 );
                 return None;
             }
-            StageKind::Percent { basis_points: bp as u32 }
+            StageKind::Percent {
+                basis_points: bp as u32,
+            }
         }
         other => {
             let hint = did_you_mean(other, ["shadow", "cohort", "percent"])
@@ -411,7 +460,11 @@ pub(super) fn build_rollouts(
         match deployments.get(&raw.deployment) {
             None => cx.err(
                 format!("{path}.deployment"),
-                unknown_ref("deployment", &raw.deployment, deployments.keys().map(String::as_str).collect()),
+                unknown_ref(
+                    "deployment",
+                    &raw.deployment,
+                    deployments.keys().map(String::as_str).collect(),
+                ),
             ),
             Some(d) => {
                 if !d.variants.contains_key(&raw.candidate) {
@@ -426,7 +479,10 @@ pub(super) fn build_rollouts(
                 } else if raw.candidate == d.stable {
                     cx.err(
                         format!("{path}.candidate"),
-                        format!("\"{}\" is already the stable variant of \"{}\"", raw.candidate, d.name),
+                        format!(
+                            "\"{}\" is already the stable variant of \"{}\"",
+                            raw.candidate, d.name
+                        ),
                     );
                 }
             }
@@ -434,21 +490,30 @@ pub(super) fn build_rollouts(
         let subject = match raw.subject.as_str() {
             "user" => SubjectSource::User,
             "api_key" => SubjectSource::ApiKey,
-            s => match s.strip_prefix("header:") {
-                Some(h) if !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') => {
-                    SubjectSource::Header(h.to_ascii_lowercase())
-                }
-                _ => {
-                    cx.err(
+            s => {
+                match s.strip_prefix("header:") {
+                    Some(h)
+                        if !h.is_empty()
+                            && h.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+                    {
+                        SubjectSource::Header(h.to_ascii_lowercase())
+                    }
+                    _ => {
+                        cx.err(
                         format!("{path}.subject"),
                         format!("invalid subject \"{s}\": use \"user\", \"api_key\" or \"header:NAME\""),
                     );
-                    SubjectSource::User
+                        SubjectSource::User
+                    }
                 }
-            },
+            }
         };
         if raw.stages.is_empty() {
-            cx.err(format!("{path}.stages"), "a rollout needs at least one stage");
+            cx.err(
+                format!("{path}.stages"),
+                "a rollout needs at least one stage",
+            );
         }
         let mut stages = Vec::new();
         for (i, sv) in raw.stages.into_iter().enumerate() {
