@@ -12,6 +12,7 @@
 
 mod migrations;
 mod record;
+mod rollouts;
 mod writer;
 
 use std::path::Path;
@@ -20,6 +21,7 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OpenFlags};
 
 pub use record::{RequestRecord, VariantSummary};
+pub use rollouts::{RolloutEvent, StoredRollout};
 pub use writer::{EventSender, EventWriter, WriterStats, WriterStatsSnapshot};
 
 /// Errors from the store.
@@ -60,6 +62,9 @@ pub enum StoreError {
     /// A stored row could not be decoded.
     #[error("store holds an unreadable row: {0}")]
     Corrupt(String),
+    /// Someone else changed the rollout since it was read.
+    #[error("rollout {0} was changed concurrently; read it again and retry")]
+    Conflict(String),
 }
 
 /// Where the store lives.
@@ -166,7 +171,7 @@ impl Store {
         Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent
         // (statements are atomic), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())

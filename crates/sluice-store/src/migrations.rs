@@ -10,9 +10,10 @@ use rusqlite::Connection;
 use crate::StoreError;
 
 /// (version, SQL) in order.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE requests (
     seq            INTEGER PRIMARY KEY AUTOINCREMENT,
     id             TEXT NOT NULL UNIQUE,
@@ -38,7 +39,42 @@ CREATE TABLE requests (
 CREATE INDEX requests_ts ON requests (ts_ms);
 CREATE INDEX requests_deployment ON requests (deployment, variant, ts_ms);
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+ALTER TABLE requests ADD COLUMN rollout TEXT;
+ALTER TABLE requests ADD COLUMN stage INTEGER;
+ALTER TABLE requests ADD COLUMN assignment TEXT;
+ALTER TABLE requests ADD COLUMN sticky INTEGER;
+CREATE INDEX requests_rollout ON requests (rollout, stage, variant);
+
+CREATE TABLE rollouts (
+    name        TEXT PRIMARY KEY,
+    deployment  TEXT NOT NULL,
+    candidate   TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    updated_ms  INTEGER NOT NULL
+);
+
+CREATE TABLE rollout_events (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout      TEXT NOT NULL,
+    ts_ms        INTEGER NOT NULL,
+    actor        TEXT NOT NULL,
+    role         TEXT NOT NULL,
+    action       TEXT NOT NULL,
+    reason       TEXT,
+    from_status  TEXT NOT NULL,
+    from_stage   INTEGER NOT NULL,
+    to_status    TEXT NOT NULL,
+    to_stage     INTEGER NOT NULL
+);
+CREATE INDEX rollout_events_rollout ON rollout_events (rollout, seq);
+"#,
+    ),
+];
 
 /// The newest schema version this build knows.
 pub fn latest() -> i64 {

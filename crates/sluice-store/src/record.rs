@@ -47,6 +47,15 @@ pub struct RequestRecord {
     pub request_body: Option<String>,
     /// Response body, streams reassembled (when `log_bodies = "full"`).
     pub response_body: Option<String>,
+    /// The rollout that assigned the variant, if one was active.
+    pub rollout: Option<String>,
+    /// Index of that rollout's stage.
+    pub stage: Option<u32>,
+    /// Why the variant was chosen: `stable`, `cohort`, `bucket`, `pinned`,
+    /// `promoted`.
+    pub assignment: Option<String>,
+    /// Whether the same subject gets the same variant next time.
+    pub sticky: Option<bool>,
 }
 
 impl RequestRecord {
@@ -72,7 +81,7 @@ impl RequestRecord {
 
 const COLUMNS: &str = "id, ts_ms, api_key, deployment, variant, provider, model, subject, \
     stream, status, error_kind, error_message, latency_ms, ttft_ms, tokens_in, tokens_out, \
-    finish_reason, request_body, response_body";
+    finish_reason, request_body, response_body, rollout, stage, assignment, sticky";
 
 fn to_i64(v: Option<u64>) -> Option<i64> {
     v.map(|x| i64::try_from(x).unwrap_or(i64::MAX))
@@ -88,7 +97,8 @@ pub(crate) fn insert_batch(
     {
         let mut stmt = tx.prepare_cached(&format!(
             "INSERT OR IGNORE INTO requests ({COLUMNS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
+             ?20, ?21, ?22, ?23)"
         ))?;
         for r in records {
             stmt.execute(params![
@@ -111,6 +121,10 @@ pub(crate) fn insert_batch(
                 r.finish_reason,
                 r.request_body,
                 r.response_body,
+                r.rollout,
+                r.stage,
+                r.assignment,
+                r.sticky,
             ])?;
         }
     }
@@ -141,6 +155,10 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<RequestRecord> {
         finish_reason: row.get(16)?,
         request_body: row.get(17)?,
         response_body: row.get(18)?,
+        rollout: row.get(19)?,
+        stage: row.get(20)?,
+        assignment: row.get(21)?,
+        sticky: row.get(22)?,
     })
 }
 
