@@ -57,6 +57,15 @@ impl ApiError {
         }
     }
 
+    /// 403: authenticated, but not allowed to do this.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError {
+            code: Some("forbidden"),
+            record_kind: "forbidden",
+            ..Self::new(StatusCode::FORBIDDEN, "permission_error", message)
+        }
+    }
+
     /// 404: unknown deployment (or one this key may not use).
     pub fn model_not_found(model: &str) -> Self {
         ApiError {

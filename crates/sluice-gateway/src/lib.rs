@@ -7,13 +7,16 @@
 //! (`sluice-providers`). It wires them into one request pipeline
 //! ([`pipeline`]).
 
+pub mod admin;
 pub mod error;
 pub mod metrics;
 pub mod pipeline;
+pub mod rollouts;
 pub mod snapshot;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,10 +40,35 @@ pub use snapshot::{EnvSecrets, SecretResolver, Snapshot};
 pub struct AppState {
     /// The current compiled configuration.
     pub snapshot: ArcSwap<Snapshot>,
+    /// The live rollout states.
+    pub rollouts: ArcSwap<rollouts::Rollouts>,
     /// Where request records go.
     pub events: EventSender,
     /// Prometheus metrics.
     pub metrics: metrics::Metrics,
+    /// The store, for admin reads and rollout commits.
+    pub store: Arc<Store>,
+    /// Serialises admin changes (rollout transitions, reloads).
+    pub admin_lock: tokio::sync::Mutex<()>,
+    /// Where the config came from, for reloads.
+    pub config_path: Option<PathBuf>,
+    /// How secrets are resolved on reload.
+    pub secrets: Arc<dyn SecretResolver + Send + Sync>,
+}
+
+/// Where a gateway's configuration comes from.
+pub struct ConfigSource {
+    /// The parsed config.
+    pub config: Config,
+    /// The file it was read from (enables reloads; relative prompt files are
+    /// read next to it).
+    pub path: Option<PathBuf>,
+}
+
+impl From<Config> for ConfigSource {
+    fn from(config: Config) -> Self {
+        ConfigSource { config, path: None }
+    }
 }
 
 /// Why the gateway could not start or run.
@@ -84,23 +112,37 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Opens the store, compiles the config and binds the listen address.
+    /// Opens the store, compiles the config, loads rollout states and binds
+    /// the listen address.
     pub async fn bind(
-        config: Config,
-        secrets: &dyn SecretResolver,
+        source: impl Into<ConfigSource>,
+        secrets: Arc<dyn SecretResolver + Send + Sync>,
     ) -> Result<Gateway, GatewayError> {
+        let ConfigSource { config, path } = source.into();
         let store = Arc::new(Store::open(StoreLocation::from_config(&config.store.path))?);
         let writer = store.spawn_writer(config.store.queue_capacity, config.store.batch_max)?;
         let addr = config.listen;
-        let snapshot = Snapshot::build(config, secrets).map_err(GatewayError::Config)?;
+        let base = path
+            .as_deref()
+            .and_then(|p| p.parent())
+            .map(|p| p.to_path_buf());
+        let rollouts =
+            rollouts::Rollouts::load(&config, &store, None).map_err(GatewayError::Config)?;
+        let snapshot = Snapshot::build(config, secrets.as_ref(), base.as_deref())
+            .map_err(GatewayError::Config)?;
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| GatewayError::Bind { addr, source })?;
         let events = writer.sender();
         let app = Arc::new(AppState {
             snapshot: ArcSwap::from_pointee(snapshot),
+            rollouts: ArcSwap::from_pointee(rollouts),
             metrics: metrics::Metrics::new(events.clone()),
             events,
+            store: store.clone(),
+            admin_lock: tokio::sync::Mutex::new(()),
+            config_path: path,
+            secrets,
         });
         Ok(Gateway {
             listener,
@@ -142,6 +184,27 @@ impl Gateway {
             store: _store,
         } = self;
         let router = router(app.clone());
+        #[cfg(unix)]
+        let hup = {
+            let app = app.clone();
+            tokio::spawn(async move {
+                let Ok(mut sig) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                else {
+                    tracing::error!("cannot listen for SIGHUP; use POST /admin/reload");
+                    return;
+                };
+                while sig.recv().await.is_some() {
+                    match admin::reload(&app).await {
+                        Ok(()) => tracing::info!("configuration reloaded (SIGHUP)"),
+                        Err(problems) => tracing::error!(
+                            "reload refused, still serving the previous configuration:\n  {}",
+                            problems.join("\n  ")
+                        ),
+                    }
+                }
+            })
+        };
         let (signalled_tx, mut signalled_rx) = tokio::sync::watch::channel(false);
         let shutdown = async move {
             shutdown.await;
@@ -163,6 +226,8 @@ impl Gateway {
         // Give in-flight stream bodies dropped by the deadline a moment to
         // hand their records over, then flush everything.
         tokio::task::yield_now().await;
+        #[cfg(unix)]
+        hup.abort();
         drop(app);
         let events = writer.shutdown().await;
         Ok(ShutdownReport { events, drained })
@@ -177,6 +242,10 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/v1/models/{model}", get(get_model))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
+        .route("/admin/rollouts", get(admin::list))
+        .route("/admin/rollouts/{name}", get(admin::show))
+        .route("/admin/rollouts/{name}/{action}", post(admin::act))
+        .route("/admin/reload", post(admin::reload_handler))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)

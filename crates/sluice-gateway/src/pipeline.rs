@@ -24,13 +24,16 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::Value;
-use sluice_core::chat::{finish_reason, ChatRequest, Message};
-use sluice_core::config::{LogBodies, VariantConfig};
+use sluice_core::assign::{decide, Reason, RequestFacts};
+use sluice_core::chat::{finish_reason, ChatRequest, InvalidRequest, Message};
+use sluice_core::config::{KeyRole, LogBodies, VariantConfig};
+use sluice_core::rollout::Status;
 use sluice_core::stream::StreamAccumulator;
 use sluice_providers::{ChunkStream, Provider, ProviderError};
 use sluice_store::RequestRecord;
 
 use crate::error::ApiError;
+use crate::rollouts::Rollouts;
 use crate::snapshot::{ApiKey, Deployment, Snapshot};
 use crate::AppState;
 
@@ -40,6 +43,8 @@ pub const REQUEST_ID: &str = "x-sluice-request-id";
 pub const VARIANT: &str = "x-sluice-variant";
 /// Header naming the deployment.
 pub const DEPLOYMENT: &str = "x-sluice-deployment";
+/// Header naming the rollout stage that routed the request.
+pub const STAGE: &str = "x-sluice-stage";
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -132,14 +137,7 @@ pub fn resolve<'a>(
     }
 }
 
-/// Why a request got its variant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AssignmentReason {
-    /// No rollout is active: the stable variant serves.
-    Stable,
-}
-
-/// The variant chosen for a request.
+/// The variant chosen for a request, and why.
 #[derive(Debug, Clone)]
 pub struct Assignment<'a> {
     /// The variant's config.
@@ -147,22 +145,143 @@ pub struct Assignment<'a> {
     /// Its provider.
     pub provider: Arc<Provider>,
     /// Why.
-    pub reason: AssignmentReason,
+    pub reason: Reason,
+    /// The rollout that governs the deployment, if any.
+    pub rollout: Option<String>,
+    /// That rollout's stage index.
+    pub stage: Option<usize>,
+    /// The `x-sluice-stage` value.
+    pub stage_header: String,
+    /// Whether the subject will get the same variant next time.
+    pub sticky: bool,
 }
 
-/// Phase: assign a variant. Today every request goes to stable; staged
-/// rollouts plug in here.
-pub fn assign<'a>(deployment: &'a Deployment) -> Result<Assignment<'a>, ApiError> {
-    let variant = deployment.config.stable_variant();
-    let provider = deployment
-        .providers
-        .get(&variant.name)
-        .cloned()
-        .ok_or_else(|| ApiError::model_not_found(&deployment.config.name))?;
+/// Header an operator key may send to pin a variant.
+pub const PIN: &str = "x-sluice-variant";
+
+fn random_bucket(seed: &str) -> u32 {
+    use std::hash::BuildHasher;
+    let h = std::collections::hash_map::RandomState::new().hash_one(seed);
+    (h % u64::from(sluice_core::assign::BUCKETS)) as u32
+}
+
+/// Phase: assign a variant. A pin (operator keys only) wins; otherwise the
+/// deployment's governing rollout decides (see `sluice_core::assign`), and
+/// without one the stable variant serves.
+pub fn assign<'a>(
+    snap: &Snapshot,
+    deployment: &'a Deployment,
+    rollouts: &Rollouts,
+    key: Option<&ApiKey>,
+    req: &ChatRequest,
+    headers: &HeaderMap,
+    request_id: &str,
+) -> Result<Assignment<'a>, ApiError> {
+    let d = &deployment.config;
+    let governing = rollouts.governing(&d.name);
+    let stage_header = crate::rollouts::stage_header(governing);
+    let pick = |name: &str| -> Result<(&'a VariantConfig, Arc<Provider>), ApiError> {
+        let v = d
+            .variants
+            .get(name)
+            .ok_or_else(|| ApiError::model_not_found(&d.name))?;
+        let p = deployment
+            .providers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::model_not_found(&d.name))?;
+        Ok((v, p))
+    };
+    let rollout = governing.map(|g| g.config.name.clone());
+    let stage = governing
+        .filter(|g| g.state.status.is_active())
+        .map(|g| g.state.stage);
+    if let Some(pin) = headers.get(PIN) {
+        if key.is_none_or(|k| k.role != KeyRole::Operator) {
+            return Err(ApiError::forbidden(
+                "Pinning a variant with the x-sluice-variant header needs an API key with role = \"operator\".",
+            ));
+        }
+        let name = pin.to_str().unwrap_or_default();
+        if !d.variants.contains_key(name) {
+            let mut known: Vec<&str> = d.variants.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            return Err(ApiError::invalid(InvalidRequest {
+                param: Some(PIN.to_string()),
+                message: format!(
+                    "Deployment `{}` has no variant `{name}` (variants: {}).",
+                    d.name,
+                    known.join(", ")
+                ),
+            }));
+        }
+        let (variant, provider) = pick(name)?;
+        return Ok(Assignment {
+            variant,
+            provider,
+            reason: Reason::Pinned,
+            rollout,
+            stage,
+            stage_header,
+            sticky: true,
+        });
+    }
+    let Some(g) = governing else {
+        let (variant, provider) = pick(&d.stable)?;
+        return Ok(Assignment {
+            variant,
+            provider,
+            reason: Reason::Stable,
+            rollout,
+            stage,
+            stage_header,
+            sticky: true,
+        });
+    };
+    let (candidate, reason, sticky) = match g.state.status {
+        Status::Promoted => (true, Reason::Promoted, true),
+        Status::Running => {
+            let header = |name: &str| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            let facts = RequestFacts {
+                user: req.user.as_deref(),
+                api_key: key.map(|k| k.name.as_str()),
+                metadata: req.metadata.as_ref(),
+                header: &header,
+            };
+            let dec = decide(
+                &g.config,
+                g.state.stage,
+                &snap.config.cohorts,
+                &facts,
+                || random_bucket(request_id),
+            );
+            g.counters.count(dec.candidate);
+            (dec.candidate, dec.reason, dec.sticky)
+        }
+        Status::Paused => {
+            g.counters.count(false);
+            (false, Reason::Stable, true)
+        }
+        _ => (false, Reason::Stable, true),
+    };
+    let (variant, provider) = pick(if candidate {
+        &g.config.candidate
+    } else {
+        &d.stable
+    })?;
     Ok(Assignment {
         variant,
         provider,
-        reason: AssignmentReason::Stable,
+        reason,
+        rollout,
+        stage,
+        stage_header,
+        sticky,
     })
 }
 
@@ -193,12 +312,16 @@ pub fn prepare(req: &ChatRequest, variant: &VariantConfig) -> Result<ChatRequest
 /// Everything known about a request so far; becomes its record.
 struct Ctx {
     rec: RequestRecord,
+    stage_header: Option<String>,
     started: Instant,
     log_full: bool,
 }
 
-fn with_headers(mut resp: Response, rec: &RequestRecord) -> Response {
+fn with_headers(mut resp: Response, rec: &RequestRecord, stage: Option<&str>) -> Response {
     let h = resp.headers_mut();
+    if let Some(v) = stage.and_then(|v| HeaderValue::from_str(v).ok()) {
+        h.insert(STAGE, v);
+    }
     if let Ok(v) = HeaderValue::from_str(&rec.id) {
         h.insert(REQUEST_ID, v);
     }
@@ -238,6 +361,7 @@ pub async fn chat_completions(
             ts_ms: now_ms(),
             ..Default::default()
         },
+        stage_header: None,
         started: Instant::now(),
         log_full: snap.config.store.log_bodies == LogBodies::Full,
     };
@@ -249,7 +373,7 @@ pub async fn chat_completions(
             rec.error_kind = Some(e.record_kind.to_string());
             rec.error_message = Some(e.message.clone());
             rec.latency_ms = ms_since(ctx.started);
-            let resp = with_headers(e.into_response(), &rec);
+            let resp = with_headers(e.into_response(), &rec, ctx.stage_header.as_deref());
             finish(&app, rec);
             resp
         }
@@ -274,7 +398,13 @@ async fn handle(
     ctx.rec.subject = req.user.clone().or_else(|| ctx.rec.api_key.clone());
     let deployment = resolve(snap, key, &req.model)?;
     ctx.rec.deployment = Some(deployment.config.name.clone());
-    let assignment = assign(deployment)?;
+    let rollouts = app.rollouts.load();
+    let assignment = assign(snap, deployment, &rollouts, key, &req, headers, &ctx.rec.id)?;
+    ctx.stage_header = Some(assignment.stage_header.clone());
+    ctx.rec.rollout = assignment.rollout.clone();
+    ctx.rec.stage = assignment.stage.and_then(|s| u32::try_from(s).ok());
+    ctx.rec.assignment = Some(assignment.reason.name().to_string());
+    ctx.rec.sticky = Some(assignment.sticky);
     ctx.rec.variant = Some(assignment.variant.name.clone());
     ctx.rec.provider = Some(assignment.variant.provider.clone());
     ctx.rec.model = Some(assignment.variant.model.clone());
@@ -322,7 +452,7 @@ async fn handle(
             body,
         )
             .into_response();
-        let resp = with_headers(resp, &rec);
+        let resp = with_headers(resp, &rec, ctx.stage_header.as_deref());
         finish(app, rec);
         Ok(resp)
     }
@@ -462,5 +592,5 @@ fn stream_response(
         .header("x-accel-buffering", "no")
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
-    with_headers(resp, &headers_rec)
+    with_headers(resp, &headers_rec, ctx.stage_header.as_deref())
 }

@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use sluice_core::config::{ApiKeySecret, Config, DeploymentConfig};
+use std::path::Path;
+
+use sluice_core::config::{ApiKeySecret, Config, DeploymentConfig, KeyRole, Role};
 use sluice_core::secret::{digest, KeyDigest, SecretSource};
 use sluice_providers::Provider;
 use subtle::ConstantTimeEq;
@@ -21,6 +23,18 @@ pub struct ApiKey {
     digest: KeyDigest,
     /// Deployments this key may use (`None`: all).
     pub deployments: Option<Vec<String>>,
+    /// Whether it may pin variants.
+    pub role: KeyRole,
+}
+
+/// An admin token as the gateway holds it.
+#[derive(Debug, Clone)]
+pub struct AdminToken {
+    /// Name recorded as the actor.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    digest: KeyDigest,
 }
 
 impl ApiKey {
@@ -50,6 +64,8 @@ pub struct Snapshot {
     pub deployments: BTreeMap<String, Deployment>,
     /// Client keys.
     pub keys: Vec<ApiKey>,
+    /// Admin tokens.
+    pub admin_tokens: Vec<AdminToken>,
 }
 
 /// Reads a secret from its source.
@@ -82,8 +98,52 @@ impl SecretResolver for EnvSecrets {
 impl Snapshot {
     /// Compiles a config: resolves secrets and builds provider clients.
     /// Returns every problem found.
-    pub fn build(config: Config, secrets: &dyn SecretResolver) -> Result<Snapshot, Vec<String>> {
+    /// Relative `system_prompt_file`s are read from `base_dir`.
+    pub fn build(
+        mut config: Config,
+        secrets: &dyn SecretResolver,
+        base_dir: Option<&Path>,
+    ) -> Result<Snapshot, Vec<String>> {
         let mut errors = Vec::new();
+        for d in config.deployments.values_mut() {
+            for v in d.variants.values_mut() {
+                if let Some(f) = &v.system_prompt_file {
+                    let path = match base_dir {
+                        Some(b) if Path::new(f).is_relative() => b.join(f),
+                        _ => Path::new(f).to_path_buf(),
+                    };
+                    match std::fs::read_to_string(&path) {
+                        Ok(text) => v.system_prompt = Some(text.trim_end().to_string()),
+                        Err(e) => errors.push(format!(
+                            "deployments.{}.variants.{}.system_prompt_file: cannot read {}: {e}",
+                            d.name,
+                            v.name,
+                            path.display()
+                        )),
+                    }
+                }
+            }
+        }
+        let mut admin_tokens = Vec::new();
+        for (i, t) in config.admin_tokens.iter().enumerate() {
+            let digest = match &t.secret {
+                ApiKeySecret::Sha256(d) => Some(*d),
+                ApiKeySecret::Source(src) => match secrets.resolve(src) {
+                    Ok(v) => Some(digest(&v)),
+                    Err(e) => {
+                        errors.push(format!("admin_tokens[{i}] ({}): {e}", t.name));
+                        None
+                    }
+                },
+            };
+            if let Some(digest) = digest {
+                admin_tokens.push(AdminToken {
+                    name: t.name.clone(),
+                    role: t.role,
+                    digest,
+                });
+            }
+        }
         let mut keys = Vec::new();
         for (i, k) in config.api_keys.iter().enumerate() {
             let digest = match &k.secret {
@@ -101,6 +161,7 @@ impl Snapshot {
                     name: k.name.clone(),
                     digest,
                     deployments: k.deployments.clone(),
+                    role: k.role,
                 });
             }
         }
@@ -150,6 +211,7 @@ impl Snapshot {
             config,
             deployments,
             keys,
+            admin_tokens,
         })
     }
 
@@ -161,6 +223,18 @@ impl Snapshot {
         for k in &self.keys {
             if bool::from(k.digest.ct_eq(&d)) {
                 found = Some(k);
+            }
+        }
+        found
+    }
+
+    /// Finds the admin token that matches, in constant time per token.
+    pub fn authenticate_admin(&self, presented: &str) -> Option<&AdminToken> {
+        let d = digest(presented);
+        let mut found = None;
+        for t in &self.admin_tokens {
+            if bool::from(t.digest.ct_eq(&d)) {
+                found = Some(t);
             }
         }
         found

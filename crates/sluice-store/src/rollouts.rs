@@ -160,7 +160,8 @@ impl Store {
         let c = self.lock();
         let mut stmt = c.prepare_cached(
             "SELECT COALESCE(variant, '-'), COUNT(*) FROM requests \
-             WHERE rollout = ?1 AND stage = ?2 AND ts_ms >= ?3 GROUP BY 1 ORDER BY 1",
+             WHERE rollout = ?1 AND stage = ?2 AND ts_ms >= ?3 \
+             AND assignment IN ('cohort', 'bucket', 'stable') GROUP BY 1 ORDER BY 1",
         )?;
         let rows = stmt.query_map(params![rollout, stage, since_ms], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))

@@ -213,7 +213,7 @@ pub async fn run(opts: Options) -> Result<ExitCode> {
 async fn bind(listen: &str, db: &str) -> Result<Gateway, GatewayError> {
     let config = Config::parse(&demo_config(listen, db))
         .map_err(|e| GatewayError::Config(e.0.iter().map(ToString::to_string).collect()))?;
-    Gateway::bind(config, &EnvSecrets).await
+    Gateway::bind(config, Arc::new(EnvSecrets)).await
 }
 
 fn chrono_now_ms() -> i64 {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use sluice_core::Config;
-use sluice_gateway::{EnvSecrets, Gateway, SecretResolver};
+use sluice_gateway::{ConfigSource, EnvSecrets, Gateway, SecretResolver};
 use sluice_store::Store;
 
 /// sluice: release model, prompt and agent versions in stages, watched and
@@ -269,7 +269,11 @@ async fn serve(
     }
     let summary = describe(&config);
     let store_path = config.store.path.clone();
-    let gateway = Gateway::bind(config, &EnvSecrets).await?;
+    let source = ConfigSource {
+        config,
+        path: Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())),
+    };
+    let gateway = Gateway::bind(source, std::sync::Arc::new(EnvSecrets)).await?;
     println!("sluice listening on http://{}", gateway.local_addr());
     println!("store: {store_path}");
     for line in summary {

@@ -374,9 +374,18 @@ pub struct Harness {
     pub openai_seen: Seen,
     pub anthropic_seen: Seen,
     pub state: Arc<sluice_gateway::AppState>,
+    pub config_path: std::path::PathBuf,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<ShutdownReport, sluice_gateway::GatewayError>>>,
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
+}
+
+fn secrets() -> Arc<MapSecrets> {
+    Arc::new(MapSecrets(HashMap::from([
+        ("CLIENT_KEY".to_string(), CLIENT_KEY.to_string()),
+        ("UPSTREAM_KEY".to_string(), "upstream-secret".to_string()),
+        ("ANTHROPIC_KEY".to_string(), "anthropic-secret".to_string()),
+    ])))
 }
 
 impl Harness {
@@ -391,14 +400,24 @@ impl Harness {
         let dead = dead_port().await;
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("e2e.db").to_string_lossy().into_owned();
-        let config =
-            Config::parse(&edit(config_text(oa, an, dead, &db))).expect("test config is valid");
-        let secrets = MapSecrets(HashMap::from([
-            ("CLIENT_KEY".to_string(), CLIENT_KEY.to_string()),
-            ("UPSTREAM_KEY".to_string(), "upstream-secret".to_string()),
-            ("ANTHROPIC_KEY".to_string(), "anthropic-secret".to_string()),
-        ]));
-        let gw = Gateway::bind(config, &secrets)
+        let config_path = dir.path().join("sluice.toml");
+        std::fs::write(&config_path, edit(config_text(oa, an, dead, &db))).expect("write config");
+        Self::launch(config_path, dir, openai_seen, anthropic_seen).await
+    }
+
+    async fn launch(
+        config_path: std::path::PathBuf,
+        dir: tempfile::TempDir,
+        openai_seen: Seen,
+        anthropic_seen: Seen,
+    ) -> Harness {
+        let text = std::fs::read_to_string(&config_path).expect("read config");
+        let config = Config::parse(&text).expect("test config is valid");
+        let source = sluice_gateway::ConfigSource {
+            config,
+            path: Some(config_path.clone()),
+        };
+        let gw = Gateway::bind(source, secrets())
             .await
             .expect("gateway binds");
         let base = format!("http://{}", gw.local_addr());
@@ -417,9 +436,10 @@ impl Harness {
             openai_seen,
             anthropic_seen,
             state,
+            config_path,
             stop: Some(tx),
             task: Some(task),
-            _dir: dir,
+            dir: Some(dir),
         }
     }
 
@@ -432,6 +452,18 @@ impl Harness {
         self.state.events.flush().await;
     }
 
+    /// Stops the gateway and starts a new one on the same config and store.
+    pub async fn restart(mut self) -> Harness {
+        let dir = self.dir.take().expect("dir");
+        let (path, oa, an) = (
+            self.config_path.clone(),
+            self.openai_seen.clone(),
+            self.anthropic_seen.clone(),
+        );
+        self.stop().await;
+        Self::launch(path, dir, oa, an).await
+    }
+
     /// Stops the gateway and returns its shutdown report.
     pub async fn stop(mut self) -> ShutdownReport {
         if let Some(tx) = self.stop.take() {
@@ -439,6 +471,7 @@ impl Harness {
         }
         let task = self.task.take().expect("running");
         drop(self.state);
+        drop(self.store);
         task.await.expect("join").expect("clean shutdown")
     }
 }

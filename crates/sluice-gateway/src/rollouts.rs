@@ -1,0 +1,222 @@
+//! The live view of every configured rollout: its plan, its durable state,
+//! and the request counters of its current stage.
+//!
+//! Invariant: the request path reads [`Rollouts`] through an `ArcSwap`. An
+//! admin action commits the new state to the store first, then swaps in a new
+//! [`Rollouts`], then answers; so once the answer is sent, every request
+//! routed afterwards sees the new state (a pause or rollback routes nobody to
+//! the candidate from the very next request on).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use sluice_core::config::{Config, RolloutConfig};
+use sluice_core::rollout::{RolloutState, Status};
+use sluice_store::{Store, StoreError};
+
+/// Requests served in one stage of a rollout, per arm.
+#[derive(Debug, Default)]
+pub struct StageCounters {
+    /// Served by the stable variant.
+    pub stable: AtomicU64,
+    /// Served by the candidate.
+    pub candidate: AtomicU64,
+}
+
+impl StageCounters {
+    /// Both arms together.
+    pub fn total(&self) -> u64 {
+        self.stable.load(Ordering::Relaxed) + self.candidate.load(Ordering::Relaxed)
+    }
+
+    /// Counts one request.
+    pub fn count(&self, candidate: bool) {
+        if candidate {
+            self.candidate.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stable.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One rollout as the gateway sees it.
+#[derive(Debug, Clone)]
+pub struct RolloutEntry {
+    /// Its plan.
+    pub config: Arc<RolloutConfig>,
+    /// Its durable state.
+    pub state: RolloutState,
+    /// The stored version (`None`: never changed, so still pending).
+    pub version: Option<i64>,
+    /// Requests in the current stage.
+    pub counters: Arc<StageCounters>,
+}
+
+/// All rollouts, and which one governs each deployment.
+#[derive(Debug, Default)]
+pub struct Rollouts {
+    /// By rollout name.
+    pub entries: BTreeMap<String, RolloutEntry>,
+    /// Deployment → the rollout that routes its traffic: the active one, or
+    /// else the most recently promoted one.
+    pub governing: HashMap<String, String>,
+}
+
+impl Rollouts {
+    /// Builds the view from a config and the store. Counters of an entry whose
+    /// rollout and stage are unchanged are carried over from `previous`;
+    /// others are seeded from the requests recorded in the stage.
+    pub fn load(
+        config: &Config,
+        store: &Store,
+        previous: Option<&Rollouts>,
+    ) -> Result<Rollouts, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut entries = BTreeMap::new();
+        for (name, rc) in &config.rollouts {
+            let stored = match store.rollout(name) {
+                Ok(s) => s,
+                Err(e) => {
+                    errors.push(format!("rollouts.{name}: cannot read its state: {e}"));
+                    continue;
+                }
+            };
+            let (state, version) = match stored {
+                Some(s) => (s.state, Some(s.version)),
+                None => (RolloutState::default(), None),
+            };
+            if state.status.is_active() && state.stage >= rc.stages.len() {
+                errors.push(format!(
+                    "rollouts.{name}: the rollout is {} in stage {} but the plan now has {} stage(s); \
+                     roll it back or restore the plan",
+                    state.status.name(),
+                    state.stage,
+                    rc.stages.len()
+                ));
+                continue;
+            }
+            let carried = previous
+                .and_then(|p| p.entries.get(name))
+                .filter(|e| {
+                    e.state.stage == state.stage
+                        && e.state.stage_started_ms == state.stage_started_ms
+                })
+                .map(|e| e.counters.clone());
+            let counters = match carried {
+                Some(c) => c,
+                None => {
+                    let c = StageCounters::default();
+                    if state.status.is_active() {
+                        match seed(store, rc, &state) {
+                            Ok((s, k)) => {
+                                c.stable.store(s, Ordering::Relaxed);
+                                c.candidate.store(k, Ordering::Relaxed);
+                            }
+                            Err(e) => errors
+                                .push(format!("rollouts.{name}: cannot count its requests: {e}")),
+                        }
+                    }
+                    Arc::new(c)
+                }
+            };
+            entries.insert(
+                name.clone(),
+                RolloutEntry {
+                    config: Arc::new(rc.clone()),
+                    state,
+                    version,
+                    counters,
+                },
+            );
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        Ok(Self::index(entries))
+    }
+
+    /// Recomputes which rollout governs each deployment.
+    pub fn index(entries: BTreeMap<String, RolloutEntry>) -> Rollouts {
+        let mut governing: HashMap<String, (String, bool, i64)> = HashMap::new();
+        for (name, e) in &entries {
+            let active = e.state.status.is_active();
+            if !active && e.state.status != Status::Promoted {
+                continue;
+            }
+            let candidate = (name.clone(), active, e.state.updated_ms);
+            let d = e.config.deployment.clone();
+            match governing.get(&d) {
+                // An active rollout wins; among promoted ones, the latest.
+                Some((_, cur_active, cur_t))
+                    if *cur_active || (!active && *cur_t >= e.state.updated_ms) => {}
+                _ => {
+                    governing.insert(d, candidate);
+                }
+            }
+        }
+        Rollouts {
+            entries,
+            governing: governing.into_iter().map(|(d, (n, _, _))| (d, n)).collect(),
+        }
+    }
+
+    /// The rollout that routes a deployment's traffic, if any.
+    pub fn governing(&self, deployment: &str) -> Option<&RolloutEntry> {
+        self.governing
+            .get(deployment)
+            .and_then(|n| self.entries.get(n))
+    }
+
+    /// The active rollout of a deployment other than `except`, if any.
+    pub fn active_for(&self, deployment: &str, except: &str) -> Option<&str> {
+        self.entries
+            .iter()
+            .find(|(n, e)| {
+                *n != except && e.config.deployment == deployment && e.state.status.is_active()
+            })
+            .map(|(n, _)| n.as_str())
+    }
+
+    /// A copy with one entry replaced.
+    pub fn with(&self, name: &str, entry: RolloutEntry) -> Rollouts {
+        let mut entries = self.entries.clone();
+        entries.insert(name.to_string(), entry);
+        Self::index(entries)
+    }
+}
+
+fn seed(store: &Store, rc: &RolloutConfig, state: &RolloutState) -> Result<(u64, u64), StoreError> {
+    let stage = u32::try_from(state.stage).unwrap_or(u32::MAX);
+    let mut stable = 0;
+    let mut candidate = 0;
+    for (variant, n) in store.stage_counts(&rc.name, stage, state.stage_started_ms)? {
+        if variant == rc.candidate {
+            candidate += n;
+        } else {
+            stable += n;
+        }
+    }
+    Ok((stable, candidate))
+}
+
+/// The `x-sluice-stage` value for a governing rollout.
+pub fn stage_header(entry: Option<&RolloutEntry>) -> String {
+    match entry {
+        None => "none".to_string(),
+        Some(e) => match e.state.status {
+            Status::Running => format!(
+                "{}:{}",
+                e.state.stage,
+                e.config
+                    .stages
+                    .get(e.state.stage)
+                    .map(|s| s.kind.label())
+                    .unwrap_or_default()
+            ),
+            Status::Paused => format!("{}:paused", e.state.stage),
+            Status::Promoted => "promoted".to_string(),
+            other => other.name().to_string(),
+        },
+    }
+}
