@@ -12,12 +12,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::json;
+use serde_json::{json, Value};
 use sluice_core::Config;
 use sluice_gateway::{EnvSecrets, Gateway, GatewayError};
 
 /// The API key the demo configures.
 pub const DEMO_KEY: &str = "sk-sluice-demo";
+/// The admin token the demo configures.
+pub const DEMO_ADMIN_TOKEN: &str = "sluice-demo-admin";
 
 /// Demo settings from the command line.
 pub struct Options {
@@ -47,17 +49,22 @@ log_bodies = "full"
 name = "demo"
 sha256 = "{key}"
 
+[[admin_tokens]]
+name = "demo-operator"
+role = "admin"
+sha256 = "{admin}"
+
 [providers.sim-stable]
 kind = "simulated"
 seed = 7
-latency = {{ median_ms = 120, p99_ms = 600 }}
+latency = {{ median_ms = 60, p99_ms = 300 }}
 error_rate = 0.01
 refusal_rate = 0.02
 
 [providers.sim-candidate]
 kind = "simulated"
 seed = 11
-latency = {{ median_ms = 90, p99_ms = 450 }}
+latency = {{ median_ms = 45, p99_ms = 250 }}
 error_rate = 0.02
 pii_rate = 0.05
 verbosity = 1.4
@@ -67,11 +74,29 @@ stable = "v1"
 variants.v1 = {{ provider = "sim-stable", model = "sim-support-1", system_prompt = "You are a support agent." }}
 variants.v2 = {{ provider = "sim-candidate", model = "sim-support-2", system_prompt = "You are a concise support agent." }}
 
+[cohorts.internal]
+subjects = ["user-1", "user-2", "user-3", "user-4", "user-5", "user-6", "user-7", "user-8"]
+
+[rollouts.support-v2]
+deployment = "support"
+candidate = "v2"
+subject = "user"
+stages = [
+  {{ kind = "shadow", min_duration = "{step}", min_requests = 40 }},
+  {{ kind = "cohort", cohorts = ["internal"], min_duration = "{step}" }},
+  {{ kind = "percent", percent = 5, min_duration = "{step}", min_requests = 60 }},
+  {{ kind = "percent", percent = 25, min_duration = "{step}" }},
+  {{ kind = "percent", percent = 50, min_duration = "{step}" }},
+  {{ kind = "percent", percent = 100, min_duration = "{step}" }},
+]
+
 [deployments.summarize]
 stable = "v1"
 variants.v1 = {{ provider = "sim-stable", model = "sim-summarize-1", params = {{ temperature = 0.2, max_tokens = 200 }} }}
 "#,
         key = sluice_core::secret::digest_hex(DEMO_KEY),
+        admin = sluice_core::secret::digest_hex(DEMO_ADMIN_TOKEN),
+        step = "700ms",
         db = db.replace('\\', "\\\\").replace('"', "\\\""),
     )
 }
@@ -143,32 +168,57 @@ pub async fn run(opts: Options) -> Result<ExitCode> {
         .build()
         .context("cannot build the demo client")?;
     let url = format!("{base}/v1/chat/completions");
-    futures_util::stream::iter(0..opts.requests)
-        .for_each_concurrent(opts.concurrency.max(1), |i| {
-            let client = client.clone();
-            let url = url.clone();
-            let tally = tally.clone();
-            let bar = bar.clone();
-            async move {
-                let ok = send_one(&client, &url, i, &tally).await;
-                if ok {
-                    tally.ok.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    tally.failed.fetch_add(1, Ordering::Relaxed);
-                }
-                bar.set_message(format!("{} failed", tally.failed.load(Ordering::Relaxed)));
-                bar.inc(1);
-            }
-        })
-        .await;
-    bar.finish();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let traffic = {
+        let stop = stop.clone();
+        let sent = sent.clone();
+        let tally = tally.clone();
+        let bar = bar.clone();
+        let client = client.clone();
+        async move {
+            futures_util::stream::iter(0..opts.requests)
+                .take_while(|_| {
+                    let go = !stop.load(Ordering::Relaxed);
+                    async move { go }
+                })
+                .for_each_concurrent(opts.concurrency.max(1), |i| {
+                    let client = client.clone();
+                    let url = url.clone();
+                    let tally = tally.clone();
+                    let bar = bar.clone();
+                    let sent = sent.clone();
+                    async move {
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        let ok = send_one(&client, &url, i, &tally).await;
+                        if ok {
+                            tally.ok.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            tally.failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        bar.set_message(format!("{} failed", tally.failed.load(Ordering::Relaxed)));
+                        bar.inc(1);
+                    }
+                })
+                .await;
+            stop.store(true, Ordering::Relaxed);
+        }
+    };
+    let walker = walk_rollout(&client, &base, &bar, started, stop.clone());
+    let (_, outcome) = tokio::join!(traffic, walker);
+    bar.finish_and_clear();
     let elapsed = started.elapsed();
     state.events.flush().await;
+    let total = sent.load(Ordering::Relaxed);
 
     println!();
+    match outcome {
+        Ok(Some(line)) => println!("{line}"),
+        Ok(None) => {}
+        Err(e) => eprintln!("warning: the rollout walk stopped: {e:#}"),
+    }
     println!(
-        "sent {} requests in {:.1}s ({} streamed): {} ok, {} failed (simulated upstream errors)",
-        opts.requests,
+        "sent {total} requests in {:.1}s ({} streamed): {} ok, {} failed (simulated upstream errors)",
         elapsed.as_secs_f64(),
         tally.streamed.load(Ordering::Relaxed),
         tally.ok.load(Ordering::Relaxed),
@@ -177,10 +227,7 @@ pub async fn run(opts: Options) -> Result<ExitCode> {
     let summary = store.summary(since)?;
     println!("{}", crate::table::summary(&summary));
     let recorded: u64 = summary.iter().map(|s| s.requests).sum();
-    println!(
-        "recorded {recorded} of {} requests in the store",
-        opts.requests
-    );
+    println!("recorded {recorded} of {total} requests in the store");
 
     if opts.wait {
         println!();
@@ -200,11 +247,8 @@ pub async fn run(opts: Options) -> Result<ExitCode> {
         eprintln!("error: {lost} request record(s) were lost");
         return Ok(ExitCode::FAILURE);
     }
-    if recorded != opts.requests as u64 {
-        eprintln!(
-            "error: {} requests were sent but {recorded} recorded",
-            opts.requests
-        );
+    if recorded != total {
+        eprintln!("error: {total} requests were sent but {recorded} recorded");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
@@ -221,6 +265,121 @@ fn chrono_now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+async fn admin_call(
+    client: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value> {
+    let req = match body {
+        Some(b) => client.post(format!("{base}{path}")).json(&b),
+        None => client.get(format!("{base}{path}")),
+    };
+    let resp = req.bearer_auth(DEMO_ADMIN_TOKEN).send().await?;
+    let status = resp.status();
+    let v: Value = resp.json().await?;
+    anyhow::ensure!(
+        status.is_success(),
+        "{}",
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("admin call failed")
+    );
+    Ok(v)
+}
+
+fn stage_text(v: &Value) -> String {
+    match v["status"].as_str() {
+        Some("running" | "paused") => format!(
+            "stage {}/{} {}",
+            v["stage"].as_u64().unwrap_or(0) + 1,
+            v["stages"].as_array().map_or(0, Vec::len),
+            v["stage_label"].as_str().unwrap_or("")
+        ),
+        Some(s) => s.to_string(),
+        None => "?".into(),
+    }
+}
+
+/// Prints above the progress bar, or plainly when there is no terminal.
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
+/// Starts the demo rollout and advances it whenever its stage allows, printing
+/// each transition, until it is promoted or the traffic ends.
+async fn walk_rollout(
+    client: &reqwest::Client,
+    base: &str,
+    bar: &ProgressBar,
+    started: Instant,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<Option<String>> {
+    let path = "/admin/rollouts/support-v2";
+    let v = admin_call(
+        client,
+        base,
+        &format!("{path}/start"),
+        Some(json!({"reason": "demo: ship support v2"})),
+    )
+    .await?;
+    say(
+        bar,
+        format!(
+            "{:>6.1}s  rollout support-v2 started: {}",
+            started.elapsed().as_secs_f64(),
+            stage_text(&v)
+        ),
+    );
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            let v = admin_call(client, base, path, None).await?;
+            return Ok(Some(format!(
+                "rollout support-v2 is {} ({}) — the traffic ended first; rerun with more --requests to see it finish",
+                v["status"].as_str().unwrap_or("?"),
+                stage_text(&v)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let v = admin_call(client, base, path, None).await?;
+        if v["status"] != "running" || !v["blockers"].as_array().is_some_and(Vec::is_empty) {
+            continue;
+        }
+        let before = stage_text(&v);
+        let served = format!(
+            "{} stable / {} candidate",
+            v["requests"]["stable"].as_u64().unwrap_or(0),
+            v["requests"]["candidate"].as_u64().unwrap_or(0)
+        );
+        let after = admin_call(
+            client,
+            base,
+            &format!("{path}/advance"),
+            Some(json!({"reason": "demo: stage conditions met"})),
+        )
+        .await?;
+        say(
+            bar,
+            format!(
+                "{:>6.1}s  advance: {before} → {}   ({served} in the stage)",
+                started.elapsed().as_secs_f64(),
+                stage_text(&after)
+            ),
+        );
+        if after["status"] == "promoted" {
+            stop.store(true, Ordering::Relaxed);
+            return Ok(Some(format!(
+                "rollout support-v2 promoted after {:.1}s: v2 now serves everyone",
+                started.elapsed().as_secs_f64()
+            )));
+        }
+    }
 }
 
 /// Sends request `i`; returns whether it succeeded.

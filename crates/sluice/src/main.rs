@@ -2,6 +2,7 @@
 //! requests, and run the self-contained demo.
 
 mod demo;
+mod rollout_cli;
 mod table;
 
 use std::path::{Path, PathBuf};
@@ -63,8 +64,9 @@ enum Command {
     /// Run the gateway on simulated variants, send traffic, and show what
     /// was recorded. Needs no keys and no network.
     Demo {
-        /// How many requests the built-in client sends.
-        #[arg(long, default_value_t = 300)]
+        /// Most requests the built-in client sends (it stops earlier once the
+        /// demo rollout is promoted).
+        #[arg(long, default_value_t = 3000)]
         requests: usize,
         /// How many requests are in flight at once.
         #[arg(long, default_value_t = 16)]
@@ -78,6 +80,25 @@ enum Command {
         /// Exit after the summary instead of serving until Ctrl-C.
         #[arg(long)]
         no_wait: bool,
+    },
+    /// Show or change rollouts on a running gateway (admin token from SLUICE_TOKEN).
+    Rollout {
+        /// status | start | advance | pause | resume | rollback | promote | abort | approve
+        action: String,
+        /// The rollout (all rollouts for `status` when omitted).
+        name: Option<String>,
+        /// Why; recorded in the rollout's history.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Base URL of the gateway.
+        #[arg(long, default_value = "http://127.0.0.1:8080", env = "SLUICE_SERVER")]
+        server: String,
+        /// Admin token.
+        #[arg(long, env = "SLUICE_TOKEN", hide_env_values = true, default_value = "")]
+        token: String,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the SHA-256 of an API key, for `sha256 = "..."` in [[api_keys]].
     HashKey {
@@ -116,6 +137,23 @@ fn main() -> ExitCode {
             db,
             grace,
         } => runtime().and_then(|rt| rt.block_on(serve(&config, listen, db, grace))),
+        Command::Rollout {
+            action,
+            name,
+            reason,
+            server,
+            token,
+            json,
+        } => runtime().and_then(|rt| {
+            rt.block_on(rollout_cli::run(rollout_cli::Request {
+                action,
+                name,
+                reason,
+                server,
+                token,
+                json,
+            }))
+        }),
         Command::Demo {
             requests,
             concurrency,

@@ -315,16 +315,7 @@ fn requests_on_a_missing_store_says_so() {
 #[test]
 fn the_demo_runs_without_keys_or_network() {
     let out = bin()
-        .args([
-            "demo",
-            "--requests",
-            "60",
-            "--concurrency",
-            "12",
-            "--no-wait",
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        .args(["demo", "--no-wait", "--listen", "127.0.0.1:0"])
         .env_remove("OPENAI_API_KEY")
         .env_remove("ANTHROPIC_API_KEY")
         .output()
@@ -335,9 +326,168 @@ fn the_demo_runs_without_keys_or_network() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("recorded 60 of 60 requests"), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("recorded "))
+        .expect("a recorded line");
+    let nums: Vec<&str> = line
+        .split_whitespace()
+        .filter(|w| w.parse::<u64>().is_ok())
+        .collect();
+    assert_eq!(nums.len(), 2, "{line}");
+    assert_eq!(nums[0], nums[1], "every request recorded: {line}");
+    assert!(stdout.contains("rollout support-v2 started"), "{stdout}");
+    assert!(stdout.contains("→ stage 3/6 percent-5"), "{stdout}");
+    assert!(stdout.contains("rollout support-v2 promoted"), "{stdout}");
     assert!(
         stdout.contains("support") && stdout.contains("p99 ms"),
         "{stdout}"
+    );
+}
+
+const ROLLOUT_CONFIG: &str = r#"
+[[api_keys]]
+name = "app"
+key_env = "TEST_APP_KEY"
+
+[[admin_tokens]]
+name = "ops"
+role = "operator"
+token_env = "TEST_OPS_TOKEN"
+
+[providers.sim]
+kind = "simulated"
+latency = { median_ms = 5, p99_ms = 20 }
+
+[deployments.support]
+stable = "v1"
+variants.v1 = { provider = "sim", model = "sim-1" }
+variants.v2 = { provider = "sim", model = "sim-2", system_prompt_file = "prompts/v2.txt" }
+
+[rollouts.support-v2]
+deployment = "support"
+candidate = "v2"
+stages = [
+  { kind = "percent", percent = 50, min_duration = "1h" },
+  { kind = "percent", percent = 100 },
+]
+"#;
+
+fn rollout_cmd(server: &str, token: &str, args: &[&str]) -> (bool, String, String) {
+    let out = bin()
+        .arg("rollout")
+        .args(args)
+        .args(["--server", server])
+        .env("SLUICE_TOKEN", token)
+        .output()
+        .expect("runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn rollout_cli_drives_a_rollout_that_survives_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir(dir.path().join("prompts")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("prompts/v2.txt"),
+        "You are support agent v2.\n",
+    )
+    .expect("write");
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, ROLLOUT_CONFIG).expect("write");
+    let db = dir.path().join("s.db").to_string_lossy().into_owned();
+    let env = [("TEST_APP_KEY", "sk-app"), ("TEST_OPS_TOKEN", "ops-secret")];
+    let mut server = start_server(&config, &db, &env);
+
+    let (ok, out, _) = rollout_cmd(&server.base, "ops-secret", &["status"]);
+    assert!(ok);
+    assert!(
+        out.contains("support-v2") && out.contains("pending"),
+        "{out}"
+    );
+    let (ok, _, err) = rollout_cmd(&server.base, "wrong", &["status"]);
+    assert!(!ok);
+    assert!(err.contains("Unknown admin token"), "{err}");
+    let (ok, out, err) = rollout_cmd(
+        &server.base,
+        "ops-secret",
+        &["start", "support-v2", "--reason", "ship it"],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("running") && out.contains("1/2 percent-50"),
+        "{out}"
+    );
+    let (ok, _, err) = rollout_cmd(&server.base, "ops-secret", &["advance", "support-v2"]);
+    assert!(!ok);
+    assert!(
+        err.contains("error (409)") && err.contains("min_duration"),
+        "{err}"
+    );
+
+    // Traffic in the stage; the candidate's prompt comes from its file.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = format!("{}/v1/chat/completions", server.base);
+    let variants: Vec<String> = rt.block_on(async {
+        let c = reqwest::Client::new();
+        let mut v = Vec::new();
+        for i in 0..20 {
+            let r = c
+                .post(&url)
+                .bearer_auth("sk-app")
+                .json(&json!({"model": "support", "user": format!("u{i}"), "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .expect("sent");
+            v.push(r.headers()["x-sluice-variant"].to_str().expect("v").to_string());
+        }
+        v
+    });
+    assert!(
+        variants.iter().any(|v| v == "v1") && variants.iter().any(|v| v == "v2"),
+        "{variants:?}"
+    );
+
+    // kill -9: no graceful anything. The committed transition must survive.
+    server.child.kill().expect("kill -9");
+    server.child.wait().expect("reaped");
+    let server = start_server(&config, &db, &env);
+    let (ok, out, err) = rollout_cmd(&server.base, "ops-secret", &["status", "support-v2"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("running") && out.contains("1/2 percent-50"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ship it") && out.contains("ops (operator)"),
+        "history survives: {out}"
+    );
+    let (ok, out, _) = rollout_cmd(
+        &server.base,
+        "ops-secret",
+        &["rollback", "support-v2", "--reason", "enough"],
+    );
+    assert!(ok);
+    assert!(out.contains("rolled_back"), "{out}");
+    drop(server);
+
+    // Recorded requests name the stage and why each got its variant.
+    let out = bin()
+        .args(["requests", "--db", &db, "--last", "100", "--json"])
+        .output()
+        .expect("runs");
+    let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert!(
+        rows.iter().all(|r| r["rollout"] == "support-v2"
+            && r["stage"] == 0
+            && r["assignment"] == "bucket"),
+        "{rows:?}"
     );
 }
