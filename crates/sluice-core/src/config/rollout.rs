@@ -552,3 +552,111 @@ pub(super) fn build_rollouts(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, Role, StageKind, SubjectSource};
+
+    const BASE: &str = r#"
+[[api_keys]]
+name = "app"
+sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+
+[providers.sim]
+kind = "simulated"
+
+[deployments.support]
+stable = "v1"
+variants.v1 = { provider = "sim", model = "a" }
+variants.v2 = { provider = "sim", model = "b" }
+
+[cohorts.internal]
+subjects = ["alice@corp.example", "bob@corp.example"]
+[cohorts.beta]
+match = { metadata.tier = "beta", header.x-team = "ml" }
+
+[[admin_tokens]]
+name = "ops"
+role = "operator"
+token_env = "SLUICE_OPS_TOKEN"
+"#;
+
+    fn errors(extra: &str) -> Vec<String> {
+        match Config::parse(&format!("{BASE}{extra}")) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn the_reference_rollout_parses() {
+        let c = Config::parse(&format!(
+            "{BASE}{}",
+            r#"
+[rollouts.support-v2]
+deployment = "support"
+candidate = "v2"
+subject = "header:X-User"
+stages = [
+  { kind = "shadow",  min_duration = "10m", min_requests = 200 },
+  { kind = "cohort",  cohorts = ["internal"], min_duration = "30m" },
+  { kind = "percent", percent = 1,  min_duration = "1h" },
+  { kind = "percent", percent = 5,  min_duration = "2h", approval = ["operator"] },
+  { kind = "percent", percent = 0.5e2 },
+  { kind = "percent", percent = 100 },
+]
+on_failure = "pause"
+"#
+        ))
+        .expect("valid");
+        let r = &c.rollouts["support-v2"];
+        assert_eq!(r.salt, "support-v2");
+        assert_eq!(r.subject, SubjectSource::Header("x-user".into()));
+        assert_eq!(r.stages.len(), 6);
+        assert_eq!(r.stages[3].approval, vec![Role::Operator]);
+        assert_eq!(r.stages[4].kind, StageKind::Percent { basis_points: 5000 });
+        assert_eq!(r.stages[3].kind.label(), "percent-5");
+        assert_eq!(c.cohorts["beta"].match_headers["x-team"], "ml");
+        assert_eq!(c.admin_tokens[0].role, Role::Operator);
+        assert_eq!(r.cohorts_through(5), vec!["internal"]);
+    }
+
+    #[test]
+    fn rollout_mistakes_are_named() {
+        let e = errors(
+            r#"
+[rollouts.bad]
+deployment = "suport"
+candidate = "v9"
+subject = "cookie"
+stages = [
+  { kind = "percentage", percent = 5 },
+  { kind = "cohort", cohorts = ["internl"] },
+  { kind = "percent", percent = 10 },
+  { kind = "percent", percent = 5 },
+  { kind = "percent", percent = 150 },
+]
+"#,
+        )
+        .join("\n");
+        for expected in [
+            "rollouts.bad.deployment: unknown deployment \"suport\" (known: support); did you mean \"support\"?",
+            "rollouts.bad.subject: invalid subject \"cookie\"",
+            "rollouts.bad.stages[0].kind: unknown stage kind \"percentage\" (known: shadow, cohort, percent); did you mean \"percent\"?",
+            "rollouts.bad.stages[1].cohorts: unknown cohort \"internl\" (known: beta, internal); did you mean \"internal\"?",
+            "percent stages must not shrink (5 after 10)",
+            "rollouts.bad.stages[4].percent: must be greater than 0 and at most 100",
+        ] {
+            assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
+        }
+        let e = errors("[rollouts.same]\ndeployment = \"support\"\ncandidate = \"v1\"\nstages = [{ kind = \"percent\", percent = 5 }]\n");
+        assert!(e[0].contains("already the stable variant"), "{e:?}");
+        let e = errors("[cohorts.empty]\n");
+        assert!(
+            e[0].starts_with("cohorts.empty: an empty cohort matches nobody"),
+            "{e:?}"
+        );
+        let e = errors("[[admin_tokens]]\nname = \"x\"\nrole = \"god\"\nsha256 = \"00\"\n");
+        assert!(e[0].starts_with("admin_tokens[1].role"), "{e:?}");
+    }
+}
