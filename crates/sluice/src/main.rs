@@ -207,6 +207,30 @@ fn check_config(file: &Path, strict: bool) -> Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    let base = file.parent().unwrap_or(Path::new("."));
+    let mut unreadable = Vec::new();
+    for d in config.deployments.values() {
+        for v in d.variants.values() {
+            if let Some(f) = &v.system_prompt_file {
+                let p = base.join(f);
+                if let Err(e) = std::fs::read_to_string(&p) {
+                    unreadable.push(format!(
+                        "deployments.{}.variants.{}.system_prompt_file: cannot read {}: {e}",
+                        d.name,
+                        v.name,
+                        p.display()
+                    ));
+                }
+            }
+        }
+    }
+    if !unreadable.is_empty() {
+        eprintln!("{}: {} problem(s)", file.display(), unreadable.len());
+        for u in &unreadable {
+            eprintln!("  {u}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
     let mut missing = Vec::new();
     for (path, src) in config.secret_sources() {
         if let Err(e) = EnvSecrets.resolve(&src) {
@@ -229,12 +253,14 @@ fn check_config(file: &Path, strict: bool) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     println!(
-        "{}: ok ({} provider{}, {} deployment{}, {} API key{})",
+        "{}: ok ({} provider{}, {} deployment{}, {} rollout{}, {} API key{})",
         file.display(),
         config.providers.len(),
         plural(config.providers.len()),
         config.deployments.len(),
         plural(config.deployments.len()),
+        config.rollouts.len(),
+        plural(config.rollouts.len()),
         config.api_keys.len(),
         plural(config.api_keys.len()),
     );
