@@ -491,3 +491,69 @@ fn rollout_cli_drives_a_rollout_that_survives_kill_9() {
         "{rows:?}"
     );
 }
+
+#[test]
+fn sighup_reloads_a_valid_config_and_keeps_the_old_one_otherwise() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, SIM_CONFIG).expect("write");
+    let db = dir.path().join("s.db").to_string_lossy().into_owned();
+    let server = start_server(&config, &db, &[("TEST_APP_KEY", "sk-app")]);
+    let pid = server.child.id().to_string();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let status_of = |model: &str| {
+        let url = format!("{}/v1/chat/completions", server.base);
+        let model = model.to_string();
+        rt.block_on(async move {
+            reqwest::Client::new()
+                .post(&url)
+                .bearer_auth("sk-app")
+                .json(&json!({"model": model, "seed": 1, "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .expect("sent")
+                .status()
+                .as_u16()
+        })
+    };
+    let hup_and_wait = |expect_model: &str, expect: u16| {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill")
+            .success());
+        // The reload is asynchronous: poll (bounded) until it shows.
+        for _ in 0..100 {
+            if status_of(expect_model) == expect {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
+    };
+    assert_eq!(status_of("extra"), 404);
+    // Invalid: refused, the old config keeps serving.
+    std::fs::write(
+        &config,
+        format!("{SIM_CONFIG}\n[deployments.extra]\nstable = \"nope\"\n"),
+    )
+    .expect("write");
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill")
+        .success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(status_of("support"), 200);
+    assert_eq!(status_of("extra"), 404);
+    // Valid: takes effect without a restart.
+    std::fs::write(
+        &config,
+        format!("{SIM_CONFIG}\n[deployments.extra]\nstable = \"v1\"\nvariants.v1 = {{ provider = \"sim\", model = \"sim-x\" }}\n"),
+    )
+    .expect("write");
+    assert!(
+        hup_and_wait("extra", 200),
+        "the new deployment is served after SIGHUP"
+    );
+}
