@@ -298,24 +298,54 @@ mod tests {
         assert!(!d.candidate && !d.sticky);
     }
 
+    /// Largest gap between the share of subjects below each percent and that
+    /// percent, in percentage points, over 100k subjects.
+    fn max_deviation(salt: &str) -> f64 {
+        let mut counts = [0u32; 100];
+        const N: u32 = 100_000;
+        for i in 0..N {
+            counts[(bucket(salt, &format!("user-{i}@example.com")) / 100) as usize] += 1;
+        }
+        let mut cumulative = 0u32;
+        let mut worst = 0.0f64;
+        for pct in 1..=100u32 {
+            cumulative += counts[(pct - 1) as usize];
+            let share = 100.0 * f64::from(cumulative) / f64::from(N);
+            worst = worst.max((share - f64::from(pct)).abs());
+        }
+        worst
+    }
+
+    /// Over 100k subjects every percent gets its share within ±0.5 pp, for
+    /// rollout names of the kind people write.
+    #[test]
+    fn buckets_are_uniform_for_rollout_names() {
+        for salt in [
+            "support-v2",
+            "checkout-prompt-3",
+            "agent-2026-11",
+            "r",
+            "summarize-claude",
+            "search-rerank-v10",
+        ] {
+            let d = max_deviation(salt);
+            assert!(d <= 0.5, "{salt}: {d} pp");
+        }
+    }
+
     proptest! {
+        // For arbitrary salts the ±0.5 pp band sits at the 99 % point of the
+        // Kolmogorov distribution (n = 100k): an ideal random hash misses it
+        // for about one salt in a hundred (measured over 300 salts: this hash
+        // 1, SHA-256 4). The property therefore uses the 99.999 % point,
+        // 0.8 pp, so it fails only on a real defect, not on chance.
         #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
 
-        /// Over 100k subjects every percent gets its share within ±0.5 pp.
+        /// Any salt spreads 100k subjects evenly over the buckets.
         #[test]
         fn buckets_are_uniform(salt in "[a-z0-9-]{1,16}") {
-            let mut counts = vec![0u32; 101];
-            const N: u32 = 100_000;
-            for i in 0..N {
-                let b = bucket(&salt, &format!("user-{i}@example.com"));
-                counts[(b / 100) as usize] += 1;
-            }
-            let mut cumulative = 0u32;
-            for pct in 1..=100u32 {
-                cumulative += counts[(pct - 1) as usize];
-                let share = 100.0 * f64::from(cumulative) / f64::from(N);
-                prop_assert!((share - f64::from(pct)).abs() <= 0.5, "{pct}%: {share}");
-            }
+            let d = max_deviation(&salt);
+            prop_assert!(d <= 0.8, "{}: {} pp", salt, d);
         }
     }
 
