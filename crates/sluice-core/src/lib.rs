@@ -11,7 +11,9 @@ pub mod chat;
 pub mod config;
 pub mod rollout;
 pub mod secret;
+pub mod signals;
 pub mod sse;
+pub mod stats;
 pub mod stream;
 
 pub use config::{Config, ConfigError, ConfigErrors};
