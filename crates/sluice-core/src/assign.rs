@@ -219,6 +219,7 @@ mod tests {
             min_duration: Duration::ZERO,
             min_requests: 0,
             approval: vec![],
+            max_duration: None,
         }
     }
 
@@ -236,6 +237,9 @@ mod tests {
                 stage(StageKind::Percent { basis_points: 2500 }),
             ],
             on_failure: OnFailure::Rollback,
+            gates: vec![],
+            evaluate_every: Duration::from_secs(5),
+            controller: crate::config::ControllerMode::Manual,
         }
     }
 

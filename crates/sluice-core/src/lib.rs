@@ -9,6 +9,8 @@
 pub mod assign;
 pub mod chat;
 pub mod config;
+pub mod controller;
+pub mod gate;
 pub mod rollout;
 pub mod secret;
 pub mod signals;

@@ -153,6 +153,10 @@ pub struct RolloutState {
     pub approvals: Vec<Approval>,
     /// When the state last changed (unix ms).
     pub updated_ms: i64,
+    /// Set when the controller paused the rollout because its stage stayed
+    /// undecided for its `max_duration`: what a person should look at.
+    #[serde(default)]
+    pub needs_human: Option<String>,
 }
 
 impl Default for RolloutState {
@@ -166,6 +170,7 @@ impl Default for RolloutState {
             paused_at_ms: None,
             approvals: Vec::new(),
             updated_ms: 0,
+            needs_human: None,
         }
     }
 }
@@ -453,6 +458,9 @@ impl RolloutState {
             (_, _) => return Err(self.illegal(action, "")),
         }
         next.updated_ms = now;
+        if action != Action::Approve {
+            next.needs_human = None;
+        }
         let t = Transition {
             action,
             from_status: self.status,
@@ -477,6 +485,7 @@ mod tests {
             min_duration: Duration::from_secs(secs),
             min_requests: reqs,
             approval,
+            max_duration: None,
         };
         RolloutConfig {
             name: "r".into(),
@@ -502,6 +511,9 @@ mod tests {
                 ),
             ],
             on_failure: OnFailure::Rollback,
+            gates: vec![],
+            evaluate_every: Duration::from_secs(5),
+            controller: crate::config::ControllerMode::Manual,
         }
     }
 

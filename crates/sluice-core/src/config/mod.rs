@@ -23,9 +23,26 @@ use crate::secret::{parse_digest_hex, KeyDigest, SecretSource};
 mod rollout;
 
 pub use rollout::{
-    AdminTokenConfig, CohortConfig, OnFailure, Role, RolloutConfig, StageConfig, StageKind,
-    SubjectSource,
+    AdminTokenConfig, CohortConfig, ControllerMode, GateConfig, Margin, OnFailure, Role,
+    RolloutConfig, Signal, StageConfig, StageKind, SubjectSource, SIGNALS,
 };
+
+/// The price of a model, USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    /// Per million input tokens.
+    pub input_per_mtok: f64,
+    /// Per million output tokens.
+    pub output_per_mtok: f64,
+}
+
+impl Price {
+    /// The cost of one request in USD.
+    pub fn cost(&self, tokens_in: u64, tokens_out: u64) -> f64 {
+        (tokens_in as f64 * self.input_per_mtok + tokens_out as f64 * self.output_per_mtok) / 1e6
+    }
+}
 
 /// The provider kinds sluice can talk to.
 pub const PROVIDER_KINDS: &[&str] = &["openai", "anthropic", "simulated"];
@@ -283,6 +300,8 @@ pub struct Config {
     pub rollouts: BTreeMap<String, RolloutConfig>,
     /// Tokens for the admin API.
     pub admin_tokens: Vec<AdminTokenConfig>,
+    /// Prices by upstream model name.
+    pub prices: BTreeMap<String, Price>,
 }
 
 impl Config {
@@ -659,6 +678,16 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
     let cohorts = rollout::build_cohorts(cx, t.remove("cohorts"));
     let rollouts = rollout::build_rollouts(cx, t.remove("rollouts"), &deployments, &cohorts);
     let admin_tokens = rollout::build_admin_tokens(cx, t.remove("admin_tokens"));
+    let prices: BTreeMap<String, Price> = take(cx, &mut t, "", "prices").unwrap_or_default();
+    for (m, p) in &prices {
+        if p.input_per_mtok.is_nan()
+            || p.output_per_mtok.is_nan()
+            || p.input_per_mtok < 0.0
+            || p.output_per_mtok < 0.0
+        {
+            cx.err(format!("prices.{}", key(m)), "prices must be zero or more");
+        }
+    }
 
     for (i, k) in api_keys.iter().enumerate() {
         for d in k.deployments.iter().flatten() {
@@ -699,6 +728,7 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
         "cohorts",
         "rollouts",
         "admin_tokens",
+        "prices",
     ];
     for k in t.keys() {
         let hint = did_you_mean(k, known_top)
@@ -718,6 +748,7 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
         cohorts,
         rollouts,
         admin_tokens,
+        prices,
     }
 }
 

@@ -108,6 +108,104 @@ impl StageKind {
     }
 }
 
+/// A signal a gate judges (higher is worse for all of them).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Signal {
+    /// Share of requests failing on the server or upstream side.
+    ErrorRate,
+    /// 95th-percentile latency of successful requests.
+    LatencyP95,
+    /// 95th-percentile time to first token of streams.
+    TtftP95,
+    /// Share of successful answers that refuse.
+    RefusalRate,
+    /// Share of thumbs feedback that is "down".
+    FeedbackDownRate,
+    /// Mean cost per successful request (needs `[prices]`).
+    CostPerRequest,
+    /// Mean output tokens per successful request.
+    OutputTokens,
+    /// Share of requests a constitution principle flags.
+    FlagRate(String),
+}
+
+/// Signal names accepted in `signal = "..."`.
+pub const SIGNALS: &[&str] = &[
+    "error_rate",
+    "latency_p95",
+    "ttft_p95",
+    "refusal_rate",
+    "feedback_down_rate",
+    "cost_per_request",
+    "output_tokens",
+    "flag_rate:PRINCIPLE",
+];
+
+impl Signal {
+    /// Parses a signal name.
+    pub fn parse(s: &str) -> Option<Signal> {
+        Some(match s {
+            "error_rate" => Signal::ErrorRate,
+            "latency_p95" => Signal::LatencyP95,
+            "ttft_p95" => Signal::TtftP95,
+            "refusal_rate" => Signal::RefusalRate,
+            "feedback_down_rate" => Signal::FeedbackDownRate,
+            "cost_per_request" => Signal::CostPerRequest,
+            "output_tokens" => Signal::OutputTokens,
+            _ => match s.strip_prefix("flag_rate:") {
+                Some(p) if !p.is_empty() => Signal::FlagRate(p.to_string()),
+                _ => return None,
+            },
+        })
+    }
+
+    /// The signal's name.
+    pub fn name(&self) -> String {
+        match self {
+            Signal::ErrorRate => "error_rate".into(),
+            Signal::LatencyP95 => "latency_p95".into(),
+            Signal::TtftP95 => "ttft_p95".into(),
+            Signal::RefusalRate => "refusal_rate".into(),
+            Signal::FeedbackDownRate => "feedback_down_rate".into(),
+            Signal::CostPerRequest => "cost_per_request".into(),
+            Signal::OutputTokens => "output_tokens".into(),
+            Signal::FlagRate(p) => format!("flag_rate:{p}"),
+        }
+    }
+}
+
+/// How much worse the candidate may be.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Margin {
+    /// In the signal's own unit (a rate difference, milliseconds, USD, tokens).
+    Absolute(f64),
+    /// A share of the stable variant's value (`"10%"` is 0.10).
+    Relative(f64),
+}
+
+/// One gate: a signal, a margin, and the test's error rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateConfig {
+    /// What is judged.
+    pub signal: Signal,
+    /// The largest regression still acceptable.
+    pub max_regression: Margin,
+    /// Chance of a wrong verdict under continuous monitoring.
+    pub alpha: f64,
+    /// Observations per arm before any verdict but inconclusive.
+    pub min_samples: u64,
+}
+
+/// Who advances a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControllerMode {
+    /// The controller advances when gates pass and stage conditions hold.
+    Auto,
+    /// People advance; the controller still acts on failing gates.
+    Manual,
+}
+
 /// One stage of a rollout plan.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StageConfig {
@@ -119,6 +217,8 @@ pub struct StageConfig {
     pub min_requests: u64,
     /// Roles that must each approve before the stage may advance.
     pub approval: Vec<Role>,
+    /// Longest the stage may stay undecided before it pauses for a human.
+    pub max_duration: Option<Duration>,
 }
 
 /// What happens when a stage fails its gates.
@@ -150,6 +250,12 @@ pub struct RolloutConfig {
     pub stages: Vec<StageConfig>,
     /// What a failed stage does.
     pub on_failure: OnFailure,
+    /// The gates every non-shadow stage must pass.
+    pub gates: Vec<GateConfig>,
+    /// How often gates are evaluated.
+    pub evaluate_every: Duration,
+    /// Who advances.
+    pub controller: ControllerMode,
 }
 
 impl RolloutConfig {
@@ -207,6 +313,16 @@ struct RawStage {
     min_requests: u64,
     #[serde(default)]
     approval: Vec<Role>,
+    max_duration: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGate {
+    signal: String,
+    max_regression: toml::Value,
+    alpha: Option<f64>,
+    min_samples: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -220,6 +336,10 @@ struct RawRollout {
     stages: Vec<toml::Value>,
     #[serde(default)]
     on_failure: OnFailure,
+    #[serde(default)]
+    gates: Vec<toml::Value>,
+    evaluate_every: Option<String>,
+    controller: Option<ControllerMode>,
 }
 
 fn default_subject() -> String {
@@ -432,11 +552,95 @@ fn build_stage(
             return None;
         }
     };
+    let max_duration = match raw.max_duration {
+        Some(s) => {
+            let d = parse_duration(cx, &join_path(path, "max_duration"), &s)?;
+            if d < min_duration {
+                cx.err(
+                    join_path(path, "max_duration"),
+                    "must not be shorter than min_duration",
+                );
+            }
+            Some(d)
+        }
+        None => None,
+    };
     Some(StageConfig {
         kind,
         min_duration,
         min_requests: raw.min_requests,
         approval: raw.approval,
+        max_duration,
+    })
+}
+
+fn build_gate(cx: &mut Cx, path: &str, v: toml::Value) -> Option<GateConfig> {
+    let raw: RawGate = cx.decode(path, v)?;
+    let Some(signal) = Signal::parse(&raw.signal) else {
+        let hint = did_you_mean(&raw.signal, SIGNALS.iter().copied())
+            .map(|s| format!("; did you mean \"{s}\"?"))
+            .unwrap_or_default();
+        cx.err(
+            join_path(path, "signal"),
+            format!(
+                "unknown signal \"{}\" (known: {}){hint}",
+                raw.signal,
+                SIGNALS.join(", ")
+            ),
+        );
+        return None;
+    };
+    let mpath = join_path(path, "max_regression");
+    let max_regression = match raw.max_regression {
+        toml::Value::Float(f) => Margin::Absolute(f),
+        toml::Value::Integer(i) => Margin::Absolute(i as f64),
+        toml::Value::String(s) => match s.trim().strip_suffix('%').map(|n| n.trim().parse::<f64>())
+        {
+            Some(Ok(p)) => Margin::Relative(p / 100.0),
+            _ => {
+                cx.err(&mpath, format!("invalid margin \"{s}\": a number in the signal's unit, or a percentage such as \"10%\""));
+                return None;
+            }
+        },
+        other => {
+            cx.err(
+                &mpath,
+                format!(
+                    "expected a number or a percentage string, got {}",
+                    other.type_str()
+                ),
+            );
+            return None;
+        }
+    };
+    let m = match max_regression {
+        Margin::Absolute(m) | Margin::Relative(m) => m,
+    };
+    if !m.is_finite() || m < 0.0 {
+        cx.err(&mpath, "must be zero or more");
+    }
+    if matches!(
+        signal,
+        Signal::ErrorRate | Signal::RefusalRate | Signal::FeedbackDownRate | Signal::FlagRate(_)
+    ) && matches!(max_regression, Margin::Absolute(m) if m >= 1.0)
+    {
+        cx.err(
+            &mpath,
+            "a rate difference must be below 1 (0.005 is half a percentage point)",
+        );
+    }
+    let alpha = raw.alpha.unwrap_or(0.05);
+    if alpha.is_nan() || alpha <= 0.0 || alpha >= 0.5 {
+        cx.err(
+            join_path(path, "alpha"),
+            format!("must be between 0 and 0.5, got {alpha}"),
+        );
+    }
+    Some(GateConfig {
+        signal,
+        max_regression,
+        alpha,
+        min_samples: raw.min_samples.unwrap_or(100).max(1),
     })
 }
 
@@ -537,9 +741,28 @@ pub(super) fn build_rollouts(
                 last = basis_points;
             }
         }
+        let mut gates = Vec::new();
+        for (i, gv) in raw.gates.into_iter().enumerate() {
+            if let Some(g) = build_gate(cx, &format!("{path}.gates[{i}]"), gv) {
+                gates.push(g);
+            }
+        }
+        let evaluate_every = match raw.evaluate_every {
+            Some(s) => parse_duration(cx, &format!("{path}.evaluate_every"), &s)
+                .unwrap_or(Duration::from_secs(5)),
+            None => Duration::from_secs(5),
+        };
+        let controller = raw.controller.unwrap_or(if gates.is_empty() {
+            ControllerMode::Manual
+        } else {
+            ControllerMode::Auto
+        });
         out.insert(
             name.clone(),
             RolloutConfig {
+                gates,
+                evaluate_every,
+                controller,
                 salt: raw.salt.unwrap_or_else(|| name.clone()),
                 name,
                 deployment: raw.deployment,
