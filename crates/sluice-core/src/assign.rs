@@ -158,11 +158,15 @@ pub fn decide(
             sticky: true,
         };
     }
-    let member = rollout
-        .cohorts_through(stage)
-        .into_iter()
-        .filter_map(|name| cohorts.get(name))
-        .any(|c| in_cohort(c, subject, facts));
+    // Members of any cohort stage up to this one (no allocation: this runs
+    // on every request).
+    let member = rollout.stages[..=stage].iter().any(|s| match &s.kind {
+        StageKind::Cohort(names) => names
+            .iter()
+            .filter_map(|name| cohorts.get(name))
+            .any(|c| in_cohort(c, subject, facts)),
+        _ => false,
+    });
     if member {
         return Decision {
             candidate: true,

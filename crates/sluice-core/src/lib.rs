@@ -14,6 +14,7 @@ pub mod gate;
 pub mod rollout;
 pub mod secret;
 pub mod signals;
+pub mod sim;
 pub mod sse;
 pub mod stats;
 pub mod stream;

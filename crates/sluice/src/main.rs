@@ -3,6 +3,7 @@
 
 mod demo;
 mod rollout_cli;
+mod sim_cli;
 mod table;
 
 use std::path::{Path, PathBuf};
@@ -100,6 +101,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Simulate many rollouts through the real gate and controller code and
+    /// report false rollbacks, detection and time to decision per scenario.
+    Sim {
+        /// Runs per scenario.
+        #[arg(long, default_value_t = 1000)]
+        runs: usize,
+        /// Requests after which an undecided stage asks a human.
+        #[arg(long, default_value_t = 100_000)]
+        max_requests: u64,
+        /// Seed (the same seed gives the same table).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the SHA-256 of an API key, for `sha256 = "..."` in [[api_keys]].
     HashKey {
         /// The key (read from standard input when omitted).
@@ -154,6 +171,21 @@ fn main() -> ExitCode {
                 json,
             }))
         }),
+        Command::Sim {
+            runs,
+            max_requests,
+            seed,
+            json,
+        } => sim_cli::run(
+            sluice_core::sim::Settings {
+                runs,
+                max_requests,
+                seed,
+                threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+                ..Default::default()
+            },
+            json,
+        ),
         Command::Demo {
             requests,
             concurrency,
