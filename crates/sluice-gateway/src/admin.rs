@@ -15,7 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 use sluice_core::config::Role;
-use sluice_core::rollout::{Action, Actor, Facts, Refusal};
+use sluice_core::controller::gate_blockers;
+use sluice_core::rollout::{Action, Actor, Facts, Refusal, Status};
 use sluice_core::Config;
 use sluice_store::{RolloutEvent, StoreError};
 
@@ -92,10 +93,11 @@ pub fn view(snap: &Snapshot, e: &RolloutEntry, now: i64) -> Value {
         .get(&c.deployment)
         .map(|d| d.stable.clone())
         .unwrap_or_default();
+    let verdicts = e.verdicts();
     let facts = Facts {
         now_ms: now,
         stage_requests: e.counters.total(),
-        gate_blockers: Vec::new(),
+        gate_blockers: gate_blockers(c, e.state.stage, &verdicts),
     };
     let stages: Vec<Value> = c
         .stages
@@ -131,6 +133,10 @@ pub fn view(snap: &Snapshot, e: &RolloutEntry, now: i64) -> Value {
         "blockers": if e.state.status.is_active() { e.state.blockers(c, &facts) } else { Vec::new() },
         "on_failure": match c.on_failure { sluice_core::config::OnFailure::Rollback => "rollback", sluice_core::config::OnFailure::Pause => "pause" },
         "updated_ms": e.state.updated_ms,
+        "needs_human": e.state.needs_human,
+        "controller": match c.controller { sluice_core::config::ControllerMode::Auto => "auto", sluice_core::config::ControllerMode::Manual => "manual" },
+        "evaluate_every_ms": c.evaluate_every.as_millis() as u64,
+        "gates": if e.state.status.is_active() { json!(verdicts) } else { json!([]) },
     })
 }
 
@@ -180,9 +186,17 @@ pub async fn show(
     let mut v = view(&snap, e, now_ms());
     let store = app.store.clone();
     let n = name.clone();
-    let history = tokio::task::spawn_blocking(move || store.rollout_history(&n)).await;
+    let history = tokio::task::spawn_blocking(move || {
+        store
+            .rollout_history(&n)
+            .and_then(|h| Ok((h, store.verdict_history(&n, 500)?)))
+    })
+    .await;
     match history {
-        Ok(Ok(h)) => v["history"] = json!(h),
+        Ok(Ok((h, verdicts))) => {
+            v["history"] = json!(h);
+            v["verdict_history"] = json!(verdicts);
+        }
         Ok(Err(err)) => return store_error(&err).into_response(),
         Err(err) => {
             return api(
@@ -292,11 +306,47 @@ async fn act_inner(
         &format!("`{}`", action.name()),
     )?;
     let reason = reason_from(body).await?;
+    let actor = Actor {
+        name: token.name.clone(),
+        role: token.role,
+    };
+    transition(app, name, action, &actor, reason, None, false).await
+}
+
+/// Applies an action to a rollout as `actor`: decides through the state
+/// machine (with the gates' current verdicts as blockers), commits the new
+/// state and its history entry to the store, then makes it visible to the
+/// very next request. Used by the admin API and by the controller alike.
+/// `expect_stage` (controller only) refuses the action if the rollout moved
+/// on since the decision was taken.
+pub async fn transition(
+    app: &Arc<AppState>,
+    name: &str,
+    action: Action,
+    actor: &Actor,
+    reason: Option<String>,
+    expect_stage: Option<(usize, i64)>,
+    needs_human: bool,
+) -> Result<Value, ApiError> {
+    let snap = app.snapshot.load_full();
     let _guard = app.admin_lock.lock().await;
     let current = app.rollouts.load_full();
     let Some(entry) = current.entries.get(name) else {
         return Err(unknown_rollout(name, &current));
     };
+    if let Some((stage, started)) = expect_stage {
+        if entry.state.stage != stage
+            || entry.state.stage_started_ms != started
+            || entry.state.status != Status::Running
+        {
+            return Err(api(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "stale_decision",
+                "the rollout moved on",
+            ));
+        }
+    }
     if action == Action::Start {
         if let Some(other) = current.active_for(&entry.config.deployment, name) {
             return Err(api(
@@ -311,18 +361,15 @@ async fn act_inner(
         }
     }
     let now = now_ms();
+    let verdicts = entry.verdicts();
     let facts = Facts {
         now_ms: now,
         stage_requests: entry.counters.total(),
-        gate_blockers: Vec::new(),
+        gate_blockers: gate_blockers(&entry.config, entry.state.stage, &verdicts),
     };
-    let actor = Actor {
-        name: token.name.clone(),
-        role: token.role,
-    };
-    let (next, t) = entry
+    let (mut next, t) = entry
         .state
-        .apply(&entry.config, action, &actor, &facts)
+        .apply(&entry.config, action, actor, &facts)
         .map_err(|r| match r {
             Refusal::Role { .. } => ApiError::forbidden(r.to_string()),
             _ => api(
@@ -332,10 +379,13 @@ async fn act_inner(
                 r.to_string(),
             ),
         })?;
+    if needs_human {
+        next.needs_human = reason.clone();
+    }
     let event = RolloutEvent {
         ts_ms: now,
-        actor: token.name.clone(),
-        role: token.role.name().to_string(),
+        actor: actor.name.clone(),
+        role: actor.role.name().to_string(),
         action: action.name().to_string(),
         reason,
         from_status: t.from_status.name().to_string(),
@@ -365,19 +415,18 @@ async fn act_inner(
     })?
     .map_err(|e| store_error(&e))?;
     // Committed: now make it visible to the very next request.
-    let counters = if next.stage != entry.state.stage
-        || next.stage_started_ms != entry.state.stage_started_ms
-    {
-        Arc::new(crate::rollouts::StageCounters::default())
-    } else {
-        entry.counters.clone()
-    };
-    let updated = RolloutEntry {
+    let mut updated = RolloutEntry {
         config: entry.config.clone(),
         state: next,
         version: Some(version),
-        counters,
+        counters: entry.counters.clone(),
+        aggregates: entry.aggregates.clone(),
     };
+    if updated.state.stage != entry.state.stage
+        || updated.state.stage_started_ms != entry.state.stage_started_ms
+    {
+        updated.fresh_stage();
+    }
     let new_view = current.with(name, updated);
     let v = new_view
         .entries
@@ -388,7 +437,7 @@ async fn act_inner(
     tracing::info!(
         rollout = name,
         action = action.name(),
-        actor = token.name,
+        actor = actor.name,
         from = format!("{}:{}", t.from_status.name(), t.from_stage),
         to = format!("{}:{}", t.to_status.name(), t.to_stage),
         "rollout transition"

@@ -8,7 +8,9 @@
 //! ([`pipeline`]).
 
 pub mod admin;
+pub mod controller;
 pub mod error;
+pub mod feedback;
 pub mod metrics;
 pub mod pipeline;
 pub mod rollouts;
@@ -184,6 +186,7 @@ impl Gateway {
             store: _store,
         } = self;
         let router = router(app.clone());
+        let controller = tokio::spawn(controller::run(app.clone()));
         #[cfg(unix)]
         let hup = {
             let app = app.clone();
@@ -226,6 +229,7 @@ impl Gateway {
         // Give in-flight stream bodies dropped by the deadline a moment to
         // hand their records over, then flush everything.
         tokio::task::yield_now().await;
+        controller.abort();
         #[cfg(unix)]
         hup.abort();
         drop(app);
@@ -238,6 +242,7 @@ impl Gateway {
 pub fn router(app: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(pipeline::chat_completions))
+        .route("/v1/feedback", post(feedback::feedback))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))
         .route("/healthz", get(healthz))

@@ -26,8 +26,9 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use sluice_core::assign::{decide, Reason, RequestFacts};
 use sluice_core::chat::{finish_reason, ChatRequest, InvalidRequest, Message};
-use sluice_core::config::{KeyRole, LogBodies, VariantConfig};
+use sluice_core::config::{KeyRole, LogBodies, Price, VariantConfig};
 use sluice_core::rollout::Status;
+use sluice_core::signals::is_refusal;
 use sluice_core::stream::StreamAccumulator;
 use sluice_providers::{ChunkStream, Provider, ProviderError};
 use sluice_store::RequestRecord;
@@ -344,7 +345,52 @@ fn with_headers(mut resp: Response, rec: &RequestRecord, stage: Option<&str>) ->
 
 fn finish(app: &AppState, rec: RequestRecord) {
     app.metrics.observe(&rec);
+    observe_rollout(app, &rec);
     app.events.record(rec);
+}
+
+/// Feeds a finished request into its rollout stage's signals, if it was
+/// assigned by a rollout that is still in that stage.
+fn observe_rollout(app: &AppState, rec: &RequestRecord) {
+    let (Some(name), Some(stage)) = (rec.rollout.as_deref(), rec.stage) else {
+        return;
+    };
+    if !matches!(
+        rec.assignment.as_deref(),
+        Some("cohort" | "bucket" | "stable")
+    ) {
+        return;
+    }
+    let rollouts = app.rollouts.load();
+    let Some(e) = rollouts.entries.get(name) else {
+        return;
+    };
+    if !e.state.status.is_active() || u32::try_from(e.state.stage).ok() != Some(stage) {
+        return;
+    }
+    let candidate = rec.variant.as_deref() == Some(e.config.candidate.as_str());
+    let obs = crate::rollouts::observation(
+        rec.status,
+        rec.error_kind.as_deref(),
+        rec.latency_ms,
+        rec.ttft_ms,
+        rec.tokens_out,
+        rec.refusal,
+        rec.cost_usd,
+    );
+    e.aggregates
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .arm_mut(candidate)
+        .observe(&obs);
+}
+
+/// The first choice's text in a completion object.
+fn completion_text(v: &Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// `POST /v1/chat/completions`.
@@ -410,6 +456,7 @@ async fn handle(
     ctx.rec.model = Some(assignment.variant.model.clone());
     input_policy(&req)?;
     let upstream = prepare(&req, assignment.variant)?;
+    let price = snap.config.prices.get(&assignment.variant.model).copied();
     if req.is_stream() {
         let stream = assignment
             .provider
@@ -418,6 +465,7 @@ async fn handle(
             .map_err(|e| ApiError::upstream(&e))?;
         Ok(stream_response(
             app.clone(),
+            price,
             ctx,
             stream,
             req.wants_stream_usage(),
@@ -436,6 +484,8 @@ async fn handle(
             rec.tokens_out = Some(u.completion_tokens);
         }
         rec.finish_reason = finish_reason(&completion.body);
+        rec.refusal = Some(is_refusal(&completion_text(&completion.body)));
+        rec.cost_usd = price.and_then(|p| Some(p.cost(rec.tokens_in?, rec.tokens_out?)));
         let body = match completion.raw {
             Some(raw) => raw,
             None => Bytes::from(serde_json::to_vec(&completion.body).unwrap_or_default()),
@@ -466,6 +516,7 @@ struct StreamRecorder {
     started: Instant,
     acc: StreamAccumulator,
     log_full: bool,
+    price: Option<Price>,
 }
 
 impl StreamRecorder {
@@ -480,6 +531,12 @@ impl StreamRecorder {
             rec.tokens_out = Some(u.completion_tokens);
         }
         rec.finish_reason = self.acc.finish_reason().map(str::to_string);
+        if self.acc.chunks() > 0 {
+            rec.refusal = Some(is_refusal(self.acc.text()));
+        }
+        rec.cost_usd = self
+            .price
+            .and_then(|p| Some(p.cost(rec.tokens_in?, rec.tokens_out?)));
         if let Some((kind, message)) = error {
             rec.error_kind = Some(kind.to_string());
             rec.error_message = Some(message);
@@ -515,6 +572,7 @@ fn sse_error(e: &ProviderError) -> Bytes {
 
 fn stream_response(
     app: Arc<AppState>,
+    price: Option<Price>,
     ctx: &mut Ctx,
     upstream: ChunkStream,
     want_usage: bool,
@@ -532,6 +590,7 @@ fn stream_response(
         started: ctx.started,
         acc: StreamAccumulator::new(),
         log_full: ctx.log_full,
+        price,
     };
     let body = futures_util::stream::unfold(
         (upstream, recorder, false),

@@ -9,11 +9,49 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use sluice_core::config::{Config, RolloutConfig};
+use sluice_core::gate::{evaluate, Method, Verdict};
 use sluice_core::rollout::{RolloutState, Status};
+use sluice_core::signals::{Observation, StageAggregates};
 use sluice_store::{Store, StoreError};
+
+/// Whether a request's outcome counts as an error against its variant:
+/// server-side and upstream failures, not the client's own mistakes or
+/// disconnects.
+pub fn is_error(status: u16, error_kind: Option<&str>) -> bool {
+    status >= 500 || status == 429 || error_kind.is_some_and(|k| k.starts_with("upstream_"))
+}
+
+/// What a finished request contributes to its stage's signals.
+#[allow(clippy::too_many_arguments)]
+pub fn observation(
+    status: u16,
+    error_kind: Option<&str>,
+    latency_ms: f64,
+    ttft_ms: Option<f64>,
+    tokens_out: Option<u64>,
+    refusal: Option<bool>,
+    cost: Option<f64>,
+) -> Observation {
+    let error = is_error(status, error_kind);
+    if error {
+        return Observation {
+            error,
+            ..Default::default()
+        };
+    }
+    Observation {
+        error,
+        refusal,
+        latency_ms: Some(latency_ms),
+        ttft_ms,
+        cost,
+        output_tokens: tokens_out,
+        flags: Vec::new(),
+    }
+}
 
 /// Requests served in one stage of a rollout, per arm.
 #[derive(Debug, Default)]
@@ -51,6 +89,52 @@ pub struct RolloutEntry {
     pub version: Option<i64>,
     /// Requests in the current stage.
     pub counters: Arc<StageCounters>,
+    /// Signals of the current stage, per arm.
+    pub aggregates: Arc<Mutex<StageAggregates>>,
+}
+
+/// Whether a stage serves everyone the candidate, so it has no concurrent
+/// stable arm and judges against the previous stage's stable arm instead.
+pub fn carries_stable(rc: &RolloutConfig, stage: usize) -> bool {
+    stage > 0
+        && matches!(
+            rc.stages.get(stage).map(|s| &s.kind),
+            Some(sluice_core::config::StageKind::Percent {
+                basis_points: 10_000
+            })
+        )
+}
+
+impl RolloutEntry {
+    /// Fresh counters and aggregates for the stage the state is now in. A
+    /// 100 % stage keeps the previous stage's stable arm as its control.
+    pub fn fresh_stage(&mut self) {
+        let mut fresh = StageAggregates::default();
+        if carries_stable(&self.config, self.state.stage) {
+            fresh.stable = self
+                .aggregates
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .stable
+                .clone();
+        }
+        self.counters = Arc::new(StageCounters::default());
+        self.aggregates = Arc::new(Mutex::new(fresh));
+    }
+
+    /// The gates' verdicts on the current stage now.
+    pub fn verdicts(&self) -> Vec<Verdict> {
+        let aggs = self
+            .aggregates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.config
+            .gates
+            .iter()
+            .map(|g| evaluate(g, &aggs, Method::Sequential))
+            .collect()
+    }
 }
 
 /// All rollouts, and which one governs each deployment.
@@ -102,13 +186,14 @@ impl Rollouts {
                     e.state.stage == state.stage
                         && e.state.stage_started_ms == state.stage_started_ms
                 })
-                .map(|e| e.counters.clone());
-            let counters = match carried {
+                .map(|e| (e.counters.clone(), e.aggregates.clone()));
+            let (counters, aggregates) = match carried {
                 Some(c) => c,
                 None => {
                     let c = StageCounters::default();
+                    let mut a = StageAggregates::default();
                     if state.status.is_active() {
-                        match seed(store, rc, &state) {
+                        match seed(store, rc, &state, &mut a) {
                             Ok((s, k)) => {
                                 c.stable.store(s, Ordering::Relaxed);
                                 c.candidate.store(k, Ordering::Relaxed);
@@ -117,7 +202,7 @@ impl Rollouts {
                                 .push(format!("rollouts.{name}: cannot count its requests: {e}")),
                         }
                     }
-                    Arc::new(c)
+                    (Arc::new(c), Arc::new(Mutex::new(a)))
                 }
             };
             entries.insert(
@@ -127,6 +212,7 @@ impl Rollouts {
                     state,
                     version,
                     counters,
+                    aggregates,
                 },
             );
         }
@@ -186,15 +272,60 @@ impl Rollouts {
     }
 }
 
-fn seed(store: &Store, rc: &RolloutConfig, state: &RolloutState) -> Result<(u64, u64), StoreError> {
+/// Rebuilds a stage's counters and signals from its recorded requests (one
+/// indexed query per active rollout, at startup or reload; never per
+/// evaluation).
+fn seed(
+    store: &Store,
+    rc: &RolloutConfig,
+    state: &RolloutState,
+    aggs: &mut StageAggregates,
+) -> Result<(u64, u64), StoreError> {
     let stage = u32::try_from(state.stage).unwrap_or(u32::MAX);
+    if carries_stable(rc, state.stage) {
+        // The control arm of a 100 % stage: the previous stage's stable rows.
+        for row in store.stage_rows(&rc.name, stage - 1, 0)? {
+            if row.variant != rc.candidate {
+                let arm = &mut aggs.stable;
+                arm.observe(&observation(
+                    row.status,
+                    row.error_kind.as_deref(),
+                    row.latency_ms,
+                    row.ttft_ms,
+                    row.tokens_out,
+                    row.refusal,
+                    row.cost_usd,
+                ));
+                if let Some(down) = row.thumbs_down {
+                    arm.thumbs(None, down);
+                }
+            }
+        }
+    }
     let mut stable = 0;
     let mut candidate = 0;
-    for (variant, n) in store.stage_counts(&rc.name, stage, state.stage_started_ms)? {
-        if variant == rc.candidate {
-            candidate += n;
+    for row in store.stage_rows(&rc.name, stage, state.stage_started_ms)? {
+        let cand = row.variant == rc.candidate;
+        if cand {
+            candidate += 1;
         } else {
-            stable += n;
+            stable += 1;
+        }
+        let arm = aggs.arm_mut(cand);
+        arm.observe(&observation(
+            row.status,
+            row.error_kind.as_deref(),
+            row.latency_ms,
+            row.ttft_ms,
+            row.tokens_out,
+            row.refusal,
+            row.cost_usd,
+        ));
+        if let Some(down) = row.thumbs_down {
+            arm.thumbs(None, down);
+        }
+        if let Some(s) = row.score {
+            arm.scores.add(s);
         }
     }
     Ok((stable, candidate))

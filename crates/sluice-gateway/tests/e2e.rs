@@ -413,7 +413,7 @@ async fn client_errors_have_openai_shape_and_status() {
         (413, Some("request_too_large"))
     );
     let chunks =
-        futures_util::stream::iter((0..20).map(|_| Ok::<_, std::io::Error>(vec![b' '; 8192])));
+        futures_util::stream::iter((0..9).map(|_| Ok::<_, std::io::Error>(vec![b' '; 8192])));
     let r = c
         .post(&url)
         .bearer_auth(CLIENT_KEY)

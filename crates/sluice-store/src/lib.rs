@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OpenFlags};
 
 pub use record::{RequestRecord, VariantSummary};
-pub use rollouts::{RolloutEvent, StoredRollout};
+pub use rollouts::{Feedback, RolloutEvent, StageRow, StoredRollout};
 pub use writer::{EventSender, EventWriter, WriterStats, WriterStatsSnapshot};
 
 /// Errors from the store.

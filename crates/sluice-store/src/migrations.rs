@@ -74,6 +74,33 @@ CREATE TABLE rollout_events (
 CREATE INDEX rollout_events_rollout ON rollout_events (rollout, seq);
 "#,
     ),
+    (
+        3,
+        r#"
+ALTER TABLE requests ADD COLUMN refusal INTEGER;
+ALTER TABLE requests ADD COLUMN cost_usd REAL;
+
+CREATE TABLE feedback (
+    request_id  TEXT PRIMARY KEY,
+    ts_ms       INTEGER NOT NULL,
+    api_key     TEXT,
+    thumbs_down INTEGER,
+    score       REAL,
+    comment     TEXT
+);
+
+CREATE TABLE gate_verdicts (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    rollout  TEXT NOT NULL,
+    stage    INTEGER NOT NULL,
+    ts_ms    INTEGER NOT NULL,
+    signal   TEXT NOT NULL,
+    outcome  TEXT NOT NULL,
+    verdict  TEXT NOT NULL
+);
+CREATE INDEX gate_verdicts_rollout ON gate_verdicts (rollout, seq);
+"#,
+    ),
 ];
 
 /// The newest schema version this build knows.

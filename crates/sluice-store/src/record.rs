@@ -56,6 +56,10 @@ pub struct RequestRecord {
     pub assignment: Option<String>,
     /// Whether the same subject gets the same variant next time.
     pub sticky: Option<bool>,
+    /// Whether the answer was a refusal (successful requests).
+    pub refusal: Option<bool>,
+    /// Cost in USD, when the model has a price.
+    pub cost_usd: Option<f64>,
 }
 
 impl RequestRecord {
@@ -81,7 +85,7 @@ impl RequestRecord {
 
 const COLUMNS: &str = "id, ts_ms, api_key, deployment, variant, provider, model, subject, \
     stream, status, error_kind, error_message, latency_ms, ttft_ms, tokens_in, tokens_out, \
-    finish_reason, request_body, response_body, rollout, stage, assignment, sticky";
+    finish_reason, request_body, response_body, rollout, stage, assignment, sticky, refusal, cost_usd";
 
 fn to_i64(v: Option<u64>) -> Option<i64> {
     v.map(|x| i64::try_from(x).unwrap_or(i64::MAX))
@@ -98,7 +102,7 @@ pub(crate) fn insert_batch(
         let mut stmt = tx.prepare_cached(&format!(
             "INSERT OR IGNORE INTO requests ({COLUMNS}) VALUES \
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-             ?20, ?21, ?22, ?23)"
+             ?20, ?21, ?22, ?23, ?24, ?25)"
         ))?;
         for r in records {
             stmt.execute(params![
@@ -125,6 +129,8 @@ pub(crate) fn insert_batch(
                 r.stage,
                 r.assignment,
                 r.sticky,
+                r.refusal,
+                r.cost_usd,
             ])?;
         }
     }
@@ -159,6 +165,8 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<RequestRecord> {
         stage: row.get(20)?,
         assignment: row.get(21)?,
         sticky: row.get(22)?,
+        refusal: row.get(23)?,
+        cost_usd: row.get(24)?,
     })
 }
 

@@ -219,3 +219,174 @@ mod tests {
         assert_eq!(s.rollout("r").expect("read").expect("stored").version, 2);
     }
 }
+
+/// What one recorded request contributes to its stage's signals.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageRow {
+    /// The variant that served it.
+    pub variant: String,
+    /// HTTP status.
+    pub status: u16,
+    /// Error kind, if any.
+    pub error_kind: Option<String>,
+    /// Latency, ms.
+    pub latency_ms: f64,
+    /// Time to first token, ms.
+    pub ttft_ms: Option<f64>,
+    /// Output tokens.
+    pub tokens_out: Option<u64>,
+    /// Refusal flag.
+    pub refusal: Option<bool>,
+    /// Cost in USD.
+    pub cost_usd: Option<f64>,
+    /// Thumbs feedback: Some(true) = down.
+    pub thumbs_down: Option<bool>,
+    /// Feedback score.
+    pub score: Option<f64>,
+}
+
+/// Feedback as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Feedback {
+    /// The request it is about.
+    pub request_id: String,
+    /// When (unix ms).
+    pub ts_ms: i64,
+    /// The API key that gave it.
+    pub api_key: Option<String>,
+    /// Thumbs: `Some(true)` down, `Some(false)` up.
+    pub thumbs_down: Option<bool>,
+    /// Score 0..1.
+    pub score: Option<f64>,
+    /// Free text.
+    pub comment: Option<String>,
+}
+
+impl Store {
+    /// Every rollout-assigned request of a stage since `since_ms`, with its
+    /// feedback: what rebuilding the stage's signals after a restart needs.
+    pub fn stage_rows(
+        &self,
+        rollout: &str,
+        stage: u32,
+        since_ms: i64,
+    ) -> Result<Vec<StageRow>, StoreError> {
+        let c = self.lock();
+        let mut stmt = c.prepare_cached(
+            "SELECT COALESCE(r.variant, '-'), r.status, r.error_kind, r.latency_ms, r.ttft_ms, r.tokens_out, \
+             r.refusal, r.cost_usd, f.thumbs_down, f.score \
+             FROM requests r LEFT JOIN feedback f ON f.request_id = r.id \
+             WHERE r.rollout = ?1 AND r.stage = ?2 AND r.ts_ms >= ?3 \
+             AND r.assignment IN ('cohort', 'bucket', 'stable') ORDER BY r.seq",
+        )?;
+        let rows = stmt.query_map(params![rollout, stage, since_ms], |r| {
+            Ok(StageRow {
+                variant: r.get(0)?,
+                status: r.get(1)?,
+                error_kind: r.get(2)?,
+                latency_ms: r.get(3)?,
+                ttft_ms: r.get(4)?,
+                tokens_out: r.get::<_, Option<i64>>(5)?.map(|v| v.max(0) as u64),
+                refusal: r.get(6)?,
+                cost_usd: r.get(7)?,
+                thumbs_down: r.get(8)?,
+                score: r.get(9)?,
+            })
+        })?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
+    /// Stores feedback for a request (the latest feedback replaces earlier
+    /// feedback) and returns what was stored before.
+    pub fn put_feedback(&self, f: &Feedback) -> Result<Option<Feedback>, StoreError> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let previous = tx
+            .query_row(
+                "SELECT request_id, ts_ms, api_key, thumbs_down, score, comment FROM feedback WHERE request_id = ?1",
+                [&f.request_id],
+                |r| {
+                    Ok(Feedback {
+                        request_id: r.get(0)?,
+                        ts_ms: r.get(1)?,
+                        api_key: r.get(2)?,
+                        thumbs_down: r.get(3)?,
+                        score: r.get(4)?,
+                        comment: r.get(5)?,
+                    })
+                },
+            )
+            .optional()?;
+        tx.execute(
+            "INSERT INTO feedback (request_id, ts_ms, api_key, thumbs_down, score, comment) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT(request_id) DO UPDATE SET \
+             ts_ms = excluded.ts_ms, api_key = excluded.api_key, \
+             thumbs_down = COALESCE(excluded.thumbs_down, feedback.thumbs_down), \
+             score = COALESCE(excluded.score, feedback.score), \
+             comment = COALESCE(excluded.comment, feedback.comment)",
+            params![
+                f.request_id,
+                f.ts_ms,
+                f.api_key,
+                f.thumbs_down,
+                f.score,
+                f.comment
+            ],
+        )?;
+        tx.commit()?;
+        Ok(previous)
+    }
+
+    /// Records a gate verdict (as JSON) in the rollout's verdict history.
+    pub fn put_verdict(
+        &self,
+        rollout: &str,
+        stage: u32,
+        ts_ms: i64,
+        signal: &str,
+        outcome: &str,
+        verdict_json: &str,
+    ) -> Result<(), StoreError> {
+        let c = self.lock();
+        c.execute(
+            "INSERT INTO gate_verdicts (rollout, stage, ts_ms, signal, outcome, verdict) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![rollout, stage, ts_ms, signal, outcome, verdict_json],
+        )?;
+        Ok(())
+    }
+
+    /// A rollout's verdict history (verdict JSON objects with `stage` and
+    /// `ts_ms` added), oldest first, at most `limit` (the newest).
+    pub fn verdict_history(
+        &self,
+        rollout: &str,
+        limit: usize,
+    ) -> Result<Vec<serde_json::Value>, StoreError> {
+        let c = self.lock();
+        let mut stmt = c.prepare_cached(
+            "SELECT stage, ts_ms, verdict FROM gate_verdicts WHERE rollout = ?1 ORDER BY seq DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(
+            params![rollout, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            },
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (stage, ts, json) = row?;
+            let mut v: serde_json::Value = serde_json::from_str(&json)
+                .map_err(|e| StoreError::Corrupt(format!("verdict: {e}")))?;
+            v["stage"] = stage.into();
+            v["ts_ms"] = ts.into();
+            out.push(v);
+        }
+        out.reverse();
+        Ok(out)
+    }
+}

@@ -1,0 +1,336 @@
+//! End-to-end: gates judge the candidate and the controller acts by itself;
+//! feedback reaches the stage it belongs to.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{chat, client, Harness, CLIENT_KEY, OTHER_KEY};
+use serde_json::{json, Value};
+use sluice_core::secret::digest_hex;
+
+const VIEWER: &str = "viewer-token";
+const OPS: &str = "ops-token";
+
+/// A rollout of `candidate_model` (served by the OpenAI mock) with gates.
+fn with_gated_rollout(
+    candidate_model: &'static str,
+    stages: &'static str,
+    gates: &'static str,
+) -> impl Fn(String) -> String {
+    move |c: String| {
+        let c = c.replace(
+            "variants.v1 = { provider = \"mock-openai\", model = \"gpt-ok\", system_prompt = \"You are a support agent.\" }",
+            &format!(
+                "variants.v1 = {{ provider = \"mock-openai\", model = \"gpt-ok\", system_prompt = \"You are a support agent.\" }}\n\
+                 variants.v2 = {{ provider = \"mock-openai\", model = \"{candidate_model}\" }}"
+            ),
+        );
+        format!(
+            r#"{c}
+[[admin_tokens]]
+name = "watcher"
+role = "viewer"
+sha256 = "{viewer}"
+
+[[admin_tokens]]
+name = "ops"
+role = "operator"
+sha256 = "{ops}"
+
+[prices.gpt-ok]
+input_per_mtok = 1.0
+output_per_mtok = 2.0
+
+[rollouts.support-v2]
+deployment = "support"
+candidate = "v2"
+evaluate_every = "100ms"
+stages = {stages}
+{gates}
+"#,
+            viewer = digest_hex(VIEWER),
+            ops = digest_hex(OPS),
+        )
+    }
+}
+
+async fn status(h: &Harness) -> Value {
+    client()
+        .get(h.url("/admin/rollouts/support-v2"))
+        .bearer_auth(VIEWER)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json")
+}
+
+async fn start(h: &Harness) {
+    let r = client()
+        .post(h.url("/admin/rollouts/support-v2/start"))
+        .bearer_auth(OPS)
+        .json(&json!({"reason": "gated"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200);
+}
+
+async fn ask(h: &Harness, user: &str) -> (u16, String, String) {
+    let r = chat(
+        h,
+        json!({"model": "support", "user": user, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    let s = r.status().as_u16();
+    let v = r
+        .headers()
+        .get("x-sluice-variant")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let id = r.headers()["x-sluice-request-id"]
+        .to_str()
+        .expect("id")
+        .to_string();
+    let _ = r.bytes().await;
+    (s, v, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_candidate_is_rolled_back_by_the_gates() {
+    let h = Harness::start_with(with_gated_rollout(
+        "gpt-500",
+        r#"[{ kind = "percent", percent = 50 }, { kind = "percent", percent = 100 }]"#,
+        r#"
+[[rollouts.support-v2.gates]]
+signal = "error_rate"
+max_regression = 0.05
+min_samples = 30
+"#,
+    ))
+    .await;
+    start(&h).await;
+    let st = status(&h).await;
+    assert_eq!(st["controller"], "auto");
+    let started = Instant::now();
+    let mut rolled_back_at = None;
+    for i in 0..2000 {
+        let (_, variant, _) = ask(&h, &format!("user-{i}")).await;
+        if rolled_back_at.is_none() && i % 20 == 19 {
+            let s = status(&h).await;
+            if s["status"] == "rolled_back" {
+                rolled_back_at = Some(i);
+            }
+        }
+        if let Some(at) = rolled_back_at {
+            if i > at {
+                assert_eq!(
+                    variant, "v1",
+                    "request {i} after the rollback reached the candidate"
+                );
+            }
+            if i > at + 50 {
+                break;
+            }
+        }
+    }
+    assert!(
+        rolled_back_at.is_some(),
+        "not rolled back after {:?}",
+        started.elapsed()
+    );
+    let st = status(&h).await;
+    let last = st["history"]
+        .as_array()
+        .expect("history")
+        .last()
+        .cloned()
+        .expect("an entry");
+    assert_eq!(last["actor"], "controller");
+    assert_eq!(last["action"], "rollback");
+    assert!(
+        last["reason"]
+            .as_str()
+            .expect("reason")
+            .starts_with("gate failed: error_rate: candidate 100.00 %"),
+        "{last}"
+    );
+    let verdicts = st["verdict_history"].as_array().expect("verdicts");
+    assert!(
+        verdicts
+            .iter()
+            .any(|v| v["outcome"] == "fail" && v["signal"] == "error_rate"),
+        "{verdicts:?}"
+    );
+    let fail = verdicts
+        .iter()
+        .find(|v| v["outcome"] == "fail")
+        .expect("fail");
+    assert!(fail["n_candidate"].as_u64().expect("n") >= 30);
+    assert!(fail["ci_low"].as_f64().expect("low") > 0.05);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_candidate_is_promoted_by_the_gates() {
+    let h = Harness::start_with(with_gated_rollout(
+        "gpt-ok",
+        r#"[{ kind = "percent", percent = 50 }, { kind = "percent", percent = 100 }]"#,
+        r#"
+[[rollouts.support-v2.gates]]
+signal = "error_rate"
+max_regression = 0.1
+min_samples = 40
+
+[[rollouts.support-v2.gates]]
+signal = "cost_per_request"
+max_regression = "50%"
+min_samples = 40
+"#,
+    ))
+    .await;
+    start(&h).await;
+    let mut promoted = false;
+    for i in 0..3000 {
+        ask(&h, &format!("user-{i}")).await;
+        if i % 25 == 24 && status(&h).await["status"] == "promoted" {
+            promoted = true;
+            break;
+        }
+    }
+    assert!(promoted, "{}", status(&h).await);
+    let st = status(&h).await;
+    let actions: Vec<(String, String)> = st["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap_or("").to_string(),
+                e["action"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("ops".to_string(), "start".to_string()),
+            ("controller".into(), "advance".into()),
+            ("controller".into(), "advance".into())
+        ]
+    );
+    assert!(
+        st["history"][1]["reason"]
+            .as_str()
+            .expect("r")
+            .starts_with("all gates pass"),
+        "{st}"
+    );
+    // Every request afterwards goes to the candidate.
+    assert_eq!(ask(&h, "late-user").await.1, "v2");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_is_checked_and_counted_in_its_stage() {
+    let h = Harness::start_with(with_gated_rollout(
+        "gpt-ok",
+        r#"[{ kind = "percent", percent = 50 }]"#,
+        r#"
+[[rollouts.support-v2.gates]]
+signal = "feedback_down_rate"
+max_regression = 0.05
+min_samples = 1000
+"#,
+    ))
+    .await;
+    start(&h).await;
+    let c = client();
+    let url = h.url("/v1/feedback");
+    let (_, _, id) = ask(&h, "alice").await;
+    // Immediately after the answer (the record may still be queued).
+    let r = c
+        .post(&url)
+        .bearer_auth(CLIENT_KEY)
+        .json(&json!({"request_id": id, "thumbs": "down"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200);
+    let b: Value = r.json().await.expect("json");
+    assert_eq!(b["rollout_stage"]["rollout"], "support-v2");
+    // Changing one's mind replaces, never double counts.
+    let r = c
+        .post(&url)
+        .bearer_auth(CLIENT_KEY)
+        .json(&json!({"request_id": id, "thumbs": "up", "comment": "actually fine"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["replaced_earlier_feedback"],
+        true
+    );
+    let st = status(&h).await;
+    let gate = &st["gates"][0];
+    assert_eq!(gate["signal"], "feedback_down_rate");
+    assert_eq!(
+        gate["n_stable"].as_u64().unwrap_or(0) + gate["n_candidate"].as_u64().unwrap_or(0),
+        1,
+        "{gate}"
+    );
+    // Unknown id, another key's request, bad values.
+    let r = c
+        .post(&url)
+        .bearer_auth(CLIENT_KEY)
+        .json(&json!({"request_id": "req_nope", "thumbs": "up"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 404);
+    let r = c
+        .post(&url)
+        .bearer_auth(OTHER_KEY)
+        .json(&json!({"request_id": id, "thumbs": "up"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 404);
+    let r = c
+        .post(&url)
+        .bearer_auth(CLIENT_KEY)
+        .json(&json!({"request_id": id, "score": 7}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["error"]["param"],
+        "score"
+    );
+    let r = c
+        .post(&url)
+        .json(&json!({"request_id": id, "thumbs": "up"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 401);
+    // Cost was computed from the price table for the priced model.
+    h.flush().await;
+    let rec = h.store.get(&id).expect("read").expect("recorded");
+    if rec.variant.as_deref() == Some("v1") {
+        assert!(rec.cost_usd.expect("priced") > 0.0);
+    }
+    assert_eq!(rec.refusal, Some(false));
+    // The stage's signals survive a restart (rebuilt from records + feedback).
+    let before = status(&h).await["gates"][0].clone();
+    let h = h.restart().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let after = status(&h).await["gates"][0].clone();
+    assert_eq!(before["n_stable"], after["n_stable"]);
+    assert_eq!(before["n_candidate"], after["n_candidate"]);
+    h.stop().await;
+}
