@@ -61,34 +61,67 @@ latency = {{ median_ms = 60, p99_ms = 300 }}
 error_rate = 0.01
 refusal_rate = 0.02
 
-[providers.sim-candidate]
+[providers.sim-flaky]
 kind = "simulated"
 seed = 11
 latency = {{ median_ms = 45, p99_ms = 250 }}
-error_rate = 0.02
-pii_rate = 0.05
+error_rate = 0.25
 verbosity = 1.4
+
+[providers.sim-candidate]
+kind = "simulated"
+seed = 13
+latency = {{ median_ms = 45, p99_ms = 250 }}
+error_rate = 0.005
+verbosity = 0.8
 
 [deployments.support]
 stable = "v1"
 variants.v1 = {{ provider = "sim-stable", model = "sim-support-1", system_prompt = "You are a support agent." }}
-variants.v2 = {{ provider = "sim-candidate", model = "sim-support-2", system_prompt = "You are a concise support agent." }}
+variants.v2 = {{ provider = "sim-flaky", model = "sim-support-2", system_prompt = "You are a concise support agent." }}
+variants.v3 = {{ provider = "sim-candidate", model = "sim-support-3", system_prompt = "You are a concise, careful support agent." }}
 
 [cohorts.internal]
-subjects = ["user-1", "user-2", "user-3", "user-4", "user-5", "user-6", "user-7", "user-8"]
+subjects = ["user-1", "user-2", "user-3", "user-4", "user-5", "user-6", "user-7", "user-8", "user-9", "user-10", "user-11", "user-12"]
 
 [rollouts.support-v2]
 deployment = "support"
 candidate = "v2"
 subject = "user"
+evaluate_every = "250ms"
 stages = [
   {{ kind = "shadow", min_duration = "{step}", min_requests = 40 }},
   {{ kind = "cohort", cohorts = ["internal"], min_duration = "{step}" }},
-  {{ kind = "percent", percent = 5, min_duration = "{step}", min_requests = 60 }},
-  {{ kind = "percent", percent = 25, min_duration = "{step}" }},
   {{ kind = "percent", percent = 50, min_duration = "{step}" }},
   {{ kind = "percent", percent = 100, min_duration = "{step}" }},
 ]
+
+[[rollouts.support-v2.gates]]
+signal = "error_rate"
+max_regression = 0.05
+min_samples = 60
+
+[rollouts.support-v3]
+deployment = "support"
+candidate = "v3"
+subject = "user"
+evaluate_every = "250ms"
+stages = [
+  {{ kind = "shadow", min_duration = "{step}", min_requests = 40 }},
+  {{ kind = "cohort", cohorts = ["internal"], min_duration = "{step}" }},
+  {{ kind = "percent", percent = 50, min_duration = "{step}" }},
+  {{ kind = "percent", percent = 100, min_duration = "{step}" }},
+]
+
+[[rollouts.support-v3.gates]]
+signal = "error_rate"
+max_regression = 0.05
+min_samples = 60
+
+[[rollouts.support-v3.gates]]
+signal = "refusal_rate"
+max_regression = 0.05
+min_samples = 60
 
 [deployments.summarize]
 stable = "v1"
@@ -290,19 +323,6 @@ async fn admin_call(
     Ok(v)
 }
 
-fn stage_text(v: &Value) -> String {
-    match v["status"].as_str() {
-        Some("running" | "paused") => format!(
-            "stage {}/{} {}",
-            v["stage"].as_u64().unwrap_or(0) + 1,
-            v["stages"].as_array().map_or(0, Vec::len),
-            v["stage_label"].as_str().unwrap_or("")
-        ),
-        Some(s) => s.to_string(),
-        None => "?".into(),
-    }
-}
-
 /// Prints above the progress bar, or plainly when there is no terminal.
 fn say(bar: &ProgressBar, line: String) {
     if bar.is_hidden() {
@@ -312,8 +332,99 @@ fn say(bar: &ProgressBar, line: String) {
     }
 }
 
-/// Starts the demo rollout and advances it whenever its stage allows, printing
-/// each transition, until it is promoted or the traffic ends.
+/// Prints the history entries of a rollout not printed yet.
+async fn print_new_history(
+    client: &reqwest::Client,
+    base: &str,
+    name: &str,
+    bar: &ProgressBar,
+    started: Instant,
+    printed: &mut usize,
+) -> Result<Value> {
+    let v = admin_call(client, base, &format!("/admin/rollouts/{name}"), None).await?;
+    let history = v["history"].as_array().cloned().unwrap_or_default();
+    for e in history.iter().skip(*printed) {
+        let stages = v["stages"].as_array().cloned().unwrap_or_default();
+        let label = |i: u64| {
+            stages
+                .get(i as usize)
+                .and_then(|s| s["label"].as_str())
+                .unwrap_or("?")
+                .to_string()
+        };
+        let from = format!(
+            "{} {}",
+            e["from_status"].as_str().unwrap_or(""),
+            label(e["from_stage"].as_u64().unwrap_or(0))
+        );
+        let to = match e["to_status"].as_str() {
+            Some("running") => format!("running {}", label(e["to_stage"].as_u64().unwrap_or(0))),
+            Some(other) => other.to_string(),
+            None => "?".into(),
+        };
+        say(
+            bar,
+            format!(
+                "{:>6.1}s  {name}: {} by {}: {from} → {to}",
+                started.elapsed().as_secs_f64(),
+                e["action"].as_str().unwrap_or(""),
+                e["actor"].as_str().unwrap_or("")
+            ),
+        );
+        if let Some(reason) = e["reason"].as_str().filter(|r| !r.is_empty()) {
+            say(bar, format!("          {reason}"));
+        }
+    }
+    *printed = history.len();
+    Ok(v)
+}
+
+/// Runs one rollout to its end, letting the controller decide, printing
+/// every transition with its verdicts. Returns the final status.
+async fn watch_rollout(
+    client: &reqwest::Client,
+    base: &str,
+    name: &str,
+    bar: &ProgressBar,
+    started: Instant,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<String> {
+    admin_call(
+        client,
+        base,
+        &format!("/admin/rollouts/{name}/start"),
+        Some(json!({"reason": "demo: release it"})),
+    )
+    .await?;
+    let mut printed = 0;
+    loop {
+        let v = print_new_history(client, base, name, bar, started, &mut printed).await?;
+        let status = v["status"].as_str().unwrap_or("").to_string();
+        if matches!(status.as_str(), "promoted" | "rolled_back" | "aborted") {
+            return Ok(status);
+        }
+        if status == "paused" {
+            // Only the controller pauses here: a stage stayed undecided.
+            admin_call(
+                client,
+                base,
+                &format!("/admin/rollouts/{name}/rollback"),
+                Some(json!({"reason": "demo: undecided, rolling back"})),
+            )
+            .await?;
+            continue;
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(format!(
+                "{status} (traffic ended first; rerun with more --requests)"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+/// The demo's release story: a first candidate that regresses is rolled
+/// back by the gates; a second one is promoted to everyone.
 async fn walk_rollout(
     client: &reqwest::Client,
     base: &str,
@@ -321,65 +432,17 @@ async fn walk_rollout(
     started: Instant,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Option<String>> {
-    let path = "/admin/rollouts/support-v2";
-    let v = admin_call(
-        client,
-        base,
-        &format!("{path}/start"),
-        Some(json!({"reason": "demo: ship support v2"})),
-    )
-    .await?;
-    say(
-        bar,
-        format!(
-            "{:>6.1}s  rollout support-v2 started: {}",
-            started.elapsed().as_secs_f64(),
-            stage_text(&v)
-        ),
-    );
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            let v = admin_call(client, base, path, None).await?;
-            return Ok(Some(format!(
-                "rollout support-v2 is {} ({}) — the traffic ended first; rerun with more --requests to see it finish",
-                v["status"].as_str().unwrap_or("?"),
-                stage_text(&v)
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let v = admin_call(client, base, path, None).await?;
-        if v["status"] != "running" || !v["blockers"].as_array().is_some_and(Vec::is_empty) {
-            continue;
-        }
-        let before = stage_text(&v);
-        let served = format!(
-            "{} stable / {} candidate",
-            v["requests"]["stable"].as_u64().unwrap_or(0),
-            v["requests"]["candidate"].as_u64().unwrap_or(0)
-        );
-        let after = admin_call(
-            client,
-            base,
-            &format!("{path}/advance"),
-            Some(json!({"reason": "demo: stage conditions met"})),
-        )
-        .await?;
-        say(
-            bar,
-            format!(
-                "{:>6.1}s  advance: {before} → {}   ({served} in the stage)",
-                started.elapsed().as_secs_f64(),
-                stage_text(&after)
-            ),
-        );
-        if after["status"] == "promoted" {
-            stop.store(true, Ordering::Relaxed);
-            return Ok(Some(format!(
-                "rollout support-v2 promoted after {:.1}s: v2 now serves everyone",
-                started.elapsed().as_secs_f64()
-            )));
-        }
+    let first = watch_rollout(client, base, "support-v2", bar, started, &stop).await?;
+    if stop.load(Ordering::Relaxed) && first != "rolled_back" {
+        return Ok(Some(format!("support-v2 is {first}")));
     }
+    let second = watch_rollout(client, base, "support-v3", bar, started, &stop).await?;
+    stop.store(true, Ordering::Relaxed);
+    Ok(Some(format!(
+        "after {:.1}s: support-v2 (25 % errors) was {first} by the gates; support-v3 was {second}{}",
+        started.elapsed().as_secs_f64(),
+        if second == "promoted" { " and now serves everyone" } else { "" }
+    )))
 }
 
 /// Sends request `i`; returns whether it succeeded.

@@ -67,7 +67,7 @@ enum Command {
     Demo {
         /// Most requests the built-in client sends (it stops earlier once the
         /// demo rollout is promoted).
-        #[arg(long, default_value_t = 3000)]
+        #[arg(long, default_value_t = 8000)]
         requests: usize,
         /// How many requests are in flight at once.
         #[arg(long, default_value_t = 16)]

@@ -168,6 +168,37 @@ pub fn history_table(v: &Value) -> Table {
     t
 }
 
+/// The latest verdict of each gate.
+pub fn gates_table(v: &Value) -> Option<Table> {
+    let gates = v["gates"].as_array().filter(|g| !g.is_empty())?;
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    t.set_header([
+        "gate",
+        "verdict",
+        "n stable/candidate",
+        "p-value",
+        "details",
+    ]);
+    for g in gates {
+        t.add_row([
+            g["signal"].as_str().unwrap_or("").to_string(),
+            g["outcome"].as_str().unwrap_or("").to_string(),
+            format!(
+                "{}/{}",
+                g["n_stable"].as_u64().unwrap_or(0),
+                g["n_candidate"].as_u64().unwrap_or(0)
+            ),
+            g["p_value"]
+                .as_f64()
+                .map(|p| format!("{p:.3}"))
+                .unwrap_or_else(|| "-".into()),
+            g["summary"].as_str().unwrap_or("").to_string(),
+        ]);
+    }
+    Some(t)
+}
+
 /// Runs the command.
 pub async fn run(req: Request) -> Result<ExitCode> {
     anyhow::ensure!(
@@ -219,6 +250,15 @@ pub async fn run(req: Request) -> Result<ExitCode> {
         }
         ("status", Some(_)) => {
             println!("{}", summary_table(std::slice::from_ref(&body)));
+            if let Some(why) = body["needs_human"].as_str() {
+                println!("NEEDS A HUMAN: {why}");
+            }
+            if let Some(t) = gates_table(&body) {
+                println!(
+                    "gates (evaluated every {} ms):\n{t}",
+                    body["evaluate_every_ms"]
+                );
+            }
             println!("plan:\n{}", plan_table(&body));
             println!("history:\n{}", history_table(&body));
         }

@@ -336,9 +336,21 @@ fn the_demo_runs_without_keys_or_network() {
         .collect();
     assert_eq!(nums.len(), 2, "{line}");
     assert_eq!(nums[0], nums[1], "every request recorded: {line}");
-    assert!(stdout.contains("rollout support-v2 started"), "{stdout}");
-    assert!(stdout.contains("→ stage 3/6 percent-5"), "{stdout}");
-    assert!(stdout.contains("rollout support-v2 promoted"), "{stdout}");
+    // The regressing candidate is rolled back by the gates, with the verdict.
+    assert!(
+        stdout.contains("support-v2: rollback by controller"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("gate failed: error_rate: candidate"),
+        "{stdout}"
+    );
+    // The healthy one is walked to everyone by the controller.
+    assert!(
+        stdout.contains("support-v3: advance by controller: running percent-100 → promoted"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("all gates pass"), "{stdout}");
     assert!(
         stdout.contains("support") && stdout.contains("p99 ms"),
         "{stdout}"
@@ -555,5 +567,36 @@ fn sighup_reloads_a_valid_config_and_keeps_the_old_one_otherwise() {
     assert!(
         hup_and_wait("extra", 200),
         "the new deployment is served after SIGHUP"
+    );
+}
+
+#[test]
+fn sim_reports_every_scenario_with_its_target() {
+    let out = bin()
+        .args(["sim", "--runs", "12", "--max-requests", "20000", "--json"])
+        .output()
+        .expect("runs");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let scenarios = v["scenarios"].as_array().expect("scenarios");
+    assert_eq!(scenarios.len(), 9);
+    for s in scenarios {
+        assert_eq!(s["runs"], 12);
+        let total = s["rollback_rate"].as_f64().expect("r")
+            + s["promote_rate"].as_f64().expect("p")
+            + s["needs_human_rate"].as_f64().expect("h");
+        assert!((total - 1.0).abs() < 1e-9, "{s}");
+    }
+    let better = scenarios
+        .iter()
+        .find(|s| s["truth"] == "better")
+        .expect("better");
+    assert!(
+        better["promote_rate"].as_f64().expect("p") > 0.8,
+        "{better}"
+    );
+    let aa = &scenarios[0];
+    assert!(
+        aa["naive_rollback_rate"].as_f64().expect("n") >= aa["rollback_rate"].as_f64().expect("r"),
+        "{aa}"
     );
 }
