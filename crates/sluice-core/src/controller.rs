@@ -255,4 +255,45 @@ mod tests {
             Decision::Advance { .. }
         ));
     }
+
+    #[test]
+    fn an_undecided_stage_asks_a_human_after_max_duration() {
+        let p = plan(50);
+        let mut a = StageAggregates::default();
+        for i in 0..60u64 {
+            a.stable.observe(&Observation {
+                error: i % 10 == 0,
+                latency_ms: Some(100.0),
+                ..Default::default()
+            });
+            a.candidate.observe(&Observation {
+                error: i % 8 == 0,
+                latency_ms: Some(100.0),
+                ..Default::default()
+            });
+        }
+        let verdicts: Vec<Verdict> = p
+            .gates
+            .iter()
+            .map(|g| evaluate(g, &a, Method::Sequential))
+            .collect();
+        assert!(verdicts.iter().all(|v| v.outcome == Outcome::Inconclusive));
+        let early = Facts {
+            now_ms: 30_000,
+            stage_requests: 120,
+            gate_blockers: vec![],
+        };
+        assert_eq!(decide(&p, &running(0), &verdicts, &early), Decision::Hold);
+        let late = Facts {
+            now_ms: 61_000,
+            ..early
+        };
+        match decide(&p, &running(0), &verdicts, &late) {
+            Decision::NeedsHuman { reason } => assert!(
+                reason.contains("needs a human") && reason.contains("1m"),
+                "{reason}"
+            ),
+            other => panic!("expected NeedsHuman, got {other:?}"),
+        }
+    }
 }

@@ -84,6 +84,22 @@ fn authorize(
     Ok(token.clone())
 }
 
+/// One arm's signals as JSON.
+fn arm_json(a: &sluice_core::signals::ArmAggregates) -> Value {
+    let q = |h: &sluice_core::signals::LogHistogram| json!({"p50": h.quantile(0.5), "p95": h.quantile(0.95), "p99": h.quantile(0.99), "n": h.count()});
+    json!({
+        "requests": a.requests,
+        "error_rate": a.errors.mean(),
+        "refusal_rate": (a.refusals.n > 0).then(|| a.refusals.mean()),
+        "latency_ms": q(&a.latency),
+        "ttft_ms": q(&a.ttft),
+        "cost_per_request": (a.cost.n > 0).then_some(a.cost.mean),
+        "output_tokens": (a.output_tokens.n > 0).then_some(a.output_tokens.mean),
+        "feedback": {"thumbs": a.thumbs_down.n, "down_rate": (a.thumbs_down.n > 0).then(|| a.thumbs_down.mean()), "mean_score": (a.scores.n > 0).then_some(a.scores.mean)},
+        "flag_rates": a.flags.iter().map(|(k, b)| (k.clone(), json!(b.mean()))).collect::<serde_json::Map<String, Value>>(),
+    })
+}
+
 /// The JSON view of one rollout.
 pub fn view(snap: &Snapshot, e: &RolloutEntry, now: i64) -> Value {
     let c = &e.config;
@@ -137,6 +153,12 @@ pub fn view(snap: &Snapshot, e: &RolloutEntry, now: i64) -> Value {
         "controller": match c.controller { sluice_core::config::ControllerMode::Auto => "auto", sluice_core::config::ControllerMode::Manual => "manual" },
         "evaluate_every_ms": c.evaluate_every.as_millis() as u64,
         "gates": if e.state.status.is_active() { json!(verdicts) } else { json!([]) },
+        "signals": if e.state.status.is_active() {
+            let a = e.aggregates.lock().unwrap_or_else(|p| p.into_inner());
+            json!({"stable": arm_json(&a.stable), "candidate": arm_json(&a.candidate)})
+        } else {
+            Value::Null
+        },
     })
 }
 

@@ -115,6 +115,10 @@ min_samples = 30
     start(&h).await;
     let st = status(&h).await;
     assert_eq!(st["controller"], "auto");
+    assert!(
+        st["signals"]["stable"]["latency_ms"].get("p99").is_some(),
+        "{st}"
+    );
     let started = Instant::now();
     let mut rolled_back_at = None;
     for i in 0..2000 {

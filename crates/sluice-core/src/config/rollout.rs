@@ -882,4 +882,74 @@ stages = [
         let e = errors("[[admin_tokens]]\nname = \"x\"\nrole = \"god\"\nsha256 = \"00\"\n");
         assert!(e[0].starts_with("admin_tokens[1].role"), "{e:?}");
     }
+
+    #[test]
+    fn gates_parse_with_defaults_and_named_mistakes() {
+        let c = Config::parse(&format!(
+            "{BASE}{}",
+            r#"
+[rollouts.r]
+deployment = "support"
+candidate = "v2"
+evaluate_every = "2s"
+stages = [{ kind = "percent", percent = 5, max_duration = "1h" }]
+
+[[rollouts.r.gates]]
+signal = "error_rate"
+max_regression = 0.005
+
+[[rollouts.r.gates]]
+signal = "latency_p95"
+max_regression = "10%"
+alpha = 0.01
+min_samples = 500
+
+[[rollouts.r.gates]]
+signal = "flag_rate:no-pii-leak"
+max_regression = 0.001
+"#
+        ))
+        .expect("valid");
+        let r = &c.rollouts["r"];
+        assert_eq!(r.controller, super::ControllerMode::Auto);
+        assert_eq!(r.evaluate_every, std::time::Duration::from_secs(2));
+        assert_eq!(r.gates.len(), 3);
+        assert_eq!(r.gates[0].alpha, 0.05);
+        assert_eq!(r.gates[0].min_samples, 100);
+        assert_eq!(r.gates[1].max_regression, super::Margin::Relative(0.10));
+        assert_eq!(
+            r.gates[2].signal,
+            super::Signal::FlagRate("no-pii-leak".into())
+        );
+        assert_eq!(
+            r.stages[0].max_duration,
+            Some(std::time::Duration::from_secs(3600))
+        );
+
+        let e = errors(
+            r#"
+[rollouts.r]
+deployment = "support"
+candidate = "v2"
+stages = [{ kind = "percent", percent = 5, min_duration = "2h", max_duration = "1h" }]
+gates = [
+  { signal = "eror_rate", max_regression = 0.01 },
+  { signal = "error_rate", max_regression = "lots" },
+  { signal = "error_rate", max_regression = 2 },
+  { signal = "error_rate", max_regression = 0.01, alpha = 0.7 },
+]
+"#,
+        )
+        .join("\n");
+        for expected in [
+            "rollouts.r.stages[0].max_duration: must not be shorter than min_duration",
+            "rollouts.r.gates[0].signal: unknown signal \"eror_rate\"",
+            "did you mean \"error_rate\"?",
+            "rollouts.r.gates[1].max_regression: invalid margin \"lots\"",
+            "rollouts.r.gates[2].max_regression: a rate difference must be below 1",
+            "rollouts.r.gates[3].alpha: must be between 0 and 0.5",
+        ] {
+            assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
+        }
+    }
 }
