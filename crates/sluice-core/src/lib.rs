@@ -11,6 +11,7 @@ pub mod chat;
 pub mod config;
 pub mod controller;
 pub mod gate;
+pub mod policy;
 pub mod rollout;
 pub mod secret;
 pub mod signals;

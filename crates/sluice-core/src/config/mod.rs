@@ -20,7 +20,12 @@ use serde::Deserialize;
 
 use crate::secret::{parse_digest_hex, KeyDigest, SecretSource};
 
+mod policy;
 mod rollout;
+
+pub use policy::{
+    Applies, DetectorConfig, OnError, PolicyAction, PrincipleConfig, Severity, DETECTOR_KINDS,
+};
 
 pub use rollout::{
     AdminTokenConfig, CohortConfig, ControllerMode, GateConfig, Margin, OnFailure, Role,
@@ -268,6 +273,8 @@ pub struct DeploymentConfig {
     pub stable: String,
     /// All variants, by name.
     pub variants: BTreeMap<String, VariantConfig>,
+    /// Principles of the constitution enforced on this deployment.
+    pub principles: Vec<String>,
 }
 
 impl DeploymentConfig {
@@ -302,6 +309,8 @@ pub struct Config {
     pub admin_tokens: Vec<AdminTokenConfig>,
     /// Prices by upstream model name.
     pub prices: BTreeMap<String, Price>,
+    /// The constitution: principles by id.
+    pub principles: BTreeMap<String, PrincipleConfig>,
 }
 
 impl Config {
@@ -675,6 +684,21 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
     let api_keys = build_api_keys(cx, t.remove("api_keys"));
     let providers = build_providers(cx, t.remove("providers"));
     let deployments = build_deployments(cx, t.remove("deployments"), &providers);
+    let principles = policy::build_principles(cx, t.remove("principles"), &providers);
+    for d in deployments.values() {
+        for p in &d.principles {
+            if !principles.contains_key(p) {
+                cx.err(
+                    format!("deployments.{}.principles", key(&d.name)),
+                    unknown_ref(
+                        "principle",
+                        p,
+                        principles.keys().map(String::as_str).collect(),
+                    ),
+                );
+            }
+        }
+    }
     let cohorts = rollout::build_cohorts(cx, t.remove("cohorts"));
     let rollouts = rollout::build_rollouts(cx, t.remove("rollouts"), &deployments, &cohorts);
     let admin_tokens = rollout::build_admin_tokens(cx, t.remove("admin_tokens"));
@@ -729,6 +753,7 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
         "rollouts",
         "admin_tokens",
         "prices",
+        "principles",
     ];
     for k in t.keys() {
         let hint = did_you_mean(k, known_top)
@@ -749,6 +774,7 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
         rollouts,
         admin_tokens,
         prices,
+        principles,
     }
 }
 
@@ -1050,9 +1076,10 @@ fn build_deployments(
             continue;
         };
         let stable: Option<String> = take(cx, &mut dt, &path, "stable");
+        let principles: Vec<String> = take(cx, &mut dt, &path, "principles").unwrap_or_default();
         let variants_v = dt.remove("variants");
         for k in dt.keys() {
-            let hint = did_you_mean(k, ["stable", "variants"])
+            let hint = did_you_mean(k, ["stable", "variants", "principles"])
                 .map(|s| format!("; did you mean `{s}`?"))
                 .unwrap_or_default();
             cx.err(
@@ -1146,6 +1173,7 @@ fn build_deployments(
                 name,
                 stable,
                 variants,
+                principles,
             },
         );
     }
