@@ -13,6 +13,7 @@ pub mod error;
 pub mod feedback;
 pub mod metrics;
 pub mod pipeline;
+pub mod policy;
 pub mod rollouts;
 pub mod snapshot;
 

@@ -23,11 +23,13 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use serde_json::Value;
+use serde_json::{json, Value};
 use sluice_core::assign::{decide, Reason, RequestFacts};
 use sluice_core::chat::{finish_reason, ChatRequest, InvalidRequest, Message};
 use sluice_core::config::{KeyRole, LogBodies, Price, VariantConfig};
 use sluice_core::rollout::Status;
+use sluice_core::policy::guard::{OutputGuard, Step};
+use sluice_core::policy::Constitution;
 use sluice_core::signals::is_refusal;
 use sluice_core::stream::StreamAccumulator;
 use sluice_providers::{ChunkStream, Provider, ProviderError};
@@ -44,6 +46,8 @@ pub const REQUEST_ID: &str = "x-sluice-request-id";
 pub const VARIANT: &str = "x-sluice-variant";
 /// Header naming the deployment.
 pub const DEPLOYMENT: &str = "x-sluice-deployment";
+/// Header listing the principles that fired.
+pub const POLICY: &str = "x-sluice-policy";
 /// Header naming the rollout stage that routed the request.
 pub const STAGE: &str = "x-sluice-stage";
 
@@ -286,12 +290,6 @@ pub fn assign<'a>(
     })
 }
 
-/// Phase: input policy. No principles exist yet; this is where the
-/// constitution is enforced on inputs.
-pub fn input_policy(_req: &ChatRequest) -> Result<(), ApiError> {
-    Ok(())
-}
-
 /// Phase: rewrite the client's request for the variant: upstream model, the
 /// variant's system prompt first, its default parameters where the client set
 /// none. `metadata` is sluice's (used for routing) and is only forwarded when
@@ -314,12 +312,17 @@ pub fn prepare(req: &ChatRequest, variant: &VariantConfig) -> Result<ChatRequest
 struct Ctx {
     rec: RequestRecord,
     stage_header: Option<String>,
+    policy: crate::policy::PolicyLog,
+    flags: Vec<(String, bool)>,
     started: Instant,
     log_full: bool,
 }
 
-fn with_headers(mut resp: Response, rec: &RequestRecord, stage: Option<&str>) -> Response {
+fn with_headers(mut resp: Response, rec: &RequestRecord, stage: Option<&str>, policy: Option<String>) -> Response {
     let h = resp.headers_mut();
+    if let Some(v) = policy.and_then(|v| HeaderValue::from_str(&v).ok()) {
+        h.insert(POLICY, v);
+    }
     if let Some(v) = stage.and_then(|v| HeaderValue::from_str(v).ok()) {
         h.insert(STAGE, v);
     }
@@ -343,15 +346,15 @@ fn with_headers(mut resp: Response, rec: &RequestRecord, stage: Option<&str>) ->
     resp
 }
 
-fn finish(app: &AppState, rec: RequestRecord) {
+fn finish(app: &AppState, rec: RequestRecord, flags: Vec<(String, bool)>) {
     app.metrics.observe(&rec);
-    observe_rollout(app, &rec);
+    observe_rollout(app, &rec, flags);
     app.events.record(rec);
 }
 
 /// Feeds a finished request into its rollout stage's signals, if it was
 /// assigned by a rollout that is still in that stage.
-fn observe_rollout(app: &AppState, rec: &RequestRecord) {
+fn observe_rollout(app: &AppState, rec: &RequestRecord, flags: Vec<(String, bool)>) {
     let (Some(name), Some(stage)) = (rec.rollout.as_deref(), rec.stage) else {
         return;
     };
@@ -369,7 +372,7 @@ fn observe_rollout(app: &AppState, rec: &RequestRecord) {
         return;
     }
     let candidate = rec.variant.as_deref() == Some(e.config.candidate.as_str());
-    let obs = crate::rollouts::observation(
+    let mut obs = crate::rollouts::observation(
         rec.status,
         rec.error_kind.as_deref(),
         rec.latency_ms,
@@ -378,6 +381,9 @@ fn observe_rollout(app: &AppState, rec: &RequestRecord) {
         rec.refusal,
         rec.cost_usd,
     );
+    if !obs.error {
+        obs.flags = flags;
+    }
     e.aggregates
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -408,6 +414,8 @@ pub async fn chat_completions(
             ..Default::default()
         },
         stage_header: None,
+        policy: Default::default(),
+        flags: Vec::new(),
         started: Instant::now(),
         log_full: snap.config.store.log_bodies == LogBodies::Full,
     };
@@ -419,8 +427,9 @@ pub async fn chat_completions(
             rec.error_kind = Some(e.record_kind.to_string());
             rec.error_message = Some(e.message.clone());
             rec.latency_ms = ms_since(ctx.started);
-            let resp = with_headers(e.into_response(), &rec, ctx.stage_header.as_deref());
-            finish(&app, rec);
+            rec.policy = ctx.policy.to_record();
+            let resp = with_headers(e.into_response(), &rec, ctx.stage_header.as_deref(), ctx.policy.header());
+            finish(&app, rec, std::mem::take(&mut ctx.flags));
             resp
         }
     }
@@ -439,7 +448,7 @@ async fn handle(
     if ctx.log_full {
         ctx.rec.request_body = Some(String::from_utf8_lossy(&bytes).into_owned());
     }
-    let req = ChatRequest::parse(&bytes).map_err(ApiError::invalid)?;
+    let mut req = ChatRequest::parse(&bytes).map_err(ApiError::invalid)?;
     ctx.rec.stream = req.is_stream();
     ctx.rec.subject = req.user.clone().or_else(|| ctx.rec.api_key.clone());
     let deployment = resolve(snap, key, &req.model)?;
@@ -454,7 +463,10 @@ async fn handle(
     ctx.rec.variant = Some(assignment.variant.name.clone());
     ctx.rec.provider = Some(assignment.variant.provider.clone());
     ctx.rec.model = Some(assignment.variant.model.clone());
-    input_policy(&req)?;
+    let constitution = deployment.constitution.clone();
+    let checked = crate::policy::check_input(&constitution, &mut req, &mut ctx.policy);
+    ctx.flags = crate::policy::flags(&constitution, &ctx.policy);
+    checked?;
     let upstream = prepare(&req, assignment.variant)?;
     let price = snap.config.prices.get(&assignment.variant.model).copied();
     if req.is_stream() {
@@ -466,17 +478,23 @@ async fn handle(
         Ok(stream_response(
             app.clone(),
             price,
+            constitution,
             ctx,
             stream,
             req.wants_stream_usage(),
         ))
     } else {
-        let completion = assignment
+        let mut completion = assignment
             .provider
             .complete(&upstream)
             .await
             .map_err(|e| ApiError::upstream(&e))?;
+        if crate::policy::check_output(&constitution, &mut completion.body, &mut ctx.policy) {
+            completion.raw = None;
+        }
+        let flags = crate::policy::flags(&constitution, &ctx.policy);
         let mut rec = std::mem::take(&mut ctx.rec);
+        rec.policy = ctx.policy.to_record();
         rec.status = 200;
         rec.latency_ms = ms_since(ctx.started);
         if let Some(u) = completion.usage {
@@ -502,14 +520,15 @@ async fn handle(
             body,
         )
             .into_response();
-        let resp = with_headers(resp, &rec, ctx.stage_header.as_deref());
-        finish(app, rec);
+        let resp = with_headers(resp, &rec, ctx.stage_header.as_deref(), ctx.policy.header());
+        finish(app, rec, flags);
         Ok(resp)
     }
 }
 
 /// Owns a streamed request's record until the stream ends; if the client goes
 /// away first, dropping it records the request as `client_disconnected`.
+/// It also owns the output guards, one per choice.
 struct StreamRecorder {
     app: Arc<AppState>,
     rec: Option<RequestRecord>,
@@ -517,6 +536,11 @@ struct StreamRecorder {
     acc: StreamAccumulator,
     log_full: bool,
     price: Option<Price>,
+    constitution: Constitution,
+    guards: std::collections::BTreeMap<u64, OutputGuard>,
+    finished: std::collections::BTreeSet<u64>,
+    policy: crate::policy::PolicyLog,
+    check_us: u64,
 }
 
 impl StreamRecorder {
@@ -541,10 +565,88 @@ impl StreamRecorder {
             rec.error_kind = Some(kind.to_string());
             rec.error_message = Some(message);
         }
+        let findings: Vec<_> = self.guards.values().flat_map(|g| g.findings().to_vec()).collect();
+        self.policy.add(&findings, self.check_us, None);
+        rec.policy = self.policy.to_record();
         if self.log_full && self.acc.chunks() > 0 {
             rec.response_body = Some(self.acc.completion().to_string());
         }
-        finish(&self.app, rec);
+        let flags = crate::policy::flags(&self.constitution, &self.policy);
+        finish(&self.app, rec, flags);
+    }
+
+    /// Passes a chunk's text through the choices' guards. Returns the chunk
+    /// to send and whether a `block` principle ended the stream.
+    fn guard(&mut self, mut v: Value) -> (Value, bool) {
+        let mut blocked = false;
+        let started = Instant::now();
+        if let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) {
+            for c in choices.iter_mut() {
+                let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+                let constitution = &self.constitution;
+                let guard = self.guards.entry(idx).or_insert_with(|| OutputGuard::new(constitution));
+                let mut emitted = String::new();
+                let mut choice_blocked = false;
+                if let Some(t) = c.get("delta").and_then(|d| d.get("content")).and_then(Value::as_str) {
+                    match guard.push(t) {
+                        Step::Emit(e) => emitted = e,
+                        Step::Block { emit, .. } => {
+                            emitted = emit;
+                            choice_blocked = true;
+                        }
+                    }
+                }
+                let finishing = c.get("finish_reason").is_some_and(|f| !f.is_null());
+                if finishing && !choice_blocked {
+                    self.finished.insert(idx);
+                    match guard.finish() {
+                        Step::Emit(e) => emitted.push_str(&e),
+                        Step::Block { emit, .. } => {
+                            emitted.push_str(&emit);
+                            choice_blocked = true;
+                        }
+                    }
+                }
+                let had_content = c.get("delta").and_then(|d| d.get("content")).is_some();
+                if had_content || !emitted.is_empty() {
+                    c["delta"]["content"] = json!(emitted);
+                }
+                if choice_blocked {
+                    c["finish_reason"] = json!("content_filter");
+                    self.finished.insert(idx);
+                    blocked = true;
+                }
+            }
+        }
+        self.check_us += started.elapsed().as_micros() as u64;
+        (v, blocked)
+    }
+
+    /// At the end of a stream: releases what the guards still hold for
+    /// choices that never sent a finish reason.
+    fn flush(&mut self, template: &Value) -> Option<(Value, bool)> {
+        let open: Vec<u64> = self.guards.keys().filter(|k| !self.finished.contains(k)).copied().collect();
+        if open.is_empty() {
+            return None;
+        }
+        let mut blocked = false;
+        let mut choices = Vec::new();
+        for idx in open {
+            self.finished.insert(idx);
+            let Some(g) = self.guards.get_mut(&idx) else { continue };
+            let (text, b) = match g.finish() {
+                Step::Emit(e) => (e, false),
+                Step::Block { emit, .. } => (emit, true),
+            };
+            blocked |= b;
+            choices.push(json!({"index": idx, "delta": {"content": text}, "finish_reason": if b { json!("content_filter") } else { Value::Null }}));
+        }
+        let mut v = template.clone();
+        v["choices"] = json!(choices);
+        if let Some(o) = v.as_object_mut() {
+            o.remove("usage");
+        }
+        Some((v, blocked))
     }
 }
 
@@ -570,9 +672,14 @@ fn sse_error(e: &ProviderError) -> Bytes {
     Bytes::from(format!("data: {body}\n\n"))
 }
 
+fn sse_data(text: &str) -> Bytes {
+    Bytes::from(format!("data: {text}\n\n"))
+}
+
 fn stream_response(
     app: Arc<AppState>,
     price: Option<Price>,
+    constitution: Constitution,
     ctx: &mut Ctx,
     upstream: ChunkStream,
     want_usage: bool,
@@ -584,6 +691,7 @@ fn stream_response(
         deployment: rec.deployment.clone(),
         ..Default::default()
     };
+    let guarded = constitution.applies(sluice_core::config::Applies::Output);
     let recorder = StreamRecorder {
         app,
         rec: Some(rec),
@@ -591,17 +699,53 @@ fn stream_response(
         acc: StreamAccumulator::new(),
         log_full: ctx.log_full,
         price,
+        constitution,
+        guards: Default::default(),
+        finished: Default::default(),
+        policy: std::mem::take(&mut ctx.policy),
+        check_us: 0,
     };
+    enum Phase {
+        Streaming,
+        /// Send this, then `[DONE]`.
+        Closing(Option<Bytes>),
+        Done,
+    }
     let body = futures_util::stream::unfold(
-        (upstream, recorder, false),
-        move |(mut upstream, mut recorder, done)| async move {
-            if done {
-                return None;
+        (upstream, recorder, Phase::Streaming, Value::Null),
+        move |(mut upstream, mut recorder, phase, mut template)| async move {
+            match phase {
+                Phase::Done => return None,
+                Phase::Closing(next) => {
+                    return match next {
+                        Some(b) => Some((Ok::<_, std::convert::Infallible>(b), (upstream, recorder, Phase::Closing(None), template))),
+                        None => Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), (upstream, recorder, Phase::Done, template))),
+                    };
+                }
+                Phase::Streaming => {}
             }
             loop {
                 match upstream.next().await {
                     Some(Ok(chunk)) => {
-                        let produced = recorder.acc.push(&chunk.value);
+                        let usage_only = chunk.value.get("usage").is_some_and(|u| !u.is_null())
+                            && chunk
+                                .value
+                                .get("choices")
+                                .and_then(Value::as_array)
+                                .is_none_or(Vec::is_empty);
+                        let (value, raw, blocked) = if guarded && !usage_only {
+                            if template.is_null() {
+                                template = chunk.value.clone();
+                            }
+                            let (v, b) = recorder.guard(chunk.value);
+                            (v, None, b)
+                        } else {
+                            (chunk.value, chunk.raw, false)
+                        };
+                        // Usage chunks come after the last content: release
+                        // whatever the guards still hold first.
+                        let flushed = if guarded && usage_only { recorder.flush(&template) } else { None };
+                        let produced = recorder.acc.push(&value);
                         if produced {
                             if let Some(rec) = recorder.rec.as_mut() {
                                 if rec.ttft_ms.is_none() {
@@ -609,36 +753,49 @@ fn stream_response(
                                 }
                             }
                         }
-                        let usage_only = chunk.value.get("usage").is_some_and(|u| !u.is_null())
-                            && chunk
-                                .value
-                                .get("choices")
-                                .and_then(Value::as_array)
-                                .is_none_or(Vec::is_empty);
-                        if usage_only && !want_usage {
-                            continue;
+                        if blocked {
+                            recorder.finish(None);
+                            let text = value.to_string();
+                            return Some((Ok(sse_data(&text)), (upstream, recorder, Phase::Closing(None), template)));
                         }
-                        let text = match chunk.raw {
+                        let mut out = String::new();
+                        if let Some((fv, fb)) = flushed {
+                            recorder.acc.push(&fv);
+                            out.push_str(&format!("data: {fv}\n\n"));
+                            if fb {
+                                recorder.finish(None);
+                                return Some((Ok(Bytes::from(out)), (upstream, recorder, Phase::Closing(None), template)));
+                            }
+                        }
+                        if usage_only && !want_usage {
+                            if out.is_empty() {
+                                continue;
+                            }
+                            return Some((Ok(Bytes::from(out)), (upstream, recorder, Phase::Streaming, template)));
+                        }
+                        let text = match raw {
                             Some(raw) => raw,
-                            None => chunk.value.to_string(),
+                            None => value.to_string(),
                         };
-                        let bytes = Bytes::from(format!("data: {text}\n\n"));
-                        return Some((
-                            Ok::<_, std::convert::Infallible>(bytes),
-                            (upstream, recorder, false),
-                        ));
+                        out.push_str(&format!("data: {text}\n\n"));
+                        return Some((Ok(Bytes::from(out)), (upstream, recorder, Phase::Streaming, template)));
                     }
                     Some(Err(e)) => {
                         tracing::warn!("stream failed: {e}");
                         recorder.finish(Some((e.kind(), e.to_string())));
-                        return Some((Ok(sse_error(&e)), (upstream, recorder, true)));
+                        return Some((Ok(sse_error(&e)), (upstream, recorder, Phase::Done, template)));
                     }
                     None => {
+                        let flushed = if guarded { recorder.flush(&template) } else { None };
+                        let tail = flushed.map(|(fv, _)| {
+                            recorder.acc.push(&fv);
+                            sse_data(&fv.to_string())
+                        });
                         recorder.finish(None);
-                        return Some((
-                            Ok(Bytes::from_static(b"data: [DONE]\n\n")),
-                            (upstream, recorder, true),
-                        ));
+                        return match tail {
+                            Some(b) => Some((Ok(b), (upstream, recorder, Phase::Closing(None), template))),
+                            None => Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), (upstream, recorder, Phase::Done, template))),
+                        };
                     }
                 }
             }
@@ -651,5 +808,5 @@ fn stream_response(
         .header("x-accel-buffering", "no")
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
-    with_headers(resp, &headers_rec, ctx.stage_header.as_deref())
+    with_headers(resp, &headers_rec, ctx.stage_header.as_deref(), None)
 }

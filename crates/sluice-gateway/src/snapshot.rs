@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use std::path::Path;
 
-use sluice_core::config::{ApiKeySecret, Config, DeploymentConfig, KeyRole, Role};
+use sluice_core::config::{ApiKeySecret, Config, DeploymentConfig, DetectorConfig, KeyRole, Role};
+use sluice_core::policy::{Constitution, Principle};
 use sluice_core::secret::{digest, KeyDigest, SecretSource};
 use sluice_providers::Provider;
 use subtle::ConstantTimeEq;
@@ -47,12 +48,23 @@ impl ApiKey {
 }
 
 /// A deployment with its variants' providers resolved.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Deployment {
     /// The config entry.
     pub config: DeploymentConfig,
     /// Provider of each variant, by variant name.
     pub providers: BTreeMap<String, Arc<Provider>>,
+    /// The principles enforced on it, compiled.
+    pub constitution: Constitution,
+}
+
+impl std::fmt::Debug for Deployment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deployment")
+            .field("config", &self.config)
+            .field("principles", &self.config.principles)
+            .finish()
+    }
 }
 
 /// Everything the request path needs, immutable.
@@ -188,6 +200,35 @@ impl Snapshot {
                 Err(e) => errors.push(e.to_string()),
             }
         }
+        // Rubric files are read here (the I/O edge); principles compile once
+        // and are shared by every deployment that names them.
+        for p in config.principles.values_mut() {
+            for (i, d) in p.detectors.iter_mut().enumerate() {
+                if let DetectorConfig::Judge { rubric, rubric_file: Some(f), .. } = d {
+                    let path = match base_dir {
+                        Some(b) if Path::new(f.as_str()).is_relative() => b.join(f.as_str()),
+                        _ => Path::new(f.as_str()).to_path_buf(),
+                    };
+                    match std::fs::read_to_string(&path) {
+                        Ok(text) => *rubric = Some(text),
+                        Err(e) => errors.push(format!(
+                            "principles.{}.detectors[{i}].rubric_file: cannot read {}: {e}",
+                            p.id,
+                            path.display()
+                        )),
+                    }
+                }
+            }
+        }
+        let mut compiled: BTreeMap<String, Arc<Principle>> = BTreeMap::new();
+        for (id, p) in &config.principles {
+            match Principle::compile(p) {
+                Ok(c) => {
+                    compiled.insert(id.clone(), Arc::new(c));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
         let mut deployments = BTreeMap::new();
         for (name, d) in &config.deployments {
             let mut dp = BTreeMap::new();
@@ -201,6 +242,13 @@ impl Snapshot {
                 Deployment {
                     config: d.clone(),
                     providers: dp,
+                    constitution: Constitution {
+                        principles: d
+                            .principles
+                            .iter()
+                            .filter_map(|p| compiled.get(p).cloned())
+                            .collect(),
+                    },
                 },
             );
         }

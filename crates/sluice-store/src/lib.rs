@@ -206,6 +206,21 @@ impl Store {
         record::get(&c, id)
     }
 
+    /// Review items waiting for a person: (request id, principle, severity,
+    /// stage, created).
+    pub fn pending_reviews(&self, limit: usize) -> Result<Vec<(String, String, String, String, i64)>, StoreError> {
+        let c = self.lock();
+        let mut stmt = c.prepare_cached(
+            "SELECT request_id, principle, severity, stage, created_ms FROM review_items \
+             WHERE status = 'pending' ORDER BY seq LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+        })?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
     /// How many requests are recorded.
     pub fn count(&self) -> Result<u64, StoreError> {
         let c = self.lock();

@@ -101,6 +101,25 @@ CREATE TABLE gate_verdicts (
 CREATE INDEX gate_verdicts_rollout ON gate_verdicts (rollout, seq);
 "#,
     ),
+    (
+        4,
+        r#"
+ALTER TABLE requests ADD COLUMN policy TEXT;
+
+CREATE TABLE review_items (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id  TEXT NOT NULL,
+    principle   TEXT NOT NULL,
+    severity    TEXT NOT NULL,
+    stage       TEXT NOT NULL,
+    detail      TEXT NOT NULL,
+    status      TEXT NOT NULL DEFAULT 'pending',
+    created_ms  INTEGER NOT NULL,
+    UNIQUE (request_id, principle, stage)
+);
+CREATE INDEX review_items_status ON review_items (status, seq);
+"#,
+    ),
 ];
 
 /// The newest schema version this build knows.

@@ -60,6 +60,9 @@ pub struct RequestRecord {
     pub refusal: Option<bool>,
     /// Cost in USD, when the model has a price.
     pub cost_usd: Option<f64>,
+    /// Policy verdicts (JSON list of findings: principle, detector, action,
+    /// severity, stage, spans, check latency), when any principle fired.
+    pub policy: Option<String>,
 }
 
 impl RequestRecord {
@@ -85,7 +88,7 @@ impl RequestRecord {
 
 const COLUMNS: &str = "id, ts_ms, api_key, deployment, variant, provider, model, subject, \
     stream, status, error_kind, error_message, latency_ms, ttft_ms, tokens_in, tokens_out, \
-    finish_reason, request_body, response_body, rollout, stage, assignment, sticky, refusal, cost_usd";
+    finish_reason, request_body, response_body, rollout, stage, assignment, sticky, refusal, cost_usd, policy";
 
 fn to_i64(v: Option<u64>) -> Option<i64> {
     v.map(|x| i64::try_from(x).unwrap_or(i64::MAX))
@@ -102,7 +105,7 @@ pub(crate) fn insert_batch(
         let mut stmt = tx.prepare_cached(&format!(
             "INSERT OR IGNORE INTO requests ({COLUMNS}) VALUES \
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-             ?20, ?21, ?22, ?23, ?24, ?25)"
+             ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
         ))?;
         for r in records {
             stmt.execute(params![
@@ -131,10 +134,38 @@ pub(crate) fn insert_batch(
                 r.sticky,
                 r.refusal,
                 r.cost_usd,
+                r.policy,
             ])?;
+            insert_review_items(&tx, r)?;
         }
     }
     tx.commit()
+}
+
+/// Escalated findings become review items, in the same transaction as
+/// their request.
+fn insert_review_items(tx: &rusqlite::Transaction<'_>, r: &RequestRecord) -> Result<(), rusqlite::Error> {
+    let Some(policy) = &r.policy else {
+        return Ok(());
+    };
+    let Ok(serde_json::Value::Array(findings)) = serde_json::from_str::<serde_json::Value>(policy) else {
+        return Ok(());
+    };
+    for f in findings.iter().filter(|f| f["action"] == "escalate") {
+        tx.execute(
+            "INSERT OR IGNORE INTO review_items (request_id, principle, severity, stage, detail, created_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                r.id,
+                f["principle"].as_str().unwrap_or(""),
+                f["severity"].as_str().unwrap_or(""),
+                f["stage"].as_str().unwrap_or(""),
+                f.to_string(),
+                r.ts_ms
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<RequestRecord> {
@@ -167,6 +198,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<RequestRecord> {
         sticky: row.get(22)?,
         refusal: row.get(23)?,
         cost_usd: row.get(24)?,
+        policy: row.get(25)?,
     })
 }
 
