@@ -27,9 +27,9 @@ use serde_json::{json, Value};
 use sluice_core::assign::{decide, Reason, RequestFacts};
 use sluice_core::chat::{finish_reason, ChatRequest, InvalidRequest, Message};
 use sluice_core::config::{KeyRole, LogBodies, Price, VariantConfig};
-use sluice_core::rollout::Status;
 use sluice_core::policy::guard::{OutputGuard, Step};
 use sluice_core::policy::Constitution;
+use sluice_core::rollout::Status;
 use sluice_core::signals::is_refusal;
 use sluice_core::stream::StreamAccumulator;
 use sluice_providers::{ChunkStream, Provider, ProviderError};
@@ -318,7 +318,12 @@ struct Ctx {
     log_full: bool,
 }
 
-fn with_headers(mut resp: Response, rec: &RequestRecord, stage: Option<&str>, policy: Option<String>) -> Response {
+fn with_headers(
+    mut resp: Response,
+    rec: &RequestRecord,
+    stage: Option<&str>,
+    policy: Option<String>,
+) -> Response {
     let h = resp.headers_mut();
     if let Some(v) = policy.and_then(|v| HeaderValue::from_str(&v).ok()) {
         h.insert(POLICY, v);
@@ -428,7 +433,12 @@ pub async fn chat_completions(
             rec.error_message = Some(e.message.clone());
             rec.latency_ms = ms_since(ctx.started);
             rec.policy = ctx.policy.to_record();
-            let resp = with_headers(e.into_response(), &rec, ctx.stage_header.as_deref(), ctx.policy.header());
+            let resp = with_headers(
+                e.into_response(),
+                &rec,
+                ctx.stage_header.as_deref(),
+                ctx.policy.header(),
+            );
             finish(&app, rec, std::mem::take(&mut ctx.flags));
             resp
         }
@@ -565,7 +575,11 @@ impl StreamRecorder {
             rec.error_kind = Some(kind.to_string());
             rec.error_message = Some(message);
         }
-        let findings: Vec<_> = self.guards.values().flat_map(|g| g.findings().to_vec()).collect();
+        let findings: Vec<_> = self
+            .guards
+            .values()
+            .flat_map(|g| g.findings().to_vec())
+            .collect();
         self.policy.add(&findings, self.check_us, None);
         rec.policy = self.policy.to_record();
         if self.log_full && self.acc.chunks() > 0 {
@@ -584,10 +598,17 @@ impl StreamRecorder {
             for c in choices.iter_mut() {
                 let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0);
                 let constitution = &self.constitution;
-                let guard = self.guards.entry(idx).or_insert_with(|| OutputGuard::new(constitution));
+                let guard = self
+                    .guards
+                    .entry(idx)
+                    .or_insert_with(|| OutputGuard::new(constitution));
                 let mut emitted = String::new();
                 let mut choice_blocked = false;
-                if let Some(t) = c.get("delta").and_then(|d| d.get("content")).and_then(Value::as_str) {
+                if let Some(t) = c
+                    .get("delta")
+                    .and_then(|d| d.get("content"))
+                    .and_then(Value::as_str)
+                {
                     match guard.push(t) {
                         Step::Emit(e) => emitted = e,
                         Step::Block { emit, .. } => {
@@ -625,7 +646,12 @@ impl StreamRecorder {
     /// At the end of a stream: releases what the guards still hold for
     /// choices that never sent a finish reason.
     fn flush(&mut self, template: &Value) -> Option<(Value, bool)> {
-        let open: Vec<u64> = self.guards.keys().filter(|k| !self.finished.contains(k)).copied().collect();
+        let open: Vec<u64> = self
+            .guards
+            .keys()
+            .filter(|k| !self.finished.contains(k))
+            .copied()
+            .collect();
         if open.is_empty() {
             return None;
         }
@@ -633,7 +659,9 @@ impl StreamRecorder {
         let mut choices = Vec::new();
         for idx in open {
             self.finished.insert(idx);
-            let Some(g) = self.guards.get_mut(&idx) else { continue };
+            let Some(g) = self.guards.get_mut(&idx) else {
+                continue;
+            };
             let (text, b) = match g.finish() {
                 Step::Emit(e) => (e, false),
                 Step::Block { emit, .. } => (emit, true),
@@ -718,8 +746,14 @@ fn stream_response(
                 Phase::Done => return None,
                 Phase::Closing(next) => {
                     return match next {
-                        Some(b) => Some((Ok::<_, std::convert::Infallible>(b), (upstream, recorder, Phase::Closing(None), template))),
-                        None => Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), (upstream, recorder, Phase::Done, template))),
+                        Some(b) => Some((
+                            Ok::<_, std::convert::Infallible>(b),
+                            (upstream, recorder, Phase::Closing(None), template),
+                        )),
+                        None => Some((
+                            Ok(Bytes::from_static(b"data: [DONE]\n\n")),
+                            (upstream, recorder, Phase::Done, template),
+                        )),
                     };
                 }
                 Phase::Streaming => {}
@@ -744,7 +778,11 @@ fn stream_response(
                         };
                         // Usage chunks come after the last content: release
                         // whatever the guards still hold first.
-                        let flushed = if guarded && usage_only { recorder.flush(&template) } else { None };
+                        let flushed = if guarded && usage_only {
+                            recorder.flush(&template)
+                        } else {
+                            None
+                        };
                         let produced = recorder.acc.push(&value);
                         if produced {
                             if let Some(rec) = recorder.rec.as_mut() {
@@ -756,7 +794,10 @@ fn stream_response(
                         if blocked {
                             recorder.finish(None);
                             let text = value.to_string();
-                            return Some((Ok(sse_data(&text)), (upstream, recorder, Phase::Closing(None), template)));
+                            return Some((
+                                Ok(sse_data(&text)),
+                                (upstream, recorder, Phase::Closing(None), template),
+                            ));
                         }
                         let mut out = String::new();
                         if let Some((fv, fb)) = flushed {
@@ -764,37 +805,58 @@ fn stream_response(
                             out.push_str(&format!("data: {fv}\n\n"));
                             if fb {
                                 recorder.finish(None);
-                                return Some((Ok(Bytes::from(out)), (upstream, recorder, Phase::Closing(None), template)));
+                                return Some((
+                                    Ok(Bytes::from(out)),
+                                    (upstream, recorder, Phase::Closing(None), template),
+                                ));
                             }
                         }
                         if usage_only && !want_usage {
                             if out.is_empty() {
                                 continue;
                             }
-                            return Some((Ok(Bytes::from(out)), (upstream, recorder, Phase::Streaming, template)));
+                            return Some((
+                                Ok(Bytes::from(out)),
+                                (upstream, recorder, Phase::Streaming, template),
+                            ));
                         }
                         let text = match raw {
                             Some(raw) => raw,
                             None => value.to_string(),
                         };
                         out.push_str(&format!("data: {text}\n\n"));
-                        return Some((Ok(Bytes::from(out)), (upstream, recorder, Phase::Streaming, template)));
+                        return Some((
+                            Ok(Bytes::from(out)),
+                            (upstream, recorder, Phase::Streaming, template),
+                        ));
                     }
                     Some(Err(e)) => {
                         tracing::warn!("stream failed: {e}");
                         recorder.finish(Some((e.kind(), e.to_string())));
-                        return Some((Ok(sse_error(&e)), (upstream, recorder, Phase::Done, template)));
+                        return Some((
+                            Ok(sse_error(&e)),
+                            (upstream, recorder, Phase::Done, template),
+                        ));
                     }
                     None => {
-                        let flushed = if guarded { recorder.flush(&template) } else { None };
+                        let flushed = if guarded {
+                            recorder.flush(&template)
+                        } else {
+                            None
+                        };
                         let tail = flushed.map(|(fv, _)| {
                             recorder.acc.push(&fv);
                             sse_data(&fv.to_string())
                         });
                         recorder.finish(None);
                         return match tail {
-                            Some(b) => Some((Ok(b), (upstream, recorder, Phase::Closing(None), template))),
-                            None => Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), (upstream, recorder, Phase::Done, template))),
+                            Some(b) => {
+                                Some((Ok(b), (upstream, recorder, Phase::Closing(None), template)))
+                            }
+                            None => Some((
+                                Ok(Bytes::from_static(b"data: [DONE]\n\n")),
+                                (upstream, recorder, Phase::Done, template),
+                            )),
                         };
                     }
                 }

@@ -69,7 +69,11 @@ fn violation(f: &Finding) -> ApiError {
 /// Phase: input policy. Checks every non-assistant message; a `block`
 /// principle refuses the request (the upstream is never called), `redact`
 /// rewrites the message, `flag` and `escalate` are logged.
-pub fn check_input(c: &Constitution, req: &mut ChatRequest, log: &mut PolicyLog) -> Result<(), ApiError> {
+pub fn check_input(
+    c: &Constitution,
+    req: &mut ChatRequest,
+    log: &mut PolicyLog,
+) -> Result<(), ApiError> {
     if !c.applies(Applies::Input) {
         return Ok(());
     }

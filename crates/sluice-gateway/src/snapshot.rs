@@ -204,7 +204,12 @@ impl Snapshot {
         // and are shared by every deployment that names them.
         for p in config.principles.values_mut() {
             for (i, d) in p.detectors.iter_mut().enumerate() {
-                if let DetectorConfig::Judge { rubric, rubric_file: Some(f), .. } = d {
+                if let DetectorConfig::Judge {
+                    rubric,
+                    rubric_file: Some(f),
+                    ..
+                } = d
+                {
                     let path = match base_dir {
                         Some(b) if Path::new(f.as_str()).is_relative() => b.join(f.as_str()),
                         _ => Path::new(f.as_str()).to_path_buf(),

@@ -67,6 +67,21 @@ pub enum StoreError {
     Conflict(String),
 }
 
+/// An interaction waiting for a human decision.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReviewItem {
+    /// The request.
+    pub request_id: String,
+    /// The principle that escalated it.
+    pub principle: String,
+    /// Its severity.
+    pub severity: String,
+    /// `input` or `output`.
+    pub stage: String,
+    /// When (unix ms).
+    pub created_ms: i64,
+}
+
 /// Where the store lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreLocation {
@@ -208,14 +223,23 @@ impl Store {
 
     /// Review items waiting for a person: (request id, principle, severity,
     /// stage, created).
-    pub fn pending_reviews(&self, limit: usize) -> Result<Vec<(String, String, String, String, i64)>, StoreError> {
+    pub fn pending_reviews(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<(String, String, String, String, i64)>, StoreError> {
         let c = self.lock();
         let mut stmt = c.prepare_cached(
             "SELECT request_id, principle, severity, stage, created_ms FROM review_items \
              WHERE status = 'pending' ORDER BY seq LIMIT ?1",
         )?;
         let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            Ok(ReviewItem {
+                request_id: r.get(0)?,
+                principle: r.get(1)?,
+                severity: r.get(2)?,
+                stage: r.get(3)?,
+                created_ms: r.get(4)?,
+            })
         })?;
         rows.collect::<Result<Vec<_>, _>>()
             .map_err(|e| StoreError::Corrupt(e.to_string()))

@@ -144,11 +144,15 @@ pub(crate) fn insert_batch(
 
 /// Escalated findings become review items, in the same transaction as
 /// their request.
-fn insert_review_items(tx: &rusqlite::Transaction<'_>, r: &RequestRecord) -> Result<(), rusqlite::Error> {
+fn insert_review_items(
+    tx: &rusqlite::Transaction<'_>,
+    r: &RequestRecord,
+) -> Result<(), rusqlite::Error> {
     let Some(policy) = &r.policy else {
         return Ok(());
     };
-    let Ok(serde_json::Value::Array(findings)) = serde_json::from_str::<serde_json::Value>(policy) else {
+    let Ok(serde_json::Value::Array(findings)) = serde_json::from_str::<serde_json::Value>(policy)
+    else {
         return Ok(());
     };
     for f in findings.iter().filter(|f| f["action"] == "escalate") {

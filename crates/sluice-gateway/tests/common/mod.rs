@@ -79,13 +79,32 @@ fn sse(events: Vec<String>, cut: bool, gap: Duration) -> Response {
         .expect("response")
 }
 
+/// The pieces the mock streams for a model (joined: the whole answer).
+pub fn mock_pieces(model: &str) -> Vec<&'static str> {
+    match model {
+        "gpt-pii" => vec![
+            "Reach Jane at jane.",
+            "doe@corp.io or card 4111 11",
+            "11 1111 ",
+            "1111. Thanks.",
+        ],
+        "gpt-secret" => vec![
+            "Sure, the key is AKIAIOSF",
+            "ODNN7EXAMPLE, use it ",
+            "wisely.",
+        ],
+        _ => vec!["Hello", " from", " the", " mock."],
+    }
+}
+
 /// The completion the OpenAI mock returns for `model`.
 pub fn openai_completion(model: &str, tools: bool) -> Value {
+    let text: String = mock_pieces(model).concat();
     let message = if tools {
         json!({"role": "assistant", "content": null, "tool_calls": [
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]})
     } else {
-        json!({"role": "assistant", "content": "Hello from the mock.", "refusal": null})
+        json!({"role": "assistant", "content": text, "refusal": null})
     };
     json!({
         "id": "chatcmpl-mock1", "object": "chat.completion", "created": 1_700_000_000, "model": model,
@@ -117,7 +136,7 @@ fn openai_chunks(model: &str, tools: bool, usage: bool) -> Vec<String> {
         ));
         v.push(c(json!({}), json!("tool_calls")));
     } else {
-        for w in ["Hello", " from", " the", " mock."] {
+        for w in mock_pieces(model) {
             v.push(c(json!({"content": w}), Value::Null));
         }
         v.push(c(json!({}), json!("stop")));
