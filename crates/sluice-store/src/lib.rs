@@ -226,7 +226,7 @@ impl Store {
     pub fn pending_reviews(
         &self,
         limit: usize,
-    ) -> Result<Vec<(String, String, String, String, i64)>, StoreError> {
+    ) -> Result<Vec<ReviewItem>, StoreError> {
         let c = self.lock();
         let mut stmt = c.prepare_cached(
             "SELECT request_id, principle, severity, stage, created_ms FROM review_items \
