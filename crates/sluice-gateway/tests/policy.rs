@@ -126,10 +126,10 @@ async fn escalations_are_served_flagged_and_queued_for_review() {
     h.flush().await;
     let reviews = h.store.pending_reviews(10).expect("reviews");
     assert!(
-        reviews.iter().any(|(rid, p, sev, stage, _)| *rid == id
-            && p == "no-injection"
-            && sev == "medium"
-            && stage == "input"),
+        reviews.iter().any(|r| r.request_id == id
+            && r.principle == "no-injection"
+            && r.severity == "medium"
+            && r.stage == "input"),
         "{reviews:?}"
     );
     h.stop().await;

@@ -221,12 +221,8 @@ impl Store {
         record::get(&c, id)
     }
 
-    /// Review items waiting for a person: (request id, principle, severity,
-    /// stage, created).
-    pub fn pending_reviews(
-        &self,
-        limit: usize,
-    ) -> Result<Vec<ReviewItem>, StoreError> {
+    /// Review items waiting for a person, oldest first.
+    pub fn pending_reviews(&self, limit: usize) -> Result<Vec<ReviewItem>, StoreError> {
         let c = self.lock();
         let mut stmt = c.prepare_cached(
             "SELECT request_id, principle, severity, stage, created_ms FROM review_items \
