@@ -2,6 +2,7 @@
 //! requests, and run the self-contained demo.
 
 mod demo;
+mod policy_cli;
 mod rollout_cli;
 mod sim_cli;
 mod table;
@@ -23,6 +24,27 @@ use sluice_store::Store;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Show which principles fire on a text, where, and what it would become.
+    Test {
+        /// Configuration file.
+        #[arg(long, short, default_value = "sluice.toml")]
+        config: PathBuf,
+        /// Only this principle.
+        #[arg(long)]
+        principle: Option<String>,
+        /// Treat the text as a request input (default: a model output).
+        #[arg(long)]
+        input: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// The text, or - to read standard input.
+        text: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -101,6 +123,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Work with the constitution.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Simulate many rollouts through the real gate and controller code and
     /// report false rollbacks, detection and time to decision per scenario.
     Sim {
@@ -171,6 +198,16 @@ fn main() -> ExitCode {
                 json,
             }))
         }),
+        Command::Policy {
+            command:
+                PolicyCommand::Test {
+                    config,
+                    principle,
+                    input,
+                    json,
+                    text,
+                },
+        } => policy_cli::test(&config, principle, input, text, json),
         Command::Sim {
             runs,
             max_requests,

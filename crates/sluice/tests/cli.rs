@@ -600,3 +600,79 @@ fn sim_reports_every_scenario_with_its_target() {
         "{aa}"
     );
 }
+
+#[test]
+fn policy_test_shows_what_fires_and_the_result() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("p.toml");
+    std::fs::write(
+        &config,
+        r#"
+allow_anonymous = true
+[providers.sim]
+kind = "simulated"
+[deployments.d]
+stable = "v1"
+variants.v1 = { provider = "sim", model = "m" }
+principles = ["no-pii-leak", "no-secrets"]
+[principles.no-pii-leak]
+applies_to = ["output"]
+action = "redact"
+detectors = [{ kind = "pii", entities = ["email", "credit_card"] }]
+[principles.no-secrets]
+applies_to = ["input", "output"]
+action = "block"
+detectors = [{ kind = "secrets" }]
+"#,
+    )
+    .expect("write");
+    let out = bin()
+        .args(["policy", "test", "--json", "--config"])
+        .arg(&config)
+        .arg("Mail jane@corp.io, card 4111 1111 1111 1111.")
+        .output()
+        .expect("runs");
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        v["result"],
+        "Mail [REDACTED:email], card [REDACTED:credit_card]."
+    );
+    assert_eq!(v["findings"][0]["spans"][0]["start"], 5);
+    let out = bin()
+        .args([
+            "policy",
+            "test",
+            "--input",
+            "--principle",
+            "no-secrets",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .expect("stdin")
+                .write_all(b"key AKIAIOSFODNN7EXAMPLE")?;
+            c.wait_with_output()
+        })
+        .expect("runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("aws_access_key") && text.contains("400 policy_violation"),
+        "{text}"
+    );
+    let out = bin()
+        .args(["policy", "test", "--principle", "nope", "--config"])
+        .arg(&config)
+        .arg("x")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("known: no-pii-leak, no-secrets"));
+}
