@@ -40,15 +40,56 @@ struct Pii {
 fn pii() -> &'static Pii {
     static P: OnceLock<Pii> = OnceLock::new();
     P.get_or_init(|| Pii {
-        email: re(r"(?i)\b[a-z0-9](?:[a-z0-9._%+-]{0,62}[a-z0-9_%+-])?@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,24}\b"),
-        phone_intl: re(r"\+[1-9][0-9]{0,2}(?:[ .-]?\(?[0-9]{1,4}\)?){2,5}\b"),
-        phone_nanp: re(r"(?:\b1[ .-]?)?(?:\([2-9][0-9]{2}\)\s?|\b[2-9][0-9]{2}[ .-])[2-9][0-9]{2}[ .-][0-9]{4}\b"),
-        card: re(r"\b[0-9](?:[ -]?[0-9]){12,18}\b"),
-        ssn: re(r"\b([0-9]{3})-([0-9]{2})-([0-9]{4})\b"),
-        iban: re(r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"),
-        ipv4: re(r"\b(?:[0-9]{1,3}\.){3}[0-9]{1,3}\b"),
-        ipv6: re(r"(?i)(?:^|[^0-9a-z:])((?:[0-9a-f]{0,4}:){2,7}[0-9a-f]{0,4})"),
+        email: re(r"(?i)(?-u:\b)[a-z0-9](?:[a-z0-9._%+-]{0,62}[a-z0-9_%+-])?@(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,24}(?-u:\b)"),
+        phone_intl: re(r"\+[1-9][0-9]{0,2}(?:[ .-]?\(?[0-9]{1,4}\)?){2,5}(?-u:\b)"),
+        phone_nanp: re(r"(?:(?-u:\b)1[ .-]?)?(?:\([2-9][0-9]{2}\)\s?|(?-u:\b)[2-9][0-9]{2}[ .-])[2-9][0-9]{2}[ .-][0-9]{4}(?-u:\b)"),
+        card: re(r"(?-u:\b)[0-9](?:[ -]?[0-9]){12,18}(?-u:\b)"),
+        ssn: re(r"(?-u:\b)([0-9]{3})-([0-9]{2})-([0-9]{4})(?-u:\b)"),
+        iban: re(r"(?-u:\b)[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?(?-u:\b)"),
+        ipv4: re(r"(?-u:\b)(?:[0-9]{1,3}\.){3}[0-9]{1,3}(?-u:\b)"),
+        ipv6: re(r"(?:^|[^0-9A-Za-z:])((?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4})"),
     })
+}
+
+/// Cheap facts about a text, from one byte pass, that rule out the
+/// detectors whose patterns have no literal to search for.
+#[derive(Debug, Default, Clone, Copy)]
+struct Features {
+    digits: usize,
+    colons: usize,
+    iban_prefix: bool,
+    longest_key_run: usize,
+}
+
+impl Features {
+    fn of(text: &str) -> Features {
+        let b = text.as_bytes();
+        let mut f = Features::default();
+        let mut run = 0usize;
+        for (i, c) in b.iter().enumerate() {
+            if c.is_ascii_digit() {
+                f.digits += 1;
+            } else if *c == b':' {
+                f.colons += 1;
+            }
+            if c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'_' | b'-') {
+                run += 1;
+                f.longest_key_run = f.longest_key_run.max(run);
+            } else {
+                run = 0;
+            }
+            if !f.iban_prefix
+                && c.is_ascii_uppercase()
+                && i + 3 < b.len()
+                && b[i + 1].is_ascii_uppercase()
+                && b[i + 2].is_ascii_digit()
+                && b[i + 3].is_ascii_digit()
+            {
+                f.iban_prefix = true;
+            }
+        }
+        f
+    }
 }
 
 /// Luhn checksum.
@@ -113,6 +154,7 @@ fn ssn_valid(area: &str, group: &str, serial: &str) -> bool {
 /// not reported (e.g. `@example.com`).
 pub fn find_pii(text: &str, entities: &[String], allow: &[String], out: &mut Vec<Span>) {
     let p = pii();
+    let f = Features::of(text);
     let want = |e: &str| entities.iter().any(|x| x == e);
     let mut push = |s: usize, e: usize, l: &str| {
         out.push(Span {
@@ -166,7 +208,11 @@ pub fn find_pii(text: &str, entities: &[String], allow: &[String], out: &mut Vec
                 push(m.start(), m.end(), "phone");
             }
         }
-        for m in p.phone_nanp.find_iter(text) {
+        // A North American number has ten digits.
+        for m in p
+            .phone_nanp
+            .find_iter(if f.digits >= 10 { text } else { "" })
+        {
             // Skip what the international form already covered.
             let covered = out
                 .iter()
@@ -180,7 +226,7 @@ pub fn find_pii(text: &str, entities: &[String], allow: &[String], out: &mut Vec
             }
         }
     }
-    if want("iban") {
+    if want("iban") && f.iban_prefix {
         for m in p.iban.find_iter(text) {
             let compact: String = m.as_str().chars().filter(|c| *c != ' ').collect();
             if iban_valid(&compact) {
@@ -202,7 +248,7 @@ pub fn find_pii(text: &str, entities: &[String], allow: &[String], out: &mut Vec
                 });
             }
         }
-        for c in p.ipv6.captures_iter(text) {
+        for c in p.ipv6.captures_iter(if f.colons >= 2 { text } else { "" }) {
             if let Some(m) = c.get(1) {
                 if m.as_str().matches(':').count() >= 2 && m.as_str().parse::<Ipv6Addr>().is_ok() {
                     out.push(Span {
@@ -225,17 +271,17 @@ fn secrets() -> &'static Secrets {
     static S: OnceLock<Secrets> = OnceLock::new();
     S.get_or_init(|| Secrets {
         patterns: vec![
-            (re(r"\b(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}\b"), "aws_access_key"),
+            (re(r"(?-u:\b)(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}(?-u:\b)"), "aws_access_key"),
             (re(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?:[\s\S]{0,8192}?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?"), "private_key"),
-            (re(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), "jwt"),
-            (re(r"(?i)\bbearer\s+[A-Za-z0-9._~+/-]{20,}=*"), "bearer_token"),
-            (re(r"\bgh[pousr]_[A-Za-z0-9]{36,}\b"), "github_token"),
-            (re(r"\bxox[abposr]-[A-Za-z0-9-]{10,}"), "slack_token"),
-            (re(r"\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"), "api_key"),
-            (re(r"\bAIza[0-9A-Za-z_-]{35}\b"), "google_api_key"),
-            (re(r"\b[rs]k_live_[0-9A-Za-z]{20,}\b"), "stripe_key"),
+            (re(r"(?-u:\b)eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), "jwt"),
+            (re(r"(?i)(?-u:\b)bearer\s+[A-Za-z0-9._~+/-]{20,}=*"), "bearer_token"),
+            (re(r"(?-u:\b)gh[pousr]_[A-Za-z0-9]{36,}(?-u:\b)"), "github_token"),
+            (re(r"(?-u:\b)xox[abposr]-[A-Za-z0-9-]{10,}"), "slack_token"),
+            (re(r"(?-u:\b)sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"), "api_key"),
+            (re(r"(?-u:\b)AIza[0-9A-Za-z_-]{35}(?-u:\b)"), "google_api_key"),
+            (re(r"(?-u:\b)[rs]k_live_[0-9A-Za-z]{20,}(?-u:\b)"), "stripe_key"),
         ],
-        generic: re(r"\b[A-Za-z0-9+/_-]{32,}={0,2}"),
+        generic: re(r"(?-u:\b)[A-Za-z0-9+/_-]{32,}={0,2}"),
     })
 }
 
@@ -269,7 +315,8 @@ pub fn find_secrets(text: &str, out: &mut Vec<Span>) {
             });
         }
     }
-    for m in s.generic.find_iter(text) {
+    let long_run = Features::of(text).longest_key_run >= 32;
+    for m in s.generic.find_iter(if long_run { text } else { "" }) {
         let t = m.as_str();
         let classes = [
             t.bytes().any(|b| b.is_ascii_lowercase()),

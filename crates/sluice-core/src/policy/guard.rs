@@ -43,6 +43,9 @@ pub struct OutputGuard {
     findings: Vec<Finding>,
     redactions: Vec<Span>,
     blocked: bool,
+    /// The release point of the last scan: while it does not move, a new
+    /// piece can neither complete a match nor release text.
+    last_tail: Option<usize>,
 }
 
 fn floor_boundary(s: &str, mut i: usize) -> usize {
@@ -64,6 +67,7 @@ impl OutputGuard {
             findings: Vec::new(),
             redactions: Vec::new(),
             blocked: false,
+            last_tail: None,
         }
     }
 
@@ -133,6 +137,10 @@ impl OutputGuard {
                 .min(MAX_HOLDBACK)
         };
         let tail_start = floor_boundary(&self.text, len - hold.min(len));
+        if !done && self.last_tail == Some(tail_start) {
+            return Step::Emit(String::new());
+        }
+        self.last_tail = Some(tail_start);
         let wstart = self.window_start();
         let window = &self.text[wstart..];
         let mut block: Option<Finding> = None;
