@@ -477,6 +477,27 @@ async fn handle(
     let checked = crate::policy::check_input(&constitution, &mut req, &mut ctx.policy);
     ctx.flags = crate::policy::flags(&constitution, &ctx.policy);
     checked?;
+    if crate::policy::has_external(&constitution, sluice_core::config::Applies::Input) {
+        let started = Instant::now();
+        let text = crate::policy::input_text(&req);
+        let found = crate::policy::check_external(
+            app,
+            snap,
+            &constitution,
+            sluice_core::config::Applies::Input,
+            &text,
+        )
+        .await;
+        ctx.policy
+            .add(&found, started.elapsed().as_micros() as u64, None);
+        ctx.flags = crate::policy::flags(&constitution, &ctx.policy);
+        if let Some(b) = found
+            .iter()
+            .find(|f| f.action == sluice_core::config::PolicyAction::Block)
+        {
+            return Err(crate::policy::violation(b));
+        }
+    }
     let upstream = prepare(&req, assignment.variant)?;
     let price = snap.config.prices.get(&assignment.variant.model).copied();
     if req.is_stream() {
@@ -501,6 +522,30 @@ async fn handle(
             .map_err(|e| ApiError::upstream(&e))?;
         if crate::policy::check_output(&constitution, &mut completion.body, &mut ctx.policy) {
             completion.raw = None;
+        }
+        let blocked_already = completion.body["choices"][0]["finish_reason"] == "content_filter";
+        if !blocked_already
+            && crate::policy::has_external(&constitution, sluice_core::config::Applies::Output)
+        {
+            let started = Instant::now();
+            let text = completion_text(&completion.body);
+            let found = crate::policy::check_external(
+                app,
+                snap,
+                &constitution,
+                sluice_core::config::Applies::Output,
+                &text,
+            )
+            .await;
+            ctx.policy
+                .add(&found, started.elapsed().as_micros() as u64, None);
+            if let Some(b) = found
+                .iter()
+                .find(|f| f.action == sluice_core::config::PolicyAction::Block)
+            {
+                crate::policy::block_answer(&constitution, &mut completion.body, &b.principle);
+                completion.raw = None;
+            }
         }
         let flags = crate::policy::flags(&constitution, &ctx.policy);
         let mut rec = std::mem::take(&mut ctx.rec);
@@ -720,6 +765,7 @@ fn stream_response(
         ..Default::default()
     };
     let guarded = constitution.applies(sluice_core::config::Applies::Output);
+    let has_ext = crate::policy::has_external(&constitution, sluice_core::config::Applies::Output);
     let recorder = StreamRecorder {
         app,
         rec: Some(rec),
@@ -767,7 +813,7 @@ fn stream_response(
                                 .get("choices")
                                 .and_then(Value::as_array)
                                 .is_none_or(Vec::is_empty);
-                        let (value, raw, blocked) = if guarded && !usage_only {
+                        let (value, raw, blocked) = if (guarded || has_ext) && !usage_only {
                             if template.is_null() {
                                 template = chunk.value.clone();
                             }
@@ -844,10 +890,46 @@ fn stream_response(
                         } else {
                             None
                         };
-                        let tail = flushed.map(|(fv, _)| {
+                        let mut tail = flushed.map(|(fv, _)| {
                             recorder.acc.push(&fv);
                             sse_data(&fv.to_string())
                         });
+                        // Detectors that call out judge the whole answer once
+                        // it is complete; a block can only mark the end.
+                        if has_ext && recorder.acc.chunks() > 0 {
+                            let app = recorder.app.clone();
+                            let snap = app.snapshot.load_full();
+                            let text = recorder.acc.text().to_string();
+                            let started = Instant::now();
+                            let found = crate::policy::check_external(
+                                &app,
+                                &snap,
+                                &recorder.constitution,
+                                sluice_core::config::Applies::Output,
+                                &text,
+                            )
+                            .await;
+                            recorder
+                                .policy
+                                .add(&found, started.elapsed().as_micros() as u64, None);
+                            if found
+                                .iter()
+                                .any(|f| f.action == sluice_core::config::PolicyAction::Block)
+                            {
+                                let mut v = if template.is_null() {
+                                    json!({"object": "chat.completion.chunk"})
+                                } else {
+                                    template.clone()
+                                };
+                                v["choices"] = json!([{"index": 0, "delta": {}, "finish_reason": "content_filter"}]);
+                                if let Some(o) = v.as_object_mut() {
+                                    o.remove("usage");
+                                }
+                                let mut b = tail.map(|t| t.to_vec()).unwrap_or_default();
+                                b.extend_from_slice(&sse_data(&v.to_string()));
+                                tail = Some(Bytes::from(b));
+                            }
+                        }
                         recorder.finish(None);
                         return match tail {
                             Some(b) => {

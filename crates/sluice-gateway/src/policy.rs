@@ -48,7 +48,8 @@ impl PolicyLog {
     }
 }
 
-fn violation(f: &Finding) -> ApiError {
+/// The 400 answer for a blocked input.
+pub fn violation(f: &Finding) -> ApiError {
     let labels: BTreeSet<&str> = f.spans.iter().map(|s| s.label.as_str()).collect();
     ApiError {
         status: StatusCode::BAD_REQUEST,
@@ -151,10 +152,252 @@ pub fn check_output(c: &Constitution, body: &mut Value, log: &mut PolicyLog) -> 
     changed
 }
 
+/// Whether any principle at `stage` has a detector that calls out.
+pub fn has_external(c: &Constitution, stage: Applies) -> bool {
+    c.principles.iter().filter(|p| p.applies(stage)).any(|p| {
+        p.detectors
+            .iter()
+            .any(|d| matches!(d, sluice_core::policy::Compiled::External(_)))
+    })
+}
+
+/// The text the input checks judge as a whole: every non-assistant message.
+pub fn input_text(req: &ChatRequest) -> String {
+    req.messages
+        .iter()
+        .filter(|m| m.role != Role::Assistant)
+        .map(|m| m.text())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Replaces every choice's message by the blocking principle's message.
+pub fn block_answer(c: &Constitution, body: &mut Value, principle: &str) {
+    let message = c
+        .principles
+        .iter()
+        .find(|p| p.config.id == principle)
+        .map(|p| p.config.message.clone())
+        .unwrap_or_default();
+    if let Some(choices) = body.get_mut("choices").and_then(Value::as_array_mut) {
+        for choice in choices {
+            choice["message"] = json!({"role": "assistant", "content": message, "refusal": null});
+            choice["finish_reason"] = json!("content_filter");
+        }
+    }
+}
+
 /// The per-principle flags the rollout gates see (`flag_rate:PRINCIPLE`).
 pub fn flags(c: &Constitution, log: &PolicyLog) -> Vec<(String, bool)> {
     c.principles
         .iter()
         .map(|p| (p.config.id.clone(), log.fired.contains(&p.config.id)))
         .collect()
+}
+
+/// Runs the detectors that call out (`judge`, `webhook`) for the principles
+/// applying at `stage`, on the whole `text`. Results of judges are cached per
+/// (principle, text) so a repeated answer costs one call.
+pub async fn check_external(
+    app: &crate::AppState,
+    snap: &crate::snapshot::Snapshot,
+    c: &Constitution,
+    stage: Applies,
+    text: &str,
+) -> Vec<Finding> {
+    use sluice_core::config::{DetectorConfig, OnError};
+    use sluice_core::policy::detectors::Span;
+    use sluice_core::policy::Compiled;
+    let mut out = Vec::new();
+    for p in c.principles.iter().filter(|p| p.applies(stage)) {
+        for d in &p.detectors {
+            let Compiled::External(cfg) = d else { continue };
+            let (fired, label) = match cfg {
+                DetectorConfig::Judge {
+                    provider,
+                    model,
+                    rubric,
+                    timeout,
+                    on_error,
+                    ..
+                } => {
+                    let key = (p.config.id.clone(), content_hash(text));
+                    let cached = app
+                        .judge_cache
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get(&key)
+                        .copied();
+                    match cached {
+                        Some(v) => (v, "judge"),
+                        None => match judge(
+                            snap,
+                            provider,
+                            model.as_deref(),
+                            rubric.as_deref().unwrap_or(""),
+                            text,
+                            *timeout,
+                        )
+                        .await
+                        {
+                            Ok(v) => {
+                                let mut cache =
+                                    app.judge_cache.lock().unwrap_or_else(|e| e.into_inner());
+                                if cache.len() >= 10_000 {
+                                    cache.clear();
+                                }
+                                cache.insert(key, v);
+                                (v, "judge")
+                            }
+                            Err(e) => {
+                                tracing::warn!(principle = p.config.id, "judge failed: {e}");
+                                (*on_error == OnError::Block, "judge_error")
+                            }
+                        },
+                    }
+                }
+                DetectorConfig::Webhook {
+                    url,
+                    timeout,
+                    on_error,
+                } => match webhook(&app.http, url, &p.config.id, stage, text, *timeout).await {
+                    Ok(v) => (v, "webhook"),
+                    Err(e) => {
+                        tracing::warn!(principle = p.config.id, "webhook failed: {e}");
+                        (*on_error == OnError::Block, "webhook_error")
+                    }
+                },
+                _ => continue,
+            };
+            if fired {
+                out.push(Finding {
+                    principle: p.config.id.clone(),
+                    detector: d.kind().to_string(),
+                    action: p.config.action,
+                    severity: p.config.severity,
+                    stage,
+                    spans: vec![Span {
+                        start: 0,
+                        end: text.len(),
+                        label: label.to_string(),
+                    }],
+                });
+            }
+        }
+    }
+    out
+}
+
+fn content_hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+/// Asks a provider whether `text` satisfies `rubric`. The judge must answer
+/// PASS or FAIL as its first word (or JSON `{"verdict": "pass"|"fail"}`).
+/// Returns whether the principle fires (the text fails the rubric).
+async fn judge(
+    snap: &crate::snapshot::Snapshot,
+    provider: &str,
+    model: Option<&str>,
+    rubric: &str,
+    text: &str,
+    timeout: std::time::Duration,
+) -> Result<bool, String> {
+    let p = snap
+        .providers
+        .get(provider)
+        .ok_or_else(|| format!("unknown provider {provider}"))?;
+    let req = ChatRequest::from_value(json!({
+        "model": model.unwrap_or("judge"),
+        "messages": [
+            {"role": "system", "content": format!("{rubric}\n\nJudge the text the user sends against this rubric. Answer with one word first: PASS if it satisfies the rubric, FAIL if it does not.")},
+            {"role": "user", "content": text},
+        ],
+        "temperature": 0,
+        "max_tokens": 16,
+    }))
+    .map_err(|e| e.message)?;
+    let c = tokio::time::timeout(timeout, p.complete(&req))
+        .await
+        .map_err(|_| format!("no verdict within {timeout:?}"))?
+        .map_err(|e| e.to_string())?;
+    let answer = c.body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    parse_verdict(&answer).ok_or_else(|| format!("unreadable verdict: {:.80}", answer))
+}
+
+/// `Some(true)` for FAIL, `Some(false)` for PASS.
+pub fn parse_verdict(answer: &str) -> Option<bool> {
+    if let Ok(v) = serde_json::from_str::<Value>(answer) {
+        return match v
+            .get("verdict")
+            .and_then(Value::as_str)
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("pass") => Some(false),
+            Some("fail") => Some(true),
+            _ => None,
+        };
+    }
+    let first: String = answer
+        .chars()
+        .skip_while(|c| !c.is_alphabetic())
+        .take_while(|c| c.is_alphabetic())
+        .collect();
+    match first.to_ascii_uppercase().as_str() {
+        "PASS" => Some(false),
+        "FAIL" => Some(true),
+        _ => None,
+    }
+}
+
+/// POSTs `{"text", "principle", "stage"}`; the classifier answers
+/// `{"flagged": bool}`. Returns whether it flagged the text.
+async fn webhook(
+    http: &reqwest::Client,
+    url: &str,
+    principle: &str,
+    stage: Applies,
+    text: &str,
+    timeout: std::time::Duration,
+) -> Result<bool, String> {
+    let resp = http
+        .post(url)
+        .timeout(timeout)
+        .json(&json!({"text": text, "principle": principle, "stage": stage}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("HTTP {}", resp.status()));
+    }
+    let v: Value = resp
+        .json()
+        .await
+        .map_err(|e| format!("answer is not JSON: {e}"))?;
+    v.get("flagged")
+        .and_then(Value::as_bool)
+        .ok_or_else(|| "answer has no boolean `flagged`".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_verdict;
+
+    #[test]
+    fn verdicts_are_parsed_strictly() {
+        assert_eq!(parse_verdict("PASS"), Some(false));
+        assert_eq!(parse_verdict("fail - it talks about cooking"), Some(true));
+        assert_eq!(parse_verdict("**FAIL**"), Some(true));
+        assert_eq!(parse_verdict(r#"{"verdict": "Pass"}"#), Some(false));
+        assert_eq!(parse_verdict("maybe"), None);
+        assert_eq!(parse_verdict(""), None);
+    }
 }

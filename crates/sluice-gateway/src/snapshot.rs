@@ -74,6 +74,8 @@ pub struct Snapshot {
     pub config: Config,
     /// Deployments by name.
     pub deployments: BTreeMap<String, Deployment>,
+    /// Every provider, by name (judges call them directly).
+    pub providers: BTreeMap<String, Arc<Provider>>,
     /// Client keys.
     pub keys: Vec<ApiKey>,
     /// Admin tokens.
@@ -263,6 +265,7 @@ impl Snapshot {
         Ok(Snapshot {
             config,
             deployments,
+            providers,
             keys,
             admin_tokens,
         })

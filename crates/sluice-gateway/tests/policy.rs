@@ -211,3 +211,97 @@ async fn unguarded_deployments_stream_byte_for_byte() {
     assert_eq!(text, "Hello from the mock.");
     h.stop().await;
 }
+
+async fn classifier() -> std::net::SocketAddr {
+    use axum::routing::post;
+    let app = axum::Router::new()
+        .route(
+            "/classify",
+            post(|axum::Json(v): axum::Json<Value>| async move {
+                axum::Json(
+                    json!({"flagged": v["text"].as_str().unwrap_or("").contains("forbidden")}),
+                )
+            }),
+        )
+        .route(
+            "/broken",
+            post(|| async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down") }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn judges_and_webhooks_decide_with_timeouts_and_on_error() {
+    let cls = classifier().await;
+    let h = Harness::start_with(move |c: String| {
+        format!(
+            r#"{c}
+[deployments.echo]
+stable = "v1"
+principles = ["on-topic", "classified", "strict"]
+variants.v1 = {{ provider = "mock-openai", model = "gpt-echo" }}
+
+[principles.on-topic]
+applies_to = ["output"]
+action = "block"
+message = "Let's keep to support questions."
+detectors = [{{ kind = "judge", provider = "mock-openai", model = "gpt-judge", rubric = "The answer stays on customer-support topics.", timeout = "2s" }}]
+
+[principles.classified]
+applies_to = ["input"]
+action = "escalate"
+detectors = [{{ kind = "webhook", url = "http://{cls}/classify", timeout = "1s" }}]
+
+[principles.strict]
+applies_to = ["input"]
+action = "flag"
+detectors = [{{ kind = "webhook", url = "http://{cls}/broken", timeout = "1s", on_error = "block" }}]
+"#
+        )
+    })
+    .await;
+    // On-topic: served; the failing classifier counts as fired (on_error = "block"), so the flag principle fires.
+    let r = chat(&h, ask("echo", "where is my order", false)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-sluice-policy"), "strict");
+    let b: Value = r.json().await.expect("json");
+    assert_eq!(b["choices"][0]["message"]["content"], "where is my order");
+    // The judge fails an off-topic answer: replaced, content_filter.
+    let r = chat(&h, ask("echo", "how do I cook pasta", false)).await;
+    assert_eq!(header(&r, "x-sluice-policy"), "on-topic,strict");
+    let b: Value = r.json().await.expect("json");
+    assert_eq!(
+        b["choices"][0]["message"]["content"],
+        "Let's keep to support questions."
+    );
+    assert_eq!(b["choices"][0]["finish_reason"], "content_filter");
+    // Streamed: the judge sees the whole answer, then marks the end.
+    let r = chat(&h, ask("echo", "how do I cook rice", true)).await;
+    let body = r.text().await.expect("body");
+    let (_, chunks) = stream_text(&body);
+    assert_eq!(
+        chunks.last().expect("last")["choices"][0]["finish_reason"],
+        "content_filter",
+        "{body}"
+    );
+    assert!(body.ends_with("data: [DONE]\n\n"));
+    // The webhook flags, and the flag escalates into the review queue.
+    let r = chat(&h, ask("echo", "this is forbidden knowledge", false)).await;
+    let id = header(&r, "x-sluice-request-id");
+    assert!(header(&r, "x-sluice-policy").contains("classified"));
+    h.flush().await;
+    assert!(h
+        .store
+        .pending_reviews(10)
+        .expect("reviews")
+        .iter()
+        .any(|r| r.request_id == id && r.principle == "classified"));
+    h.stop().await;
+}

@@ -167,7 +167,37 @@ pub async fn openai_upstream() -> (SocketAddr, Seen) {
         let model = body["model"].as_str().unwrap_or("").to_string();
         let stream = body["stream"] == true;
         let usage = body["stream_options"]["include_usage"] == true;
+        let last_user = body["messages"]
+            .as_array()
+            .and_then(|m| m.iter().rev().find(|m| m["role"] == "user"))
+            .and_then(|m| m["content"].as_str())
+            .unwrap_or("")
+            .to_string();
         match model.as_str() {
+            // Echoes the user; or judges: FAIL when the text talks about cooking.
+            "gpt-echo" | "gpt-judge" => {
+                let text = if model == "gpt-echo" {
+                    last_user
+                } else if last_user.contains("cook") {
+                    "FAIL".to_string()
+                } else {
+                    "PASS".to_string()
+                };
+                let mut v = openai_completion(&model, false);
+                v["choices"][0]["message"]["content"] = json!(text);
+                if stream {
+                    let words: Vec<String> = text.split_inclusive(' ').map(str::to_string).collect();
+                    let mut ev: Vec<String> = words
+                        .iter()
+                        .map(|w| format!("data: {}\n\n", json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": null}]})))
+                        .collect();
+                    ev.push(format!("data: {}\n\n", json!({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": model, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})));
+                    ev.push("data: [DONE]\n\n".to_string());
+                    sse(ev, false, Duration::from_millis(1))
+                } else {
+                    Json(v).into_response()
+                }
+            }
             "gpt-500" => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": {"message": "The server had an error", "type": "server_error"}}))).into_response(),
             "gpt-429" => (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "7")], Json(json!({"error": {"message": "Rate limit reached", "type": "rate_limit"}}))).into_response(),
             "gpt-400" => (StatusCode::BAD_REQUEST, Json(json!({"error": {"message": "Invalid value for 'temperature'", "type": "invalid_request_error"}}))).into_response(),
