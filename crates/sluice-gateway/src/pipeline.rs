@@ -758,6 +758,9 @@ fn stream_response(
     want_usage: bool,
 ) -> Response {
     let rec = std::mem::take(&mut ctx.rec);
+    // Input verdicts are known now; output verdicts of a stream arrive after
+    // its headers, in the record.
+    let policy_header = ctx.policy.header();
     let headers_rec = RequestRecord {
         id: rec.id.clone(),
         variant: rec.variant.clone(),
@@ -952,5 +955,10 @@ fn stream_response(
         .header("x-accel-buffering", "no")
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
-    with_headers(resp, &headers_rec, ctx.stage_header.as_deref(), None)
+    with_headers(
+        resp,
+        &headers_rec,
+        ctx.stage_header.as_deref(),
+        policy_header,
+    )
 }

@@ -94,8 +94,11 @@ pub enum DetectorConfig {
         /// The limit.
         max_chars: usize,
     },
-    /// The text must be valid JSON.
-    Json,
+    /// The text must be valid JSON (and match `schema` when given).
+    Json {
+        /// A JSON Schema the value must satisfy.
+        schema: Option<serde_json::Value>,
+    },
     /// The model declined.
     Refusal,
     /// Personal data.
@@ -145,7 +148,7 @@ impl DetectorConfig {
             DetectorConfig::Regex { .. } => "regex",
             DetectorConfig::Keywords { .. } => "keywords",
             DetectorConfig::MaxLength { .. } => "max_length",
-            DetectorConfig::Json => "json",
+            DetectorConfig::Json { .. } => "json",
             DetectorConfig::Refusal => "refusal",
             DetectorConfig::Pii { .. } => "pii",
             DetectorConfig::Secrets => "secrets",
@@ -225,6 +228,7 @@ struct RawDetector {
     entities: Option<Vec<String>>,
     allow: Option<Vec<String>>,
     phrases: Option<Vec<String>>,
+    schema: Option<toml::Value>,
     provider: Option<String>,
     model: Option<String>,
     rubric: Option<String>,
@@ -290,7 +294,30 @@ fn build_detector(
                 max_chars: r.max_chars.unwrap_or(1),
             }
         }
-        "json" => DetectorConfig::Json,
+        "json" => {
+            let schema = match &r.schema {
+                Some(v) => match serde_json::to_value(v) {
+                    Ok(j) => {
+                        if let Err(e) = jsonschema::validator_for(&j) {
+                            cx.err(
+                                join_path(path, "schema"),
+                                format!("invalid JSON Schema: {e}"),
+                            );
+                        }
+                        Some(j)
+                    }
+                    Err(e) => {
+                        cx.err(
+                            join_path(path, "schema"),
+                            format!("cannot convert to JSON: {e}"),
+                        );
+                        None
+                    }
+                },
+                None => None,
+            };
+            DetectorConfig::Json { schema }
+        }
         "refusal" => DetectorConfig::Refusal,
         "pii" => {
             let entities = r

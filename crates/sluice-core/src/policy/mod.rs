@@ -26,8 +26,8 @@ pub enum Compiled {
     Keywords(PhraseMatcher),
     /// Character limit.
     MaxLength(usize),
-    /// Valid JSON.
-    Json,
+    /// Valid JSON, optionally matching a JSON Schema.
+    Json(Option<Box<jsonschema::Validator>>),
     /// Refusal.
     Refusal,
     /// PII.
@@ -54,7 +54,13 @@ impl Compiled {
                 Compiled::Keywords(PhraseMatcher::new(words.iter().cloned(), true)?)
             }
             DetectorConfig::MaxLength { max_chars } => Compiled::MaxLength(*max_chars),
-            DetectorConfig::Json => Compiled::Json,
+            DetectorConfig::Json { schema } => Compiled::Json(match schema {
+                Some(s) => Some(Box::new(
+                    jsonschema::validator_for(s)
+                        .map_err(|e| format!("invalid JSON Schema: {e}"))?,
+                )),
+                None => None,
+            }),
             DetectorConfig::Refusal => Compiled::Refusal,
             DetectorConfig::Pii { entities, allow } => {
                 Compiled::Pii(entities.clone(), allow.clone())
@@ -73,7 +79,7 @@ impl Compiled {
             Compiled::Regex(..) => "regex",
             Compiled::Keywords(_) => "keywords",
             Compiled::MaxLength(_) => "max_length",
-            Compiled::Json => "json",
+            Compiled::Json(_) => "json",
             Compiled::Refusal => "refusal",
             Compiled::Pii(..) => "pii",
             Compiled::Secrets => "secrets",
@@ -86,7 +92,7 @@ impl Compiled {
     pub fn needs_whole_text(&self) -> bool {
         matches!(
             self,
-            Compiled::Json | Compiled::Refusal | Compiled::External(_)
+            Compiled::Json(_) | Compiled::Refusal | Compiled::External(_)
         )
     }
 
@@ -105,13 +111,22 @@ impl Compiled {
                     });
                 }
             }
-            Compiled::Json => {
-                if serde_json::from_str::<serde::de::IgnoredAny>(text.trim()).is_err() {
-                    out.push(Span {
+            Compiled::Json(schema) => {
+                match serde_json::from_str::<serde_json::Value>(text.trim()) {
+                    Err(_) => out.push(Span {
                         start: 0,
                         end: text.len(),
                         label: "invalid_json".into(),
-                    });
+                    }),
+                    Ok(v) => {
+                        if schema.as_ref().is_some_and(|s| !s.is_valid(&v)) {
+                            out.push(Span {
+                                start: 0,
+                                end: text.len(),
+                                label: "schema_mismatch".into(),
+                            });
+                        }
+                    }
                 }
             }
             Compiled::Refusal => {
@@ -341,5 +356,27 @@ detectors = [{ kind = "regexp", patterns = ["a"] }, { kind = "regex", patterns =
         ] {
             assert!(e.contains(expected), "missing {expected:?} in:\n{e}");
         }
+    }
+
+    #[test]
+    fn json_outputs_are_checked_against_a_schema() {
+        let c = constitution(
+            r#"
+[principles.structured]
+applies_to = ["output"]
+action = "flag"
+detectors = [{ kind = "json", schema = { type = "object", required = ["answer"], properties = { answer = { type = "string" } } } }]
+"#,
+        );
+        let labels = |t: &str| -> Vec<String> {
+            c.check(Applies::Output, t)
+                .into_iter()
+                .filter(|f| f.principle == "structured")
+                .flat_map(|f| f.spans.into_iter().map(|s| s.label))
+                .collect()
+        };
+        assert!(labels(r#"{"answer": "yes"}"#).is_empty());
+        assert_eq!(labels(r#"{"answer": 3}"#), ["schema_mismatch"]);
+        assert_eq!(labels("not json at all"), ["invalid_json"]);
     }
 }
