@@ -293,6 +293,24 @@ fn check_config(file: &Path, strict: bool) -> Result<ExitCode> {
             }
         }
     }
+    for p in config.principles.values() {
+        for (i, d) in p.detectors.iter().enumerate() {
+            if let sluice_core::config::DetectorConfig::Judge {
+                rubric_file: Some(f),
+                ..
+            } = d
+            {
+                let path = base.join(f);
+                if let Err(e) = std::fs::read_to_string(&path) {
+                    unreadable.push(format!(
+                        "principles.{}.detectors[{i}].rubric_file: cannot read {}: {e}",
+                        p.id,
+                        path.display()
+                    ));
+                }
+            }
+        }
+    }
     if !unreadable.is_empty() {
         eprintln!("{}: {} problem(s)", file.display(), unreadable.len());
         for u in &unreadable {
