@@ -701,6 +701,24 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
     }
     let cohorts = rollout::build_cohorts(cx, t.remove("cohorts"));
     let rollouts = rollout::build_rollouts(cx, t.remove("rollouts"), &deployments, &cohorts);
+    for r in rollouts.values() {
+        for (i, g) in r.gates.iter().enumerate() {
+            if let Signal::FlagRate(p) = &g.signal {
+                let enforced = deployments
+                    .get(&r.deployment)
+                    .is_some_and(|d| d.principles.iter().any(|x| x == p));
+                if !enforced {
+                    cx.err(
+                        format!("rollouts.{}.gates[{i}].signal", key(&r.name)),
+                        format!(
+                            "principle \"{p}\" is not enforced on deployment \"{}\" (add it to its `principles`)",
+                            r.deployment
+                        ),
+                    );
+                }
+            }
+        }
+    }
     let admin_tokens = rollout::build_admin_tokens(cx, t.remove("admin_tokens"));
     let prices: BTreeMap<String, Price> = take(cx, &mut t, "", "prices").unwrap_or_default();
     for (m, p) in &prices {

@@ -790,8 +790,14 @@ kind = "simulated"
 
 [deployments.support]
 stable = "v1"
+principles = ["no-pii-leak"]
 variants.v1 = { provider = "sim", model = "a" }
 variants.v2 = { provider = "sim", model = "b" }
+
+[principles.no-pii-leak]
+applies_to = ["output"]
+action = "flag"
+detectors = [{ kind = "pii" }]
 
 [cohorts.internal]
 subjects = ["alice@corp.example", "bob@corp.example"]
