@@ -305,3 +305,27 @@ detectors = [{{ kind = "webhook", url = "http://{cls}/broken", timeout = "1s", o
         .any(|r| r.request_id == id && r.principle == "classified"));
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flags_on_streams_are_recorded_and_feed_the_gates_flag_rate() {
+    let h = Harness::start_with(with_constitution).await;
+    let r = chat(&h, ask("support", "hello", true)).await;
+    let id = header(&r, "x-sluice-request-id");
+    let (text, _) = stream_text(&r.text().await.expect("body"));
+    assert_eq!(text, "Hello from the mock.", "flag serves unchanged");
+    h.flush().await;
+    let rec = h.store.get(&id).expect("read").expect("recorded");
+    let policy: Value = serde_json::from_str(&rec.policy.expect("policy")).expect("json");
+    let f = policy
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|f| f["principle"] == "mentions-mock")
+        .expect("flagged");
+    assert_eq!(
+        (f["action"].as_str(), f["stage"].as_str()),
+        (Some("flag"), Some("output"))
+    );
+    assert_eq!(f["spans"][0]["label"], "keyword");
+    h.stop().await;
+}
