@@ -29,6 +29,14 @@ struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PolicyLabels {
+    deployment: String,
+    principle: String,
+    action: String,
+    stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VariantLabels {
     deployment: String,
     variant: String,
@@ -57,6 +65,7 @@ pub struct Metrics {
     duration: Family<VariantLabels, Histogram, fn() -> Histogram>,
     ttft: Family<VariantLabels, Histogram, fn() -> Histogram>,
     tokens: Family<TokenLabels, Counter>,
+    policy: Family<PolicyLabels, Counter>,
     in_flight: Arc<AtomicI64>,
 }
 
@@ -149,6 +158,7 @@ impl Metrics {
         let ttft: Family<VariantLabels, Histogram, fn() -> Histogram> =
             Family::new_with_constructor(latency_histogram);
         let tokens = Family::<TokenLabels, Counter>::default();
+        let policy = Family::<PolicyLabels, Counter>::default();
         registry.register(
             "sluice_requests",
             "Chat completion requests by deployment, variant and HTTP status.",
@@ -174,6 +184,11 @@ impl Metrics {
             "Tokens by deployment, variant and direction (input, output).",
             tokens.clone(),
         );
+        registry.register(
+            "sluice_policy_verdicts",
+            "Principles that fired, by deployment, principle, action and stage.",
+            policy.clone(),
+        );
         let in_flight = Arc::new(AtomicI64::new(0));
         registry.register_collector(Box::new(WriterCollector {
             events,
@@ -186,6 +201,7 @@ impl Metrics {
             duration,
             ttft,
             tokens,
+            policy,
             in_flight,
         }
     }
@@ -216,6 +232,7 @@ impl Metrics {
                 })
                 .inc();
         }
+        self.observe_policy(r, &deployment);
         let vl = VariantLabels {
             deployment: deployment.clone(),
             variant: variant.clone(),
@@ -236,6 +253,25 @@ impl Metrics {
                     })
                     .inc_by(n);
             }
+        }
+    }
+
+    /// Counts the principles that fired on a request (from its record).
+    fn observe_policy(&self, r: &RequestRecord, deployment: &str) {
+        let Some(p) = &r.policy else { return };
+        let Ok(serde_json::Value::Array(findings)) = serde_json::from_str::<serde_json::Value>(p)
+        else {
+            return;
+        };
+        for f in findings {
+            self.policy
+                .get_or_create(&PolicyLabels {
+                    deployment: deployment.to_string(),
+                    principle: f["principle"].as_str().unwrap_or("").to_string(),
+                    action: f["action"].as_str().unwrap_or("").to_string(),
+                    stage: f["stage"].as_str().unwrap_or("").to_string(),
+                })
+                .inc();
         }
     }
 

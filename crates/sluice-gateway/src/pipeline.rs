@@ -410,6 +410,8 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    // Held until the response is built; a stream takes its own guard so it
+    // counts until its last byte.
     let _in_flight = app.metrics.in_flight();
     let snap = app.snapshot.load_full();
     let mut ctx = Ctx {
@@ -596,6 +598,7 @@ struct StreamRecorder {
     finished: std::collections::BTreeSet<u64>,
     policy: crate::policy::PolicyLog,
     check_us: u64,
+    _in_flight: crate::metrics::InFlight,
 }
 
 impl StreamRecorder {
@@ -767,6 +770,7 @@ fn stream_response(
         deployment: rec.deployment.clone(),
         ..Default::default()
     };
+    let app_metrics_guard = app.metrics.in_flight();
     let guarded = constitution.applies(sluice_core::config::Applies::Output);
     let has_ext = crate::policy::has_external(&constitution, sluice_core::config::Applies::Output);
     let recorder = StreamRecorder {
@@ -781,6 +785,7 @@ fn stream_response(
         finished: Default::default(),
         policy: std::mem::take(&mut ctx.policy),
         check_us: 0,
+        _in_flight: app_metrics_guard,
     };
     enum Phase {
         Streaming,

@@ -329,3 +329,34 @@ async fn flags_on_streams_are_recorded_and_feed_the_gates_flag_rate() {
     assert_eq!(f["spans"][0]["label"], "keyword");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verdicts_are_counted_in_metrics() {
+    let h = Harness::start_with(with_constitution).await;
+    chat(&h, ask("pii", "who to call?", false))
+        .await
+        .bytes()
+        .await
+        .expect("body");
+    chat(&h, ask("secret", "the key?", true))
+        .await
+        .bytes()
+        .await
+        .expect("body");
+    h.flush().await;
+    let m = common::client()
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        m.contains(r#"sluice_policy_verdicts_total{deployment="pii",principle="no-pii-leak",action="redact",stage="output"} 1"#),
+        "{m}"
+    );
+    assert!(m.contains(r#"sluice_policy_verdicts_total{deployment="secret",principle="no-secrets",action="block",stage="output"} 1"#), "{m}");
+    assert!(m.contains("sluice_requests_in_flight 0"), "{m}");
+    h.stop().await;
+}
