@@ -16,6 +16,7 @@ pub mod rollout;
 pub mod secret;
 pub mod signals;
 pub mod sim;
+pub mod splitmix;
 pub mod sse;
 pub mod stats;
 pub mod stream;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sluice_core::chat::{ChatRequest, Usage};
 use sluice_core::config::SimulatedConfig;
+use sluice_core::splitmix::SplitMix64 as Rng;
 
 use crate::{now_secs, Chunk, ChunkStream, Completion, ProviderError};
 
@@ -25,28 +26,12 @@ pub struct SimulatedProvider {
     cfg: SimulatedConfig,
 }
 
-/// SplitMix64: tiny, fast, and good enough for simulation.
-#[derive(Debug, Clone)]
-struct Rng(u64);
+/// The simulation's generator, plus picking from a list.
+trait Pick {
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T;
+}
 
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        let u1 = self.unit().max(f64::MIN_POSITIVE);
-        let u2 = self.unit();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
+impl Pick for Rng {
     fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[(self.next_u64() % items.len() as u64) as usize]
     }

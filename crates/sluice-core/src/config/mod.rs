@@ -796,6 +796,42 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
     }
 }
 
+/// A secret given as exactly one of an environment variable, a file, or its
+/// SHA-256 digest (API keys and admin tokens).
+fn hashed_secret(
+    cx: &mut Cx,
+    path: &str,
+    env: (&str, Option<String>),
+    file: (&str, Option<String>),
+    sha256: Option<String>,
+    what: &str,
+) -> Option<ApiKeySecret> {
+    let set = [env.1.is_some(), file.1.is_some(), sha256.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count();
+    if set != 1 {
+        cx.err(
+            path,
+            format!("set exactly one of `{}`, `{}` or `sha256`", env.0, file.0),
+        );
+        return None;
+    }
+    if let Some(h) = sha256 {
+        return match parse_digest_hex(&h) {
+            Some(d) => Some(ApiKeySecret::Sha256(d)),
+            None => {
+                cx.err(
+                    format!("{path}.sha256"),
+                    format!("must be 64 hex digits (the SHA-256 of the {what}, e.g. from `sluice hash-key`)"),
+                );
+                None
+            }
+        };
+    }
+    secret_source(cx, path, env.0, env.1, file.0, file.1).map(ApiKeySecret::Source)
+}
+
 fn build_api_keys(cx: &mut Cx, v: Option<toml::Value>) -> Vec<ApiKeyConfig> {
     let Some(v) = v else { return Vec::new() };
     let toml::Value::Array(items) = v else {
@@ -817,37 +853,15 @@ fn build_api_keys(cx: &mut Cx, v: Option<toml::Value>) -> Vec<ApiKeyConfig> {
                 format!("duplicate API key name \"{}\"", raw.name),
             );
         }
-        let set = [
-            raw.key_env.is_some(),
-            raw.key_file.is_some(),
-            raw.sha256.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count();
-        if set != 1 {
-            cx.err(
-                &path,
-                "set exactly one of `key_env`, `key_file` or `sha256`",
-            );
+        let Some(secret) = hashed_secret(
+            cx,
+            &path,
+            ("key_env", raw.key_env),
+            ("key_file", raw.key_file),
+            raw.sha256,
+            "key",
+        ) else {
             continue;
-        }
-        let secret = if let Some(h) = raw.sha256 {
-            match parse_digest_hex(&h) {
-                Some(d) => ApiKeySecret::Sha256(d),
-                None => {
-                    cx.err(
-                        format!("{path}.sha256"),
-                        "must be 64 hex digits (the SHA-256 of the key, e.g. from `sluice hash-key`)",
-                    );
-                    continue;
-                }
-            }
-        } else {
-            match secret_source(cx, &path, "key_env", raw.key_env, "key_file", raw.key_file) {
-                Some(s) => ApiKeySecret::Source(s),
-                None => continue,
-            }
         };
         out.push(ApiKeyConfig {
             name: raw.name,

@@ -6,10 +6,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    did_you_mean, join_path, key, parse_duration, secret_source, unknown_ref, ApiKeySecret, Cx,
-    DeploymentConfig,
+    did_you_mean, join_path, key, parse_duration, unknown_ref, ApiKeySecret, Cx, DeploymentConfig,
 };
-use crate::secret::parse_digest_hex;
 
 /// Admin roles, from least to most powerful. A role may do everything the
 /// roles below it may.
@@ -370,44 +368,15 @@ pub(super) fn build_admin_tokens(cx: &mut Cx, v: Option<toml::Value>) -> Vec<Adm
                 format!("duplicate admin token name \"{}\"", raw.name),
             );
         }
-        let set = [
-            raw.token_env.is_some(),
-            raw.token_file.is_some(),
-            raw.sha256.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count();
-        if set != 1 {
-            cx.err(
-                &path,
-                "set exactly one of `token_env`, `token_file` or `sha256`",
-            );
+        let Some(secret) = super::hashed_secret(
+            cx,
+            &path,
+            ("token_env", raw.token_env),
+            ("token_file", raw.token_file),
+            raw.sha256,
+            "token",
+        ) else {
             continue;
-        }
-        let secret = if let Some(h) = raw.sha256 {
-            match parse_digest_hex(&h) {
-                Some(d) => ApiKeySecret::Sha256(d),
-                None => {
-                    cx.err(
-                        format!("{path}.sha256"),
-                        "must be 64 hex digits (the SHA-256 of the token, e.g. from `sluice hash-key`)",
-                    );
-                    continue;
-                }
-            }
-        } else {
-            match secret_source(
-                cx,
-                &path,
-                "token_env",
-                raw.token_env,
-                "token_file",
-                raw.token_file,
-            ) {
-                Some(s) => ApiKeySecret::Source(s),
-                None => continue,
-            }
         };
         out.push(AdminTokenConfig {
             name: raw.name,
