@@ -166,16 +166,8 @@ pub fn evaluate(gate: &GateConfig, aggs: &StageAggregates, method: Method) -> Ve
     let (lo, hi, est_s, est_c, n_s, n_c, p_value) = match data(sig, &aggs.stable, &aggs.candidate) {
         Data::Missing(why) => return Verdict::inconclusive(gate, 0, 0, why),
         Data::Mean((n_s, m_s, v_s), (n_c, m_c, v_c)) => {
-            if n_s < gate.min_samples || n_c < gate.min_samples {
-                return Verdict::inconclusive(
-                    gate,
-                    n_s,
-                    n_c,
-                    format!(
-                        "waiting for {} samples per arm (stable {n_s}, candidate {n_c})",
-                        gate.min_samples
-                    ),
-                );
+            if let Some(v) = too_few(gate, n_s, n_c) {
+                return v;
             }
             let diff = m_c - m_s;
             let v = v_s / n_s as f64 + v_c / n_c as f64;
@@ -197,16 +189,8 @@ pub fn evaluate(gate: &GateConfig, aggs: &StageAggregates, method: Method) -> Ve
         }
         Data::Quantile(hs, hc) => {
             let (n_s, n_c) = (hs.count(), hc.count());
-            if n_s < gate.min_samples || n_c < gate.min_samples {
-                return Verdict::inconclusive(
-                    gate,
-                    n_s,
-                    n_c,
-                    format!(
-                        "waiting for {} samples per arm (stable {n_s}, candidate {n_c})",
-                        gate.min_samples
-                    ),
-                );
+            if let Some(v) = too_few(gate, n_s, n_c) {
+                return v;
             }
             let p = 0.95;
             // Each arm's quantile interval at α/2: together they hold with 1 − α.
@@ -282,6 +266,21 @@ pub fn evaluate(gate: &GateConfig, aggs: &StageAggregates, method: Method) -> Ve
         alpha: gate.alpha,
         summary,
     }
+}
+
+/// The verdict while either arm has fewer than `min_samples` observations.
+fn too_few(gate: &GateConfig, n_s: u64, n_c: u64) -> Option<Verdict> {
+    (n_s < gate.min_samples || n_c < gate.min_samples).then(|| {
+        Verdict::inconclusive(
+            gate,
+            n_s,
+            n_c,
+            format!(
+                "waiting for {} samples per arm (stable {n_s}, candidate {n_c})",
+                gate.min_samples
+            ),
+        )
+    })
 }
 
 fn resolve(m: Margin, stable: f64) -> f64 {

@@ -6,7 +6,6 @@
 //! the API.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -23,14 +22,7 @@ use sluice_store::{RolloutEvent, StoreError};
 use crate::error::ApiError;
 use crate::rollouts::{RolloutEntry, Rollouts};
 use crate::snapshot::{AdminToken, Snapshot};
-use crate::AppState;
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+use crate::{now_ms, AppState};
 
 fn api(
     status: StatusCode,

@@ -9,24 +9,17 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use sluice_core::config::Role;
 use sluice_core::controller::{decide, Decision};
 use sluice_core::gate::Outcome;
 use sluice_core::rollout::{Action, Actor, Facts, Status};
 
-use crate::AppState;
+use crate::{now_ms, AppState};
 
 /// The actor name the controller records.
 pub const ACTOR: &str = "controller";
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// Runs until the task is aborted.
 pub async fn run(app: Arc<AppState>) {

@@ -4,7 +4,6 @@
 //! replaces earlier feedback.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::State;
@@ -169,10 +168,7 @@ async fn handle(app: &Arc<AppState>, headers: &HeaderMap, body: Body) -> Result<
     let Some(rec) = rec.filter(|r| r.api_key == key) else {
         return Err(not_found(&fb.request_id));
     };
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
+    let now = crate::now_ms();
     let stored = Feedback {
         request_id: fb.request_id.clone(),
         ts_ms: now,

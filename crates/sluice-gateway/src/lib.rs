@@ -39,6 +39,15 @@ use tokio::net::TcpListener;
 pub use error::ApiError;
 pub use snapshot::{EnvSecrets, SecretResolver, Snapshot};
 
+/// Unix milliseconds now (the gateway's one clock read for records and
+/// rollout state).
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 /// Shared state of a running gateway.
 pub struct AppState {
     /// The current compiled configuration.

@@ -16,7 +16,7 @@
 //! - the path never waits on the database: records are handed to the writer.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -38,7 +38,7 @@ use sluice_store::RequestRecord;
 use crate::error::ApiError;
 use crate::rollouts::Rollouts;
 use crate::snapshot::{ApiKey, Deployment, Snapshot};
-use crate::AppState;
+use crate::{now_ms, AppState};
 
 /// Header carrying the request id.
 pub const REQUEST_ID: &str = "x-sluice-request-id";
@@ -50,13 +50,6 @@ pub const DEPLOYMENT: &str = "x-sluice-deployment";
 pub const POLICY: &str = "x-sluice-policy";
 /// Header naming the rollout stage that routed the request.
 pub const STAGE: &str = "x-sluice-stage";
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// A new request id: `req_` and a time-ordered UUIDv7 in hex.
 pub fn new_request_id() -> String {

@@ -84,29 +84,17 @@ pub fn check_input(
         }
         match &mut m.content {
             Some(Content::Text(t)) => {
-                let started = Instant::now();
-                let findings = c.check(Applies::Input, t);
-                log.add(&findings, started.elapsed().as_micros() as u64, Some(i));
-                if let Some(b) = findings.iter().find(|f| f.action == PolicyAction::Block) {
-                    return Err(violation(b));
-                }
-                if findings.iter().any(|f| f.action == PolicyAction::Redact) {
-                    *t = redact(t, &findings);
+                if let Some(r) = check_input_text(c, t, i, log)? {
+                    *t = r;
                 }
             }
             Some(Content::Parts(parts)) => {
                 for p in parts.iter_mut() {
-                    let Some(t) = p.get("text").and_then(Value::as_str).map(str::to_string) else {
+                    let Some(t) = p.get("text").and_then(Value::as_str) else {
                         continue;
                     };
-                    let started = Instant::now();
-                    let findings = c.check(Applies::Input, &t);
-                    log.add(&findings, started.elapsed().as_micros() as u64, Some(i));
-                    if let Some(b) = findings.iter().find(|f| f.action == PolicyAction::Block) {
-                        return Err(violation(b));
-                    }
-                    if findings.iter().any(|f| f.action == PolicyAction::Redact) {
-                        p["text"] = json!(redact(&t, &findings));
+                    if let Some(r) = check_input_text(c, t, i, log)? {
+                        p["text"] = json!(r);
                     }
                 }
             }
@@ -114,6 +102,26 @@ pub fn check_input(
         }
     }
     Ok(())
+}
+
+/// Checks one piece of input text (message `i`): a block refuses the
+/// request; a redaction returns the rewritten text.
+fn check_input_text(
+    c: &Constitution,
+    text: &str,
+    i: usize,
+    log: &mut PolicyLog,
+) -> Result<Option<String>, ApiError> {
+    let started = Instant::now();
+    let findings = c.check(Applies::Input, text);
+    log.add(&findings, started.elapsed().as_micros() as u64, Some(i));
+    if let Some(b) = findings.iter().find(|f| f.action == PolicyAction::Block) {
+        return Err(violation(b));
+    }
+    Ok(findings
+        .iter()
+        .any(|f| f.action == PolicyAction::Redact)
+        .then(|| redact(text, &findings)))
 }
 
 /// Phase: output policy on a whole completion. Returns whether the body was
@@ -135,14 +143,7 @@ pub fn check_output(c: &Constitution, body: &mut Value, log: &mut PolicyLog) -> 
         let findings = c.check(Applies::Output, &text);
         log.add(&findings, started.elapsed().as_micros() as u64, None);
         if let Some(b) = findings.iter().find(|f| f.action == PolicyAction::Block) {
-            let message = c
-                .principles
-                .iter()
-                .find(|p| p.config.id == b.principle)
-                .map(|p| p.config.message.clone())
-                .unwrap_or_default();
-            choice["message"] = json!({"role": "assistant", "content": message, "refusal": null});
-            choice["finish_reason"] = json!("content_filter");
+            refuse(choice, &principle_message(c, &b.principle));
             changed = true;
         } else if findings.iter().any(|f| f.action == PolicyAction::Redact) {
             choice["message"]["content"] = json!(redact(&text, &findings));
@@ -173,18 +174,27 @@ pub fn input_text(req: &ChatRequest) -> String {
 
 /// Replaces every choice's message by the blocking principle's message.
 pub fn block_answer(c: &Constitution, body: &mut Value, principle: &str) {
-    let message = c
-        .principles
+    let message = principle_message(c, principle);
+    if let Some(choices) = body.get_mut("choices").and_then(Value::as_array_mut) {
+        for choice in choices {
+            refuse(choice, &message);
+        }
+    }
+}
+
+/// The answer a principle serves when it blocks an output.
+fn principle_message(c: &Constitution, principle: &str) -> String {
+    c.principles
         .iter()
         .find(|p| p.config.id == principle)
         .map(|p| p.config.message.clone())
-        .unwrap_or_default();
-    if let Some(choices) = body.get_mut("choices").and_then(Value::as_array_mut) {
-        for choice in choices {
-            choice["message"] = json!({"role": "assistant", "content": message, "refusal": null});
-            choice["finish_reason"] = json!("content_filter");
-        }
-    }
+        .unwrap_or_default()
+}
+
+/// Replaces a choice's message by a refusal ending in `content_filter`.
+fn refuse(choice: &mut Value, message: &str) {
+    choice["message"] = json!({"role": "assistant", "content": message, "refusal": null});
+    choice["finish_reason"] = json!("content_filter");
 }
 
 /// The per-principle flags the rollout gates see (`flag_rate:PRINCIPLE`).

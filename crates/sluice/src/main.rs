@@ -264,17 +264,24 @@ fn read_config(path: &Path) -> Result<String> {
     })
 }
 
-fn check_config(file: &Path, strict: bool) -> Result<ExitCode> {
-    let text = read_config(file)?;
-    let config = match Config::parse(&text) {
-        Ok(c) => c,
+/// Parses a config, printing every problem with its path when it is invalid.
+fn parse_reporting(path: &Path, text: &str) -> Option<Config> {
+    match Config::parse(text) {
+        Ok(c) => Some(c),
         Err(errors) => {
-            eprintln!("{}: {} problem(s)", file.display(), errors.0.len());
+            eprintln!("{}: {} problem(s)", path.display(), errors.0.len());
             for e in &errors.0 {
                 eprintln!("  {e}");
             }
-            return Ok(ExitCode::FAILURE);
+            None
         }
+    }
+}
+
+fn check_config(file: &Path, strict: bool) -> Result<ExitCode> {
+    let text = read_config(file)?;
+    let Some(config) = parse_reporting(file, &text) else {
+        return Ok(ExitCode::FAILURE);
     };
     let base = file.parent().unwrap_or(Path::new("."));
     let mut unreadable = Vec::new();
@@ -400,15 +407,8 @@ async fn serve(
     grace: Duration,
 ) -> Result<ExitCode> {
     let text = read_config(path)?;
-    let mut config = match Config::parse(&text) {
-        Ok(c) => c,
-        Err(errors) => {
-            eprintln!("{}: {} problem(s)", path.display(), errors.0.len());
-            for e in &errors.0 {
-                eprintln!("  {e}");
-            }
-            return Ok(ExitCode::FAILURE);
-        }
+    let Some(mut config) = parse_reporting(path, &text) else {
+        return Ok(ExitCode::FAILURE);
     };
     if let Some(l) = listen {
         config.listen = l
