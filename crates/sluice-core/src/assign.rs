@@ -151,7 +151,7 @@ pub fn decide(
     };
     let subject = facts.subject(&rollout.subject);
     let subject = subject.as_deref();
-    if matches!(st.kind, StageKind::Shadow) {
+    if matches!(st.kind, StageKind::Shadow(_)) {
         return Decision {
             candidate: false,
             reason: Reason::Stable,
@@ -224,6 +224,7 @@ mod tests {
             min_requests: 0,
             approval: vec![],
             max_duration: None,
+            require_suites: vec![],
         }
     }
 
@@ -235,7 +236,7 @@ mod tests {
             subject: SubjectSource::User,
             salt: "r".into(),
             stages: vec![
-                stage(StageKind::Shadow),
+                stage(StageKind::Shadow(Default::default())),
                 stage(StageKind::Cohort(vec!["internal".into()])),
                 stage(StageKind::Percent { basis_points: 100 }),
                 stage(StageKind::Percent { basis_points: 2500 }),

@@ -51,7 +51,7 @@ pub fn gate_blockers(plan: &RolloutConfig, stage: usize, verdicts: &[Verdict]) -
     if plan
         .stages
         .get(stage)
-        .is_none_or(|s| matches!(s.kind, StageKind::Shadow))
+        .is_none_or(|s| matches!(s.kind, StageKind::Shadow(_)))
     {
         return Vec::new();
     }
@@ -75,7 +75,7 @@ pub fn decide(
     let Some(stage) = plan.stages.get(state.stage) else {
         return Decision::Hold;
     };
-    let shadow = matches!(stage.kind, StageKind::Shadow);
+    let shadow = matches!(stage.kind, StageKind::Shadow(_));
     if !shadow {
         let failing: Vec<&str> = verdicts
             .iter()
@@ -143,6 +143,7 @@ mod tests {
             min_requests: 0,
             approval: vec![],
             max_duration: Some(Duration::from_secs(60)),
+            require_suites: vec![],
         };
         RolloutConfig {
             name: "r".into(),

@@ -12,6 +12,7 @@ pub mod config;
 pub mod controller;
 pub mod gate;
 pub mod policy;
+pub mod probe;
 pub mod rollout;
 pub mod secret;
 pub mod signals;

@@ -486,6 +486,7 @@ mod tests {
             min_requests: reqs,
             approval,
             max_duration: None,
+            require_suites: vec![],
         };
         RolloutConfig {
             name: "r".into(),
@@ -494,7 +495,7 @@ mod tests {
             subject: SubjectSource::User,
             salt: "r".into(),
             stages: vec![
-                st(StageKind::Shadow, 10, 5, vec![]),
+                st(StageKind::Shadow(Default::default()), 10, 5, vec![]),
                 st(
                     StageKind::Percent { basis_points: 500 },
                     0,

@@ -217,6 +217,7 @@ fn plan(scenario: &Scenario, settings: &Settings) -> RolloutConfig {
             approval: vec![],
             // One simulated request per millisecond.
             max_duration: Some(Duration::from_millis(settings.max_requests)),
+            require_suites: vec![],
         }],
         on_failure: OnFailure::Rollback,
         gates: vec![scenario.gate.clone()],

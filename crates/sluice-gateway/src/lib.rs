@@ -66,10 +66,8 @@ pub struct AppState {
     pub config_path: Option<PathBuf>,
     /// How secrets are resolved on reload.
     pub secrets: Arc<dyn SecretResolver + Send + Sync>,
-    /// HTTP client for webhook detectors.
-    pub http: reqwest::Client,
-    /// Judge verdicts by (principle, content hash).
-    pub judge_cache: std::sync::Mutex<std::collections::HashMap<(String, u64), bool>>,
+    /// What the external detectors (judges, webhooks) share.
+    pub external: policy::External,
 }
 
 /// Where a gateway's configuration comes from.
@@ -159,8 +157,7 @@ impl Gateway {
             admin_lock: tokio::sync::Mutex::new(()),
             config_path: path,
             secrets,
-            http: reqwest::Client::new(),
-            judge_cache: Default::default(),
+            external: policy::External::default(),
         });
         Ok(Gateway {
             listener,

@@ -476,7 +476,7 @@ async fn handle(
         let started = Instant::now();
         let text = crate::policy::input_text(&req);
         let found = crate::policy::check_external(
-            app,
+            &app.external,
             snap,
             &constitution,
             sluice_core::config::Applies::Input,
@@ -525,7 +525,7 @@ async fn handle(
             let started = Instant::now();
             let text = completion_text(&completion.body);
             let found = crate::policy::check_external(
-                app,
+                &app.external,
                 snap,
                 &constitution,
                 sluice_core::config::Applies::Output,
@@ -903,7 +903,7 @@ fn stream_response(
                             let text = recorder.acc.text().to_string();
                             let started = Instant::now();
                             let found = crate::policy::check_external(
-                                &app,
+                                &app.external,
                                 &snap,
                                 &recorder.constitution,
                                 sluice_core::config::Applies::Output,

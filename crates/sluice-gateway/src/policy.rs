@@ -205,11 +205,21 @@ pub fn flags(c: &Constitution, log: &PolicyLog) -> Vec<(String, bool)> {
         .collect()
 }
 
+/// What the external detectors share: one HTTP client (webhooks) and the
+/// judge verdict cache.
+#[derive(Default)]
+pub struct External {
+    /// HTTP client for webhook detectors.
+    pub http: reqwest::Client,
+    /// Judge verdicts by (principle, content hash).
+    pub judge_cache: std::sync::Mutex<std::collections::HashMap<(String, u64), bool>>,
+}
+
 /// Runs the detectors that call out (`judge`, `webhook`) for the principles
 /// applying at `stage`, on the whole `text`. Results of judges are cached per
 /// (principle, text) so a repeated answer costs one call.
 pub async fn check_external(
-    app: &crate::AppState,
+    app: &External,
     snap: &crate::snapshot::Snapshot,
     c: &Constitution,
     stage: Applies,

@@ -29,7 +29,8 @@ pub use policy::{
 
 pub use rollout::{
     AdminTokenConfig, CohortConfig, ControllerMode, GateConfig, Margin, OnFailure, Role,
-    RolloutConfig, Signal, StageConfig, StageKind, SubjectSource, SIGNALS,
+    RolloutConfig, ShadowConfig, Signal, StageConfig, StageKind, SubjectSource, SuiteRequirement,
+    SIGNALS,
 };
 
 /// The price of a model, USD per million tokens.

@@ -202,6 +202,9 @@ pub struct PrincipleConfig {
     pub detectors: Vec<DetectorConfig>,
     /// The answer served when an output is blocked.
     pub message: String,
+    /// Red-team probe suites for this principle, relative to the config
+    /// file (`sluice eval --principle ID` runs them).
+    pub probes: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -215,6 +218,8 @@ struct RawPrinciple {
     action: PolicyAction,
     detectors: Vec<toml::Value>,
     message: Option<String>,
+    #[serde(default)]
+    probes: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -466,6 +471,7 @@ pub(super) fn build_principles(
                 severity: raw.severity,
                 action: raw.action,
                 detectors,
+                probes: raw.probes,
             },
         );
     }

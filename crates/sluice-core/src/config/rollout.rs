@@ -76,8 +76,8 @@ pub enum SubjectSource {
 /// What a stage exposes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StageKind {
-    /// Nobody is served by the candidate; traffic may be mirrored to it.
-    Shadow,
+    /// Nobody is served by the candidate; stable's traffic is mirrored to it.
+    Shadow(ShadowConfig),
     /// Members of these cohorts (and of earlier cohort stages) get the
     /// candidate.
     Cohort(Vec<String>),
@@ -93,7 +93,7 @@ impl StageKind {
     /// A short label: `shadow`, `cohort`, `percent-5`.
     pub fn label(&self) -> String {
         match self {
-            StageKind::Shadow => "shadow".into(),
+            StageKind::Shadow(_) => "shadow".into(),
             StageKind::Cohort(_) => "cohort".into(),
             StageKind::Percent { basis_points } => {
                 if basis_points % 100 == 0 {
@@ -104,6 +104,37 @@ impl StageKind {
             }
         }
     }
+}
+
+/// How a shadow stage mirrors traffic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowConfig {
+    /// Share of stable's requests mirrored (0 < sample ≤ 1).
+    pub sample: f64,
+    /// Most mirrored calls in flight at once; beyond it a mirror is skipped
+    /// (and counted), never queued.
+    pub max_in_flight: usize,
+    /// Time allowed for one mirrored call.
+    pub timeout: Duration,
+}
+
+impl Default for ShadowConfig {
+    fn default() -> Self {
+        ShadowConfig {
+            sample: 1.0,
+            max_in_flight: 64,
+            timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A probe suite a stage requires before it opens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SuiteRequirement {
+    /// The suite file, relative to the config file.
+    pub suite: String,
+    /// Least share of cases that must pass.
+    pub min_pass_rate: f64,
 }
 
 /// A signal a gate judges (higher is worse for all of them).
@@ -217,6 +248,8 @@ pub struct StageConfig {
     pub approval: Vec<Role>,
     /// Longest the stage may stay undecided before it pauses for a human.
     pub max_duration: Option<Duration>,
+    /// Probe suites the candidate must pass before the stage opens.
+    pub require_suites: Vec<SuiteRequirement>,
 }
 
 /// What happens when a stage fails its gates.
@@ -312,6 +345,23 @@ struct RawStage {
     #[serde(default)]
     approval: Vec<Role>,
     max_duration: Option<String>,
+    sample: Option<f64>,
+    max_in_flight: Option<usize>,
+    timeout: Option<String>,
+    #[serde(default)]
+    require_suites: Vec<RawSuiteRequirement>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSuiteRequirement {
+    suite: String,
+    #[serde(default = "all")]
+    min_pass_rate: f64,
+}
+
+fn all() -> f64 {
+    1.0
 }
 
 #[derive(Deserialize)]
@@ -456,12 +506,67 @@ fn build_stage(
         Some(s) => parse_duration(cx, &join_path(path, "min_duration"), &s)?,
         None => Duration::ZERO,
     };
+    if raw.kind != "shadow" {
+        for (set, f) in [
+            (raw.sample.is_some(), "sample"),
+            (raw.max_in_flight.is_some(), "max_in_flight"),
+            (raw.timeout.is_some(), "timeout"),
+        ] {
+            if set {
+                cx.err(
+                    join_path(path, f),
+                    format!("only a shadow stage takes `{f}` (it sets how traffic is mirrored)"),
+                );
+            }
+        }
+    }
+    let mut require_suites = Vec::new();
+    for (i, r) in raw.require_suites.iter().enumerate() {
+        let rp = format!("{}[{i}]", join_path(path, "require_suites"));
+        if r.suite.trim().is_empty() {
+            cx.err(join_path(&rp, "suite"), "name a suite file (JSONL)");
+        }
+        if !(r.min_pass_rate > 0.0 && r.min_pass_rate <= 1.0) {
+            cx.err(
+                join_path(&rp, "min_pass_rate"),
+                format!(
+                    "must be greater than 0 and at most 1, got {}",
+                    r.min_pass_rate
+                ),
+            );
+        }
+        require_suites.push(SuiteRequirement {
+            suite: r.suite.clone(),
+            min_pass_rate: r.min_pass_rate,
+        });
+    }
     let kind = match raw.kind.as_str() {
         "shadow" => {
             if raw.percent.is_some() || raw.cohorts.is_some() {
                 cx.err(path, "a shadow stage takes neither `percent` nor `cohorts`");
             }
-            StageKind::Shadow
+            let mut sh = ShadowConfig::default();
+            if let Some(x) = raw.sample {
+                if !(x > 0.0 && x <= 1.0) {
+                    cx.err(
+                        join_path(path, "sample"),
+                        format!(
+                            "must be greater than 0 and at most 1 (a share of requests), got {x}"
+                        ),
+                    );
+                }
+                sh.sample = x;
+            }
+            if let Some(n) = raw.max_in_flight {
+                if n == 0 {
+                    cx.err(join_path(path, "max_in_flight"), "must be at least 1");
+                }
+                sh.max_in_flight = n;
+            }
+            if let Some(t) = &raw.timeout {
+                sh.timeout = parse_duration(cx, &join_path(path, "timeout"), t)?;
+            }
+            StageKind::Shadow(sh)
         }
         "cohort" => {
             if raw.percent.is_some() {
@@ -540,6 +645,7 @@ fn build_stage(
         min_requests: raw.min_requests,
         approval: raw.approval,
         max_duration,
+        require_suites,
     })
 }
 
