@@ -14,10 +14,10 @@
 //!    ask a human;
 //! 4. otherwise hold.
 //!
-//! Shadow stages serve nobody the candidate, so their gates have nothing to
-//! compare; they advance on their own conditions.
+//! Shadow stages serve nobody the candidate; their gates judge the mirrored
+//! pairs instead (see [`crate::gate::evaluate_paired`]), by the same rules.
 
-use crate::config::{ControllerMode, OnFailure, RolloutConfig, StageKind};
+use crate::config::{ControllerMode, OnFailure, RolloutConfig};
 use crate::gate::{Outcome, Verdict};
 use crate::rollout::{Action, Facts, RolloutState, Status};
 
@@ -48,11 +48,7 @@ pub enum Decision {
 /// The gate blockers of a stage: what keeps it from advancing as far as the
 /// gates are concerned.
 pub fn gate_blockers(plan: &RolloutConfig, stage: usize, verdicts: &[Verdict]) -> Vec<String> {
-    if plan
-        .stages
-        .get(stage)
-        .is_none_or(|s| matches!(s.kind, StageKind::Shadow(_)))
-    {
+    if plan.stages.get(stage).is_none() {
         return Vec::new();
     }
     verdicts
@@ -75,29 +71,26 @@ pub fn decide(
     let Some(stage) = plan.stages.get(state.stage) else {
         return Decision::Hold;
     };
-    let shadow = matches!(stage.kind, StageKind::Shadow(_));
-    if !shadow {
-        let failing: Vec<&str> = verdicts
-            .iter()
-            .filter(|v| v.outcome == Outcome::Fail)
-            .map(|v| v.summary.as_str())
-            .collect();
-        if !failing.is_empty() {
-            let action = match plan.on_failure {
-                OnFailure::Rollback => Action::Rollback,
-                OnFailure::Pause => Action::Pause,
-            };
-            return Decision::Fail {
-                action,
-                reason: format!("gate failed: {}", failing.join("; ")),
-            };
-        }
+    let failing: Vec<&str> = verdicts
+        .iter()
+        .filter(|v| v.outcome == Outcome::Fail)
+        .map(|v| v.summary.as_str())
+        .collect();
+    if !failing.is_empty() {
+        let action = match plan.on_failure {
+            OnFailure::Rollback => Action::Rollback,
+            OnFailure::Pause => Action::Pause,
+        };
+        return Decision::Fail {
+            action,
+            reason: format!("gate failed: {}", failing.join("; ")),
+        };
     }
     let mut f = facts.clone();
     f.gate_blockers = gate_blockers(plan, state.stage, verdicts);
     let blockers = state.blockers(plan, &f);
     if blockers.is_empty() && plan.controller == ControllerMode::Auto {
-        let reason = if shadow || verdicts.is_empty() {
+        let reason = if verdicts.is_empty() {
             "stage conditions met".to_string()
         } else {
             format!(
@@ -130,7 +123,7 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{GateConfig, Margin, Signal, StageConfig, SubjectSource};
+    use crate::config::{GateConfig, Margin, Signal, StageConfig, StageKind, SubjectSource};
     use crate::gate::{evaluate, Method};
     use crate::signals::{Observation, StageAggregates};
     use proptest::prelude::*;

@@ -17,7 +17,7 @@
 use serde::Serialize;
 
 use crate::config::{GateConfig, Margin, Signal};
-use crate::signals::{ArmAggregates, StageAggregates};
+use crate::signals::{ArmAggregates, Moments, PairedAggregates, PairedRate, StageAggregates};
 use crate::stats::{
     always_valid_p, fixed_horizon_interval, msprt_interval, msprt_ratio, normal_quantile,
     quantile_level_radius,
@@ -104,6 +104,62 @@ enum Data<'a> {
         &'a crate::signals::LogHistogram,
     ),
     Missing(String),
+    /// Paired differences: pairs, stable's mean, mean difference, per-pair
+    /// variance of the difference, and a note for the summary.
+    Paired {
+        n: u64,
+        stable: f64,
+        diff: f64,
+        var: f64,
+        note: String,
+    },
+}
+
+/// Whether a signal can be judged in a shadow stage: users never see the
+/// candidate's answers there (no feedback), and mirrored calls are not
+/// streamed (no time to first token).
+pub fn judged_in_shadow(signal: &Signal) -> bool {
+    !matches!(signal, Signal::FeedbackDownRate | Signal::TtftP95)
+}
+
+fn paired_data<'a>(signal: &Signal, p: &'a PairedAggregates) -> Data<'a> {
+    let rate = |r: &PairedRate, what: &str| Data::Paired {
+        n: r.n,
+        stable: r.stable_rate(),
+        diff: r.mean_difference(),
+        var: r.variance(),
+        note: format!(
+            "paired over {} requests: {what} on the candidate only {}, on stable only {}",
+            r.n, r.candidate_only, r.stable_only
+        ),
+    };
+    let moments = |d: &Moments, s: &Moments, what: &str| Data::Paired {
+        n: d.n,
+        stable: s.mean,
+        diff: d.mean,
+        var: d.variance(),
+        note: format!("paired over {} requests: mean {what} difference", d.n),
+    };
+    match signal {
+        Signal::ErrorRate => rate(&p.errors, "errors"),
+        Signal::RefusalRate => rate(&p.refusals, "refusals"),
+        Signal::FlagRate(id) => match p.flags.get(id) {
+            Some(r) => rate(r, &format!("\"{id}\" fired")),
+            None => Data::Missing(format!("no verdicts of principle \"{id}\" on mirrored pairs yet")),
+        },
+        Signal::CostPerRequest => {
+            if p.cost.n == 0 && (p.stable.unpriced > 0 || p.candidate.unpriced > 0) {
+                return Data::Missing("no price configured for these models ([prices])".into());
+            }
+            moments(&p.cost, &p.cost_stable, "cost")
+        }
+        Signal::OutputTokens => moments(&p.output_tokens, &p.output_tokens_stable, "output-token"),
+        Signal::LatencyP95 => Data::Quantile(&p.stable.latency, &p.candidate.latency),
+        Signal::TtftP95 | Signal::FeedbackDownRate => Data::Missing(format!(
+            "{} is not judged in a shadow stage (mirrored answers reach no user and are not streamed)",
+            signal.name()
+        )),
+    }
 }
 
 fn data<'a>(signal: &Signal, s: &'a ArmAggregates, c: &'a ArmAggregates) -> Data<'a> {
@@ -162,9 +218,48 @@ fn fmt_signed(signal: &Signal, x: f64) -> String {
 
 /// Evaluates one gate on a stage's aggregates.
 pub fn evaluate(gate: &GateConfig, aggs: &StageAggregates, method: Method) -> Verdict {
+    judge(gate, data(&gate.signal, &aggs.stable, &aggs.candidate), method)
+}
+
+/// Evaluates one gate on a shadow stage's mirrored pairs: rates by their
+/// discordant pairs and quantities by per-pair differences (the same input
+/// on both sides removes the between-request variance an unpaired test
+/// carries); latency quantiles on each side's marginal distribution.
+pub fn evaluate_paired(gate: &GateConfig, paired: &PairedAggregates, method: Method) -> Verdict {
+    judge(gate, paired_data(&gate.signal, paired), method)
+}
+
+fn judge(gate: &GateConfig, data: Data<'_>, method: Method) -> Verdict {
     let sig = &gate.signal;
-    let (lo, hi, est_s, est_c, n_s, n_c, p_value) = match data(sig, &aggs.stable, &aggs.candidate) {
+    let mut note = None;
+    let (lo, hi, est_s, est_c, n_s, n_c, p_value) = match data {
         Data::Missing(why) => return Verdict::inconclusive(gate, 0, 0, why),
+        Data::Paired {
+            n,
+            stable,
+            diff,
+            var,
+            note: nt,
+        } => {
+            if let Some(v) = too_few(gate, n, n) {
+                return v;
+            }
+            let v = var / n as f64;
+            let margin = resolve(gate.max_regression, stable);
+            let tau = if margin > 0.0 {
+                margin
+            } else {
+                0.1 * var.sqrt()
+            };
+            let tau2 = (tau * tau).max(1e-18);
+            let ci = match method {
+                Method::Sequential => msprt_interval(diff, v, tau2, gate.alpha),
+                Method::FixedHorizon => fixed_horizon_interval(diff, v, gate.alpha),
+            };
+            let p = always_valid_p(msprt_ratio(diff, 0.0, v, tau2));
+            note = Some(nt);
+            (ci.low, ci.high, stable, stable + diff, n, n, Some(p))
+        }
         Data::Mean((n_s, m_s, v_s), (n_c, m_c, v_c)) => {
             if let Some(v) = too_few(gate, n_s, n_c) {
                 return v;
@@ -237,7 +332,7 @@ pub fn evaluate(gate: &GateConfig, aggs: &StageAggregates, method: Method) -> Ve
             "+∞".into()
         }
     );
-    let summary = format!(
+    let mut summary = format!(
         "{}: candidate {} vs stable {} ({}; {:.0} % interval {ci}) {} margin {}",
         sig.name(),
         fmt(sig, est_c),
@@ -251,6 +346,9 @@ pub fn evaluate(gate: &GateConfig, aggs: &StageAggregates, method: Method) -> Ve
         },
         fmt(sig, margin),
     );
+    if let Some(n) = note {
+        summary.push_str(&format!(" [{n}]"));
+    }
     Verdict {
         signal: sig.name(),
         outcome,
@@ -293,7 +391,7 @@ fn resolve(m: Margin, stable: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signals::Observation;
+    use crate::signals::{Observation, PairedAggregates};
 
     fn gate(signal: Signal, margin: Margin) -> GateConfig {
         GateConfig {
@@ -391,6 +489,69 @@ mod tests {
             evaluate(&g, &same, Method::Sequential).outcome,
             Outcome::Pass
         );
+    }
+
+    #[test]
+    fn paired_rates_use_discordant_pairs() {
+        let g = gate(Signal::ErrorRate, Margin::Absolute(0.01));
+        let ok = Observation {
+            refusal: Some(false),
+            latency_ms: Some(100.0),
+            output_tokens: Some(50),
+            ..Default::default()
+        };
+        let err = Observation {
+            error: true,
+            ..Default::default()
+        };
+        // Both sides fail on the same 10 % of inputs: no regression, and the
+        // pairing shows it with far fewer requests than an unpaired test.
+        let mut same = PairedAggregates::default();
+        for i in 0..1500 {
+            let o = if i % 10 == 0 { &err } else { &ok };
+            same.observe(o, o);
+        }
+        let v = evaluate_paired(&g, &same, Method::Sequential);
+        assert_eq!(v.outcome, Outcome::Pass, "{}", v.summary);
+        assert!(v.summary.contains("on the candidate only 0, on stable only 0"), "{}", v.summary);
+        let unpaired = evaluate(
+            &g,
+            &StageAggregates {
+                stable: same.stable.clone(),
+                candidate: same.candidate.clone(),
+                ..Default::default()
+            },
+            Method::Sequential,
+        );
+        assert_eq!(unpaired.outcome, Outcome::Inconclusive, "{}", unpaired.summary);
+        // The candidate fails on 5 % more inputs: a regression.
+        let mut worse = PairedAggregates::default();
+        for i in 0..2000 {
+            worse.observe(&ok, if i % 20 == 0 { &err } else { &ok });
+        }
+        let v = evaluate_paired(&g, &worse, Method::Sequential);
+        assert_eq!(v.outcome, Outcome::Fail, "{}", v.summary);
+        assert_eq!(v.n_candidate, 2000);
+        // Output tokens: a constant +20 per answer is caught as a mean
+        // difference.
+        let t = gate(Signal::OutputTokens, Margin::Relative(0.1));
+        let mut longer = PairedAggregates::default();
+        for i in 0..300u64 {
+            let s = Observation {
+                output_tokens: Some(40 + i % 30),
+                ..ok.clone()
+            };
+            let c = Observation {
+                output_tokens: Some(60 + i % 30),
+                ..ok.clone()
+            };
+            longer.observe(&s, &c);
+        }
+        let v = evaluate_paired(&t, &longer, Method::Sequential);
+        assert_eq!(v.outcome, Outcome::Fail, "{}", v.summary);
+        assert!((v.difference.unwrap() - 20.0).abs() < 1e-9);
+        let fb = gate(Signal::FeedbackDownRate, Margin::Absolute(0.01));
+        assert!(!judged_in_shadow(&fb.signal));
     }
 
     #[test]

@@ -239,6 +239,8 @@ pub struct StageAggregates {
     pub stable: ArmAggregates,
     /// The candidate's.
     pub candidate: ArmAggregates,
+    /// Mirrored pairs (shadow stages).
+    pub paired: PairedAggregates,
 }
 
 impl StageAggregates {
@@ -248,6 +250,125 @@ impl StageAggregates {
             &mut self.candidate
         } else {
             &mut self.stable
+        }
+    }
+}
+
+/// A yes/no signal over pairs: how often each side said yes when the other
+/// said no (the discordant pairs McNemar's test looks at), and the
+/// per-pair differences (candidate − stable, each −1, 0 or 1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct PairedRate {
+    /// Pairs where only the candidate said yes.
+    pub candidate_only: u64,
+    /// Pairs where only stable said yes.
+    pub stable_only: u64,
+    /// Pairs where both did.
+    pub both: u64,
+    /// Pairs compared.
+    pub n: u64,
+}
+
+impl PairedRate {
+    /// Adds one pair.
+    pub fn add(&mut self, stable: bool, candidate: bool) {
+        self.n += 1;
+        match (stable, candidate) {
+            (true, true) => self.both += 1,
+            (false, true) => self.candidate_only += 1,
+            (true, false) => self.stable_only += 1,
+            (false, false) => {}
+        }
+    }
+
+    /// Stable's rate over the pairs.
+    pub fn stable_rate(&self) -> f64 {
+        ratio(self.both + self.stable_only, self.n)
+    }
+
+    /// The mean paired difference (candidate − stable rate).
+    pub fn mean_difference(&self) -> f64 {
+        ratio(self.candidate_only, self.n) - ratio(self.stable_only, self.n)
+    }
+
+    /// Per-pair variance of the difference, smoothed like
+    /// [`Bernoulli::variance`] so that zero discordant pairs still carry
+    /// some uncertainty.
+    pub fn variance(&self) -> f64 {
+        let n = self.n as f64 + 1.0;
+        let b = (self.candidate_only as f64 + 0.25) / n;
+        let c = (self.stable_only as f64 + 0.25) / n;
+        (b + c - (b - c) * (b - c)).max(0.0)
+    }
+}
+
+fn ratio(k: u64, n: u64) -> f64 {
+    if n == 0 {
+        0.0
+    } else {
+        k as f64 / n as f64
+    }
+}
+
+/// Signals of a shadow stage: each request answered by stable (served) and
+/// by the candidate (mirrored). Rates are kept as discordant-pair counts and
+/// quantities as per-pair differences, so the gates compare like with like:
+/// the same input on both sides.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PairedAggregates {
+    /// Complete pairs seen.
+    pub pairs: u64,
+    /// Each side's marginal signals over the pairs (latency quantiles are
+    /// judged on these).
+    pub stable: ArmAggregates,
+    /// The candidate's.
+    pub candidate: ArmAggregates,
+    /// Errors on either side.
+    pub errors: PairedRate,
+    /// Refusals, over pairs where both sides answered.
+    pub refusals: PairedRate,
+    /// Principle flags, over pairs where both sides answered.
+    pub flags: BTreeMap<String, PairedRate>,
+    /// Cost differences (both priced).
+    pub cost: Moments,
+    /// Stable's cost over the same pairs.
+    pub cost_stable: Moments,
+    /// Output-token differences.
+    pub output_tokens: Moments,
+    /// Stable's output tokens over the same pairs.
+    pub output_tokens_stable: Moments,
+    /// Latency differences, ms.
+    pub latency: Moments,
+}
+
+impl PairedAggregates {
+    /// Adds one pair.
+    pub fn observe(&mut self, stable: &Observation, candidate: &Observation) {
+        self.pairs += 1;
+        self.stable.observe(stable);
+        self.candidate.observe(candidate);
+        self.errors.add(stable.error, candidate.error);
+        if stable.error || candidate.error {
+            return;
+        }
+        if let (Some(s), Some(c)) = (stable.refusal, candidate.refusal) {
+            self.refusals.add(s, c);
+        }
+        for (p, s) in &stable.flags {
+            if let Some((_, c)) = candidate.flags.iter().find(|(q, _)| q == p) {
+                self.flags.entry(p.clone()).or_default().add(*s, *c);
+            }
+        }
+        if let (Some(s), Some(c)) = (stable.cost, candidate.cost) {
+            self.cost.add(c - s);
+            self.cost_stable.add(s);
+        }
+        if let (Some(s), Some(c)) = (stable.output_tokens, candidate.output_tokens) {
+            self.output_tokens.add(c as f64 - s as f64);
+            self.output_tokens_stable.add(s as f64);
+        }
+        if let (Some(s), Some(c)) = (stable.latency_ms, candidate.latency_ms) {
+            self.latency.add(c - s);
         }
     }
 }

@@ -10,6 +10,7 @@
 //! batches. An event handed to [`EventSender::record`] is either committed or
 //! counted as failed in [`WriterStats`]; none disappears silently.
 
+mod evals;
 mod migrations;
 mod record;
 mod rollouts;
@@ -21,6 +22,7 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OpenFlags};
 
 pub use record::{RequestRecord, VariantSummary};
+pub use evals::EvalRun;
 pub use rollouts::{Feedback, RolloutEvent, StageRow, StoredRollout};
 pub use writer::{EventSender, EventWriter, WriterStats, WriterStatsSnapshot};
 

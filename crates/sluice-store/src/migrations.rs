@@ -120,6 +120,38 @@ CREATE TABLE review_items (
 CREATE INDEX review_items_status ON review_items (status, seq);
 "#,
     ),
+    (
+        5,
+        r#"
+ALTER TABLE requests ADD COLUMN shadow_of TEXT;
+CREATE INDEX requests_shadow_of ON requests (shadow_of) WHERE shadow_of IS NOT NULL;
+
+CREATE TABLE eval_runs (
+    id          TEXT PRIMARY KEY,
+    ts_ms       INTEGER NOT NULL,
+    suite       TEXT NOT NULL,
+    suite_hash  TEXT NOT NULL,
+    deployment  TEXT NOT NULL,
+    variant     TEXT NOT NULL,
+    trigger     TEXT NOT NULL,
+    passed      INTEGER NOT NULL,
+    total       INTEGER NOT NULL,
+    pass_rate   REAL NOT NULL,
+    report      TEXT NOT NULL
+);
+CREATE INDEX eval_runs_suite ON eval_runs (suite_hash, deployment, variant, ts_ms);
+
+CREATE TABLE eval_cases (
+    run_id      TEXT NOT NULL REFERENCES eval_runs (id),
+    case_id     TEXT NOT NULL,
+    pass        INTEGER NOT NULL,
+    passed_runs INTEGER NOT NULL,
+    runs        INTEGER NOT NULL,
+    detail      TEXT NOT NULL,
+    PRIMARY KEY (run_id, case_id)
+);
+"#,
+    ),
 ];
 
 /// The newest schema version this build knows.

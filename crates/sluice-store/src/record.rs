@@ -63,6 +63,9 @@ pub struct RequestRecord {
     /// Policy verdicts (JSON list of findings: principle, detector, action,
     /// severity, stage, spans, check latency), when any principle fired.
     pub policy: Option<String>,
+    /// For a mirrored (shadow) call: the id of the request it mirrors. Such
+    /// records have assignment `shadow` and were never served to anyone.
+    pub shadow_of: Option<String>,
 }
 
 impl RequestRecord {
@@ -88,7 +91,7 @@ impl RequestRecord {
 
 const COLUMNS: &str = "id, ts_ms, api_key, deployment, variant, provider, model, subject, \
     stream, status, error_kind, error_message, latency_ms, ttft_ms, tokens_in, tokens_out, \
-    finish_reason, request_body, response_body, rollout, stage, assignment, sticky, refusal, cost_usd, policy";
+    finish_reason, request_body, response_body, rollout, stage, assignment, sticky, refusal, cost_usd, policy, shadow_of";
 
 fn to_i64(v: Option<u64>) -> Option<i64> {
     v.map(|x| i64::try_from(x).unwrap_or(i64::MAX))
@@ -105,7 +108,7 @@ pub(crate) fn insert_batch(
         let mut stmt = tx.prepare_cached(&format!(
             "INSERT OR IGNORE INTO requests ({COLUMNS}) VALUES \
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-             ?20, ?21, ?22, ?23, ?24, ?25, ?26)"
+             ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)"
         ))?;
         for r in records {
             stmt.execute(params![
@@ -135,6 +138,7 @@ pub(crate) fn insert_batch(
                 r.refusal,
                 r.cost_usd,
                 r.policy,
+                r.shadow_of,
             ])?;
             insert_review_items(&tx, r)?;
         }
@@ -203,6 +207,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<RequestRecord> {
         refusal: row.get(23)?,
         cost_usd: row.get(24)?,
         policy: row.get(25)?,
+        shadow_of: row.get(26)?,
     })
 }
 
@@ -258,7 +263,7 @@ pub(crate) fn summary(conn: &Connection, since_ms: i64) -> Result<Vec<VariantSum
     let mut stmt = conn.prepare(
         "SELECT COALESCE(deployment, '-'), COALESCE(variant, '-'), latency_ms, ttft_ms, \
          status >= 400 OR error_kind IS NOT NULL, COALESCE(tokens_out, 0) \
-         FROM requests WHERE ts_ms >= ?1 ORDER BY 1, 2",
+         FROM requests WHERE ts_ms >= ?1 AND shadow_of IS NULL ORDER BY 1, 2",
     )?;
     let mut rows = stmt.query([since_ms])?;
     let mut out: Vec<VariantSummary> = Vec::new();

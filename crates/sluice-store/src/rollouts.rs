@@ -297,6 +297,46 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(e.to_string()))
     }
 
+    /// The mirrored pairs of a shadow stage since `since_ms`: (the served
+    /// stable request, its shadow call), in order. Rebuilds a shadow stage's
+    /// paired signals after a restart.
+    pub fn shadow_pairs(
+        &self,
+        rollout: &str,
+        stage: u32,
+        since_ms: i64,
+    ) -> Result<Vec<(StageRow, StageRow)>, StoreError> {
+        let c = self.lock();
+        let mut stmt = c.prepare_cached(
+            "SELECT COALESCE(p.variant, '-'), p.status, p.error_kind, p.latency_ms, p.ttft_ms, p.tokens_out, \
+             p.refusal, p.cost_usd, \
+             COALESCE(s.variant, '-'), s.status, s.error_kind, s.latency_ms, s.ttft_ms, s.tokens_out, \
+             s.refusal, s.cost_usd \
+             FROM requests s JOIN requests p ON p.id = s.shadow_of \
+             WHERE s.rollout = ?1 AND s.stage = ?2 AND s.ts_ms >= ?3 AND s.assignment = 'shadow' \
+             ORDER BY s.seq",
+        )?;
+        let rows = stmt.query_map(params![rollout, stage, since_ms], |r| {
+            let side = |o: usize| -> rusqlite::Result<StageRow> {
+                Ok(StageRow {
+                    variant: r.get(o)?,
+                    status: r.get(o + 1)?,
+                    error_kind: r.get(o + 2)?,
+                    latency_ms: r.get(o + 3)?,
+                    ttft_ms: r.get(o + 4)?,
+                    tokens_out: r.get::<_, Option<i64>>(o + 5)?.map(|v| v.max(0) as u64),
+                    refusal: r.get(o + 6)?,
+                    cost_usd: r.get(o + 7)?,
+                    thumbs_down: None,
+                    score: None,
+                })
+            };
+            Ok((side(0)?, side(8)?))
+        })?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+
     /// Stores feedback for a request (the latest feedback replaces earlier
     /// feedback) and returns what was stored before.
     pub fn put_feedback(&self, f: &Feedback) -> Result<Option<Feedback>, StoreError> {
