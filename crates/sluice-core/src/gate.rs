@@ -218,7 +218,11 @@ fn fmt_signed(signal: &Signal, x: f64) -> String {
 
 /// Evaluates one gate on a stage's aggregates.
 pub fn evaluate(gate: &GateConfig, aggs: &StageAggregates, method: Method) -> Verdict {
-    judge(gate, data(&gate.signal, &aggs.stable, &aggs.candidate), method)
+    judge(
+        gate,
+        data(&gate.signal, &aggs.stable, &aggs.candidate),
+        method,
+    )
 }
 
 /// Evaluates one gate on a shadow stage's mirrored pairs: rates by their
@@ -513,7 +517,12 @@ mod tests {
         }
         let v = evaluate_paired(&g, &same, Method::Sequential);
         assert_eq!(v.outcome, Outcome::Pass, "{}", v.summary);
-        assert!(v.summary.contains("on the candidate only 0, on stable only 0"), "{}", v.summary);
+        assert!(
+            v.summary
+                .contains("on the candidate only 0, on stable only 0"),
+            "{}",
+            v.summary
+        );
         let unpaired = evaluate(
             &g,
             &StageAggregates {
@@ -523,7 +532,12 @@ mod tests {
             },
             Method::Sequential,
         );
-        assert_eq!(unpaired.outcome, Outcome::Inconclusive, "{}", unpaired.summary);
+        assert_eq!(
+            unpaired.outcome,
+            Outcome::Inconclusive,
+            "{}",
+            unpaired.summary
+        );
         // The candidate fails on 5 % more inputs: a regression.
         let mut worse = PairedAggregates::default();
         for i in 0..2000 {

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod controller;
 pub mod error;
+pub mod eval;
 pub mod feedback;
 pub mod metrics;
 pub mod pipeline;

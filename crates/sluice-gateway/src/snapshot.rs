@@ -80,6 +80,13 @@ pub struct Snapshot {
     pub keys: Vec<ApiKey>,
     /// Admin tokens.
     pub admin_tokens: Vec<AdminToken>,
+    /// Every principle, compiled (probe assertions may name any of them).
+    pub principles: BTreeMap<String, Arc<Principle>>,
+    /// The directory relative files are read from.
+    pub base_dir: Option<std::path::PathBuf>,
+    /// The probe suites stage gates require, by the path written in the
+    /// config; read and checked when the config is loaded.
+    pub suites: BTreeMap<String, Arc<sluice_core::probe::Suite>>,
 }
 
 /// Reads a secret from its source.
@@ -259,6 +266,26 @@ impl Snapshot {
                 },
             );
         }
+        let mut suites = BTreeMap::new();
+        for r in config.rollouts.values() {
+            for (i, st) in r.stages.iter().enumerate() {
+                for (j, req) in st.require_suites.iter().enumerate() {
+                    if suites.contains_key(&req.suite) {
+                        continue;
+                    }
+                    let at = format!("rollouts.{}.stages[{i}].require_suites[{j}]", r.name);
+                    match crate::eval::load_suite(base_dir, &req.suite) {
+                        Ok(suite) => {
+                            for e in crate::eval::check_suite(&suite, &config) {
+                                errors.push(format!("{at}: {e}"));
+                            }
+                            suites.insert(req.suite.clone(), Arc::new(suite));
+                        }
+                        Err(e) => errors.push(format!("{at}: {e}")),
+                    }
+                }
+            }
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -268,6 +295,9 @@ impl Snapshot {
             providers,
             keys,
             admin_tokens,
+            principles: compiled,
+            base_dir: base_dir.map(Path::to_path_buf),
+            suites,
         })
     }
 

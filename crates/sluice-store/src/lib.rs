@@ -21,8 +21,8 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OpenFlags};
 
-pub use record::{RequestRecord, VariantSummary};
 pub use evals::EvalRun;
+pub use record::{RequestRecord, VariantSummary};
 pub use rollouts::{Feedback, RolloutEvent, StageRow, StoredRollout};
 pub use writer::{EventSender, EventWriter, WriterStats, WriterStatsSnapshot};
 

@@ -2,6 +2,7 @@
 //! requests, and run the self-contained demo.
 
 mod demo;
+mod eval_cli;
 mod policy_cli;
 mod rollout_cli;
 mod sim_cli;
@@ -144,6 +145,47 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run probe suites against a variant through the real provider and
+    /// policy code; exits 1 below --min-pass-rate (or on a regression with
+    /// --no-regressions), 2 when the run cannot happen.
+    Eval {
+        /// Configuration file.
+        #[arg(long, short, default_value = "sluice.toml")]
+        config: PathBuf,
+        /// A suite file (JSONL); repeat for several.
+        #[arg(long)]
+        suite: Vec<PathBuf>,
+        /// Also run the `probes` suites of this principle.
+        #[arg(long)]
+        principle: Option<String>,
+        /// The variant under test: VARIANT or DEPLOYMENT/VARIANT.
+        #[arg(long)]
+        variant: String,
+        /// Run the same suites on this variant and report regressions.
+        #[arg(long)]
+        baseline: Option<String>,
+        /// Calls in flight at once.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Least share of cases that must pass, per suite.
+        #[arg(long, default_value_t = 1.0)]
+        min_pass_rate: f64,
+        /// Fail when a case passes on the baseline and fails on the variant.
+        #[arg(long)]
+        no_regressions: bool,
+        /// Write JSON, Markdown and JUnit XML reports here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// SQLite store path, overriding `store.path` in the config.
+        #[arg(long)]
+        db: Option<String>,
+        /// Time allowed per call.
+        #[arg(long, default_value = "60s", value_parser = humantime_duration)]
+        timeout: Duration,
+        /// Print the reports as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the SHA-256 of an API key, for `sha256 = "..."` in [[api_keys]].
     HashKey {
         /// The key (read from standard input when omitted).
@@ -223,6 +265,35 @@ fn main() -> ExitCode {
             },
             json,
         ),
+        Command::Eval {
+            config,
+            suite,
+            principle,
+            variant,
+            baseline,
+            concurrency,
+            min_pass_rate,
+            no_regressions,
+            out,
+            db,
+            timeout,
+            json,
+        } => runtime().and_then(|rt| {
+            rt.block_on(eval_cli::run(eval_cli::Options {
+                config,
+                suites: suite,
+                principle,
+                variant,
+                baseline,
+                concurrency,
+                min_pass_rate,
+                no_regressions,
+                out,
+                db,
+                timeout,
+                json,
+            }))
+        }),
         Command::Demo {
             requests,
             concurrency,
@@ -316,6 +387,32 @@ fn check_config(file: &Path, strict: bool) -> Result<ExitCode> {
                     ));
                 }
             }
+        }
+    }
+    let mut suites: Vec<(String, &str)> = Vec::new();
+    for p in config.principles.values() {
+        for (i, f) in p.probes.iter().enumerate() {
+            suites.push((format!("principles.{}.probes[{i}]", p.id), f));
+        }
+    }
+    for r in config.rollouts.values() {
+        for (i, st) in r.stages.iter().enumerate() {
+            for (j, req) in st.require_suites.iter().enumerate() {
+                suites.push((
+                    format!("rollouts.{}.stages[{i}].require_suites[{j}].suite", r.name),
+                    &req.suite,
+                ));
+            }
+        }
+    }
+    for (at, f) in suites {
+        match sluice_gateway::eval::load_suite(Some(base), f) {
+            Ok(suite) => {
+                for e in sluice_gateway::eval::check_suite(&suite, &config) {
+                    unreadable.push(format!("{at}: {e}"));
+                }
+            }
+            Err(e) => unreadable.push(format!("{at}: {e}")),
         }
     }
     if !unreadable.is_empty() {

@@ -171,6 +171,15 @@ pub struct Principle {
     pub detectors: Vec<Compiled>,
 }
 
+impl std::fmt::Debug for Principle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Principle")
+            .field("id", &self.config.id)
+            .field("detectors", &self.detectors.len())
+            .finish()
+    }
+}
+
 impl Principle {
     /// Compiles a principle.
     pub fn compile(config: &PrincipleConfig) -> Result<Principle, String> {
