@@ -118,6 +118,7 @@ pub fn view(snap: &Snapshot, e: &RolloutEntry, now: i64) -> Value {
                 "min_duration_ms": s.min_duration.as_millis() as u64,
                 "min_requests": s.min_requests,
                 "approval": s.approval.iter().map(|r| r.name()).collect::<Vec<_>>(),
+                "require_suites": s.require_suites.iter().map(|r| json!({"suite": r.suite, "min_pass_rate": r.min_pass_rate})).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -136,6 +137,19 @@ pub fn view(snap: &Snapshot, e: &RolloutEntry, now: i64) -> Value {
         "requests": {
             "stable": e.counters.stable.load(std::sync::atomic::Ordering::Relaxed),
             "candidate": e.counters.candidate.load(std::sync::atomic::Ordering::Relaxed),
+        },
+        "shadow": if e.in_shadow() && e.state.status.is_active() {
+            let sh = &e.counters.shadow;
+            let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            json!({
+                "mirrored": ld(&sh.mirrored),
+                "skipped_full": ld(&sh.skipped),
+                "failed": ld(&sh.failed),
+                "paired": ld(&sh.paired),
+                "in_flight": sh.in_flight(),
+            })
+        } else {
+            Value::Null
         },
         "approvals": e.state.approvals,
         "blockers": if e.state.status.is_active() { e.state.blockers(c, &facts) } else { Vec::new() },
@@ -393,6 +407,53 @@ pub async fn transition(
                 r.to_string(),
             ),
         })?;
+    let mut reason = reason;
+    let mut action = action;
+    let mut t = t;
+    // A stage that requires probe suites opens only when they pass. A person
+    // is refused; the controller applies the rollout's `on_failure` instead,
+    // as for any failing gate.
+    let opens =
+        next.status == Status::Running && (t.to_stage != t.from_stage || action == Action::Start);
+    if opens
+        && entry
+            .config
+            .stages
+            .get(next.stage)
+            .is_some_and(|s| !s.require_suites.is_empty())
+    {
+        if let Err(why) = crate::eval::stage_suites(app, &snap, &entry.config, next.stage).await {
+            if actor.name != crate::controller::ACTOR {
+                return Err(api(
+                    StatusCode::CONFLICT,
+                    "invalid_request_error",
+                    "suite_failed",
+                    format!("stage {} cannot open: {why}", next.stage),
+                ));
+            }
+            action = match entry.config.on_failure {
+                sluice_core::config::OnFailure::Rollback => Action::Rollback,
+                sluice_core::config::OnFailure::Pause => Action::Pause,
+            };
+            reason = Some(format!(
+                "gate failed: stage {} cannot open: {why}",
+                next.stage
+            ));
+            let (n2, t2) = entry
+                .state
+                .apply(&entry.config, action, actor, &facts)
+                .map_err(|r| {
+                    api(
+                        StatusCode::CONFLICT,
+                        "invalid_request_error",
+                        "transition_refused",
+                        r.to_string(),
+                    )
+                })?;
+            next = n2;
+            t = t2;
+        }
+    }
     if needs_human {
         next.needs_human = reason.clone();
     }

@@ -474,3 +474,86 @@ async fn judge(
         }
     }
 }
+
+/// Runs the suites stage `stage` of rollout `rc` requires against its
+/// candidate, storing every run (trigger `gate:ROLLOUT/STAGE`) and a verdict
+/// per suite. `Ok` lists each suite's headline; `Err` is the first failing
+/// suite's report, the reason the stage may not open.
+pub async fn stage_suites(
+    app: &crate::AppState,
+    snap: &Snapshot,
+    rc: &sluice_core::config::RolloutConfig,
+    stage: usize,
+) -> Result<Vec<String>, String> {
+    let Some(st) = rc.stages.get(stage) else {
+        return Ok(Vec::new());
+    };
+    if st.require_suites.is_empty() {
+        return Ok(Vec::new());
+    }
+    let deployment = snap
+        .deployments
+        .get(&rc.deployment)
+        .ok_or_else(|| format!("deployment {} is not configured", rc.deployment))?;
+    let mut passed = Vec::new();
+    for req in &st.require_suites {
+        let suite = match snap.suites.get(&req.suite) {
+            Some(s) => s.clone(),
+            None => Arc::new(load_suite(snap.base_dir.as_deref(), &req.suite)?),
+        };
+        let report = run_suite(
+            &app.external,
+            snap,
+            deployment,
+            &rc.candidate,
+            &suite,
+            &RunOptions::default(),
+            &|| {},
+        )
+        .await?;
+        let ok = report.pass_rate() >= req.min_pass_rate;
+        let reason = if ok {
+            format!(
+                "suite {} (required {:.1} %)",
+                report.headline(),
+                100.0 * req.min_pass_rate
+            )
+        } else {
+            report.gate_reason(req.min_pass_rate)
+        };
+        let store = app.store.clone();
+        let (name, suite_name) = (rc.name.clone(), req.suite.clone());
+        let stage_u32 = u32::try_from(stage).unwrap_or(u32::MAX);
+        let verdict = json!({
+            "signal": format!("suite:{suite_name}"),
+            "outcome": if ok { "pass" } else { "fail" },
+            "pass_rate": report.pass_rate(),
+            "min_pass_rate": req.min_pass_rate,
+            "suite_hash": report.suite_hash,
+            "summary": reason,
+        });
+        let run_id = new_run_id();
+        let stored = tokio::task::spawn_blocking(move || {
+            store.put_eval_run(&run_id, &format!("gate:{name}/{stage_u32}"), &report)?;
+            store.put_verdict(
+                &name,
+                stage_u32,
+                crate::now_ms(),
+                &format!("suite:{suite_name}"),
+                if ok { "pass" } else { "fail" },
+                &verdict.to_string(),
+            )
+        })
+        .await;
+        match stored {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(rollout = rc.name, "cannot store a suite run: {e}"),
+            Err(e) => tracing::error!(rollout = rc.name, "cannot store a suite run: {e}"),
+        }
+        if !ok {
+            return Err(reason);
+        }
+        passed.push(reason);
+    }
+    Ok(passed)
+}

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod rollouts;
+pub mod shadow;
 pub mod snapshot;
 
 use std::future::Future;

@@ -37,6 +37,12 @@ struct PolicyLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShadowLabels {
+    rollout: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VariantLabels {
     deployment: String,
     variant: String,
@@ -66,6 +72,7 @@ pub struct Metrics {
     ttft: Family<VariantLabels, Histogram, fn() -> Histogram>,
     tokens: Family<TokenLabels, Counter>,
     policy: Family<PolicyLabels, Counter>,
+    shadow: Family<ShadowLabels, Counter>,
     in_flight: Arc<AtomicI64>,
 }
 
@@ -159,6 +166,12 @@ impl Metrics {
             Family::new_with_constructor(latency_histogram);
         let tokens = Family::<TokenLabels, Counter>::default();
         let policy = Family::<PolicyLabels, Counter>::default();
+        let shadow = Family::<ShadowLabels, Counter>::default();
+        registry.register(
+            "sluice_shadow_calls",
+            "Mirrored calls of shadow stages by rollout and outcome (ok, error, skipped_full: not mirrored because max_in_flight calls were running).",
+            shadow.clone(),
+        );
         registry.register(
             "sluice_requests",
             "Chat completion requests by deployment, variant and HTTP status.",
@@ -202,8 +215,19 @@ impl Metrics {
             ttft,
             tokens,
             policy,
+            shadow,
             in_flight,
         }
+    }
+
+    /// Counts one shadow-stage mirror outcome.
+    pub fn shadow(&self, rollout: &str, outcome: &str) {
+        self.shadow
+            .get_or_create(&ShadowLabels {
+                rollout: rollout.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
     }
 
     /// Counts a request as in flight until the guard drops.

@@ -157,7 +157,7 @@ pub struct Assignment<'a> {
 /// Header an operator key may send to pin a variant.
 pub const PIN: &str = "x-sluice-variant";
 
-fn random_bucket(seed: &str) -> u32 {
+pub(crate) fn random_bucket(seed: &str) -> u32 {
     use std::hash::BuildHasher;
     let h = std::collections::hash_map::RandomState::new().hash_one(seed);
     (h % u64::from(sluice_core::assign::BUCKETS)) as u32
@@ -309,6 +309,8 @@ struct Ctx {
     flags: Vec<(String, bool)>,
     started: Instant,
     log_full: bool,
+    /// The mirror waiting for this request's outcome (shadow stages).
+    shadow: Option<crate::shadow::PairSender>,
 }
 
 fn with_headers(
@@ -344,30 +346,40 @@ fn with_headers(
     resp
 }
 
-fn finish(app: &AppState, rec: RequestRecord, flags: Vec<(String, bool)>) {
+fn finish(
+    app: &AppState,
+    rec: RequestRecord,
+    flags: Vec<(String, bool)>,
+    shadow: Option<crate::shadow::PairSender>,
+) {
     app.metrics.observe(&rec);
-    observe_rollout(app, &rec, flags);
+    let obs = observe_rollout(app, &rec, flags);
+    if let (Some(tx), Some(obs)) = (shadow, obs) {
+        let _ = tx.send(obs);
+    }
     app.events.record(rec);
 }
 
 /// Feeds a finished request into its rollout stage's signals, if it was
-/// assigned by a rollout that is still in that stage.
-fn observe_rollout(app: &AppState, rec: &RequestRecord, flags: Vec<(String, bool)>) {
+/// assigned by a rollout that is still in that stage; returns what it fed.
+fn observe_rollout(
+    app: &AppState,
+    rec: &RequestRecord,
+    flags: Vec<(String, bool)>,
+) -> Option<sluice_core::signals::Observation> {
     let (Some(name), Some(stage)) = (rec.rollout.as_deref(), rec.stage) else {
-        return;
+        return None;
     };
     if !matches!(
         rec.assignment.as_deref(),
         Some("cohort" | "bucket" | "stable")
     ) {
-        return;
+        return None;
     }
     let rollouts = app.rollouts.load();
-    let Some(e) = rollouts.entries.get(name) else {
-        return;
-    };
+    let e = rollouts.entries.get(name)?;
     if !e.state.status.is_active() || u32::try_from(e.state.stage).ok() != Some(stage) {
-        return;
+        return None;
     }
     let candidate = rec.variant.as_deref() == Some(e.config.candidate.as_str());
     let mut obs = crate::rollouts::observation(
@@ -387,6 +399,7 @@ fn observe_rollout(app: &AppState, rec: &RequestRecord, flags: Vec<(String, bool
         .unwrap_or_else(|p| p.into_inner())
         .arm_mut(candidate)
         .observe(&obs);
+    Some(obs)
 }
 
 /// The first choice's text in a completion object.
@@ -418,6 +431,7 @@ pub async fn chat_completions(
         flags: Vec::new(),
         started: Instant::now(),
         log_full: snap.config.store.log_bodies == LogBodies::Full,
+        shadow: None,
     };
     match handle(&app, &snap, &headers, body, &mut ctx).await {
         Ok(resp) => resp,
@@ -434,7 +448,7 @@ pub async fn chat_completions(
                 ctx.stage_header.as_deref(),
                 ctx.policy.header(),
             );
-            finish(&app, rec, std::mem::take(&mut ctx.flags));
+            finish(&app, rec, std::mem::take(&mut ctx.flags), ctx.shadow.take());
             resp
         }
     }
@@ -442,7 +456,7 @@ pub async fn chat_completions(
 
 async fn handle(
     app: &Arc<AppState>,
-    snap: &Snapshot,
+    snap: &Arc<Snapshot>,
     headers: &HeaderMap,
     body: Body,
     ctx: &mut Ctx,
@@ -494,6 +508,9 @@ async fn handle(
         }
     }
     let upstream = prepare(&req, assignment.variant)?;
+    if assignment.reason == Reason::Stable && ctx.rec.rollout.is_some() {
+        ctx.shadow = crate::shadow::start(app, snap, &rollouts, &ctx.rec, &req);
+    }
     let price = snap.config.prices.get(&assignment.variant.model).copied();
     if req.is_stream() {
         let stream = assignment
@@ -571,7 +588,7 @@ async fn handle(
         )
             .into_response();
         let resp = with_headers(resp, &rec, ctx.stage_header.as_deref(), ctx.policy.header());
-        finish(app, rec, flags);
+        finish(app, rec, flags, ctx.shadow.take());
         Ok(resp)
     }
 }
@@ -591,6 +608,7 @@ struct StreamRecorder {
     finished: std::collections::BTreeSet<u64>,
     policy: crate::policy::PolicyLog,
     check_us: u64,
+    shadow: Option<crate::shadow::PairSender>,
     _in_flight: crate::metrics::InFlight,
 }
 
@@ -627,7 +645,7 @@ impl StreamRecorder {
             rec.response_body = Some(self.acc.completion().to_string());
         }
         let flags = crate::policy::flags(&self.constitution, &self.policy);
-        finish(&self.app, rec, flags);
+        finish(&self.app, rec, flags, self.shadow.take());
     }
 
     /// Passes a chunk's text through the choices' guards. Returns the chunk
@@ -778,6 +796,7 @@ fn stream_response(
         finished: Default::default(),
         policy: std::mem::take(&mut ctx.policy),
         check_us: 0,
+        shadow: ctx.shadow.take(),
         _in_flight: app_metrics_guard,
     };
     enum Phase {

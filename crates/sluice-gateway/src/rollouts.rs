@@ -8,11 +8,12 @@
 //! the candidate from the very next request on).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use sluice_core::config::StageKind;
 use sluice_core::config::{Config, RolloutConfig};
-use sluice_core::gate::{evaluate, Method, Verdict};
+use sluice_core::gate::{evaluate, evaluate_paired, judged_in_shadow, Method, Verdict};
 use sluice_core::rollout::{RolloutState, Status};
 use sluice_core::signals::{Observation, StageAggregates};
 use sluice_store::{Store, StoreError};
@@ -60,6 +61,62 @@ pub struct StageCounters {
     pub stable: AtomicU64,
     /// Served by the candidate.
     pub candidate: AtomicU64,
+    /// Mirrored calls of a shadow stage.
+    pub shadow: ShadowCounters,
+}
+
+/// What a shadow stage's mirroring did.
+#[derive(Debug, Default)]
+pub struct ShadowCounters {
+    in_flight: AtomicUsize,
+    /// Mirrored calls started.
+    pub mirrored: AtomicU64,
+    /// Mirrors skipped because `max_in_flight` calls were already running.
+    pub skipped: AtomicU64,
+    /// Mirrored calls that failed or timed out.
+    pub failed: AtomicU64,
+    /// Complete pairs fed to the gates.
+    pub paired: AtomicU64,
+}
+
+impl ShadowCounters {
+    /// Mirrored calls running now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// A slot for one mirrored call; frees itself when dropped.
+#[derive(Debug)]
+pub struct ShadowPermit(Arc<StageCounters>);
+
+impl Drop for ShadowPermit {
+    fn drop(&mut self) {
+        self.0.shadow.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Takes a mirror slot if fewer than `max` are in use; otherwise counts the
+/// skip and returns `None` (never waits).
+pub fn try_mirror(counters: &Arc<StageCounters>, max: usize) -> Option<ShadowPermit> {
+    let s = &counters.shadow;
+    let mut cur = s.in_flight.load(Ordering::Acquire);
+    loop {
+        if cur >= max {
+            s.skipped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        match s
+            .in_flight
+            .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                s.mirrored.fetch_add(1, Ordering::Relaxed);
+                return Some(ShadowPermit(counters.clone()));
+            }
+            Err(now) => cur = now,
+        }
+    }
 }
 
 impl StageCounters {
@@ -122,13 +179,27 @@ impl RolloutEntry {
         self.aggregates = Arc::new(Mutex::new(fresh));
     }
 
-    /// The gates' verdicts on the current stage now.
+    /// Whether the current stage mirrors traffic.
+    pub fn in_shadow(&self) -> bool {
+        matches!(
+            self.config.stages.get(self.state.stage).map(|s| &s.kind),
+            Some(StageKind::Shadow(_))
+        )
+    }
+
+    /// The gates' verdicts on the current stage now. A shadow stage judges
+    /// its mirrored pairs, with the gates that apply there.
     pub fn verdicts(&self) -> Vec<Verdict> {
-        let aggs = self
-            .aggregates
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let aggs = self.aggregates.lock().unwrap_or_else(|p| p.into_inner());
+        if self.in_shadow() {
+            return self
+                .config
+                .gates
+                .iter()
+                .filter(|g| judged_in_shadow(&g.signal))
+                .map(|g| evaluate_paired(g, &aggs.paired, Method::Sequential))
+                .collect();
+        }
         self.config
             .gates
             .iter()
@@ -300,6 +371,25 @@ fn seed(
                     arm.thumbs(None, down);
                 }
             }
+        }
+    }
+    if matches!(
+        rc.stages.get(state.stage).map(|s| &s.kind),
+        Some(StageKind::Shadow(_))
+    ) {
+        let obs = |r: &sluice_store::StageRow| {
+            observation(
+                r.status,
+                r.error_kind.as_deref(),
+                r.latency_ms,
+                r.ttft_ms,
+                r.tokens_out,
+                r.refusal,
+                r.cost_usd,
+            )
+        };
+        for (primary, mirror) in store.shadow_pairs(&rc.name, stage, state.stage_started_ms)? {
+            aggs.paired.observe(&obs(&primary), &obs(&mirror));
         }
     }
     let mut stable = 0;
