@@ -1,0 +1,333 @@
+//! End-to-end: shadow stages mirror traffic without touching what users get,
+//! record linked pairs and judge them; stages that require probe suites open
+//! only when the suites pass.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{chat, client, Harness};
+use serde_json::{json, Value};
+use sluice_core::secret::digest_hex;
+
+const VIEWER: &str = "viewer-token";
+const OPS: &str = "ops-token";
+
+/// The support deployment with a candidate `v2` on `candidate_model`, admin
+/// tokens, and `rollouts` appended verbatim.
+fn with(candidate_model: &'static str, rollouts: String) -> impl Fn(String) -> String {
+    move |c: String| {
+        let c = c.replace(
+            "variants.v1 = { provider = \"mock-openai\", model = \"gpt-ok\", system_prompt = \"You are a support agent.\" }",
+            &format!(
+                "variants.v1 = {{ provider = \"mock-openai\", model = \"gpt-ok\", system_prompt = \"You are a support agent.\" }}\n\
+                 variants.v2 = {{ provider = \"mock-openai\", model = \"{candidate_model}\" }}"
+            ),
+        );
+        format!(
+            "{c}\n[[admin_tokens]]\nname = \"watcher\"\nrole = \"viewer\"\nsha256 = \"{}\"\n\n\
+             [[admin_tokens]]\nname = \"ops\"\nrole = \"operator\"\nsha256 = \"{}\"\n\n{rollouts}\n",
+            digest_hex(VIEWER),
+            digest_hex(OPS),
+        )
+    }
+}
+
+async fn view(h: &Harness, name: &str) -> Value {
+    client()
+        .get(h.url(&format!("/admin/rollouts/{name}")))
+        .bearer_auth(VIEWER)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json")
+}
+
+async fn act(h: &Harness, name: &str, action: &str) -> (u16, Value) {
+    let r = client()
+        .post(h.url(&format!("/admin/rollouts/{name}/{action}")))
+        .bearer_auth(OPS)
+        .json(&json!({"reason": "test"}))
+        .send()
+        .await
+        .expect("sent");
+    let s = r.status().as_u16();
+    (s, r.json().await.expect("json"))
+}
+
+/// One request as a user sees it: status, variant, answer text, latency,
+/// request id.
+async fn ask(h: &Harness, i: usize) -> (u16, String, String, f64, String) {
+    let started = Instant::now();
+    let r = chat(
+        h,
+        json!({"model": "support", "user": format!("u{i}"), "messages": [{"role": "user", "content": format!("question {i}")}]}),
+    )
+    .await;
+    let status = r.status().as_u16();
+    let variant = r.headers()["x-sluice-variant"]
+        .to_str()
+        .expect("variant")
+        .to_string();
+    let id = r.headers()["x-sluice-request-id"]
+        .to_str()
+        .expect("id")
+        .to_string();
+    let body: Value = r.json().await.expect("json");
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let text = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    (status, variant, text, ms, id)
+}
+
+fn quantile(mut xs: Vec<f64>, q: f64) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[((xs.len() as f64 * q).ceil() as usize).clamp(1, xs.len()) - 1]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_candidate_in_shadow_leaves_stable_untouched_and_pairs_are_recorded() {
+    let rollout = r#"
+[rollouts.support-v2]
+deployment = "support"
+candidate = "v2"
+controller = "manual"
+stages = [
+  { kind = "shadow", max_in_flight = 4, timeout = "300ms", min_requests = 100000 },
+  { kind = "percent", percent = 100 },
+]
+"#
+    .to_string();
+    // gpt-slow answers after 3 s: every mirror hits the 300 ms shadow timeout.
+    let h = Harness::start_with(with("gpt-slow", rollout)).await;
+    const N: usize = 40;
+    let mut base = Vec::new();
+    for i in 0..N {
+        base.push(ask(&h, i).await);
+    }
+    let (s, _) = act(&h, "support-v2", "start").await;
+    assert_eq!(s, 200);
+    let mut shadowed = Vec::new();
+    for i in 0..N {
+        shadowed.push(ask(&h, i).await);
+    }
+    // Same answers, same variant, same status.
+    for (b, s) in base.iter().zip(&shadowed) {
+        assert_eq!((b.0, &b.1, &b.2), (s.0, &s.1, &s.2));
+        assert_eq!(s.1, "v1");
+    }
+    let lat = |v: &[(u16, String, String, f64, String)]| v.iter().map(|x| x.3).collect::<Vec<_>>();
+    let (b50, s50) = (quantile(lat(&base), 0.5), quantile(lat(&shadowed), 0.5));
+    let s_max = quantile(lat(&shadowed), 1.0);
+    assert!(
+        s50 <= b50 + 20.0,
+        "median latency with shadow {s50:.1} ms vs {b50:.1} ms without"
+    );
+    assert!(
+        s_max < 250.0,
+        "a request waited for its mirror: {s_max:.1} ms (mirror timeout 300 ms)"
+    );
+    // Mirrors beyond max_in_flight were skipped and counted.
+    let v = view(&h, "support-v2").await;
+    let sh = &v["shadow"];
+    let mirrored = sh["mirrored"].as_u64().expect("mirrored");
+    let skipped = sh["skipped_full"].as_u64().expect("skipped");
+    assert_eq!(mirrored + skipped, N as u64, "{sh}");
+    assert!(mirrored >= 4 && skipped > 0, "{sh}");
+    assert_eq!(v["requests"]["stable"], N as u64);
+    assert_eq!(v["requests"]["candidate"], 0);
+    // Every mirror is recorded, linked to the request it mirrors, and paired.
+    let primaries: std::collections::BTreeSet<String> =
+        shadowed.iter().map(|x| x.4.clone()).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rows = loop {
+        let rows: Vec<_> = h
+            .store
+            .recent(1000)
+            .expect("recent")
+            .into_iter()
+            .filter(|r| r.shadow_of.is_some())
+            .collect();
+        if rows.len() as u64 == mirrored || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(rows.len() as u64, mirrored);
+    for r in &rows {
+        assert!(primaries.contains(r.shadow_of.as_deref().expect("link")));
+        assert_eq!(r.assignment.as_deref(), Some("shadow"));
+        assert_eq!(r.variant.as_deref(), Some("v2"));
+        assert_eq!(r.rollout.as_deref(), Some("support-v2"));
+        assert_eq!(r.error_kind.as_deref(), Some("upstream_timeout"));
+        assert!(r.latency_ms >= 290.0 && r.latency_ms < 2000.0, "{}", r.latency_ms);
+        let primary = h
+            .store
+            .get(r.shadow_of.as_deref().expect("link"))
+            .expect("get")
+            .expect("primary stored");
+        assert_eq!(primary.variant.as_deref(), Some("v1"));
+        assert_eq!(primary.status, 200);
+    }
+    let v = view(&h, "support-v2").await;
+    assert_eq!(v["shadow"]["paired"], mirrored, "{}", v["shadow"]);
+    assert_eq!(v["shadow"]["failed"], mirrored);
+    // Mirrors are not served traffic: no request metric for v2.
+    let metrics = client()
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("sluice_shadow_calls_total{rollout=\"support-v2\",outcome=\"skipped_full\"}"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("variant=\"v2\""), "{metrics}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_candidate_is_rolled_back_in_shadow_by_paired_gates() {
+    let rollout = r#"
+[rollouts.support-v2]
+deployment = "support"
+candidate = "v2"
+evaluate_every = "100ms"
+stages = [
+  { kind = "shadow", min_requests = 100000 },
+  { kind = "percent", percent = 100 },
+]
+gates = [
+  { signal = "error_rate", max_regression = 0.01, min_samples = 20 },
+  { signal = "feedback_down_rate", max_regression = 0.05 },
+]
+"#
+    .to_string();
+    let h = Harness::start_with(with("gpt-500", rollout)).await;
+    let (s, _) = act(&h, "support-v2", "start").await;
+    assert_eq!(s, 200);
+    let mut status = String::new();
+    for i in 0..400 {
+        let (code, variant, ..) = ask(&h, i).await;
+        assert_eq!((code, variant.as_str()), (200, "v1"));
+        if i % 10 == 9 {
+            status = view(&h, "support-v2").await["status"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if status == "rolled_back" {
+                break;
+            }
+        }
+    }
+    assert_eq!(status, "rolled_back");
+    let v = view(&h, "support-v2").await;
+    let last = v["history"].as_array().expect("history").last().cloned().expect("entry");
+    assert_eq!(last["actor"], "controller");
+    let reason = last["reason"].as_str().expect("reason");
+    assert!(reason.starts_with("gate failed: error_rate: candidate 100.00 %"), "{reason}");
+    assert!(reason.contains("paired over"), "{reason}");
+    assert!(reason.contains("on stable only 0"), "{reason}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_requiring_a_suite_opens_only_when_it_passes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let passing = dir.path().join("passing.jsonl");
+    let failing = dir.path().join("failing.jsonl");
+    std::fs::write(
+        &passing,
+        "{\"id\": \"greets\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"assert\": [{\"type\": \"icontains\", \"value\": \"hello\"}, {\"type\": \"not-refusal\"}]}\n",
+    )
+    .expect("write");
+    std::fs::write(
+        &failing,
+        "{\"id\": \"greets\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"assert\": [{\"type\": \"not-refusal\"}]}\n\
+         {\"id\": \"refunds\", \"messages\": [{\"role\": \"user\", \"content\": \"refund?\"}], \"assert\": [{\"type\": \"contains\", \"value\": \"refund\"}]}\n",
+    )
+    .expect("write");
+    let (p, f) = (passing.display(), failing.display());
+    let rollouts = format!(
+        r#"
+[rollouts.gated-fail]
+deployment = "support"
+candidate = "v2"
+controller = "manual"
+stages = [{{ kind = "percent", percent = 10, require_suites = [{{ suite = "{f}", min_pass_rate = 0.9 }}] }}]
+
+[rollouts.gated-pass]
+deployment = "support"
+candidate = "v2"
+controller = "manual"
+stages = [{{ kind = "percent", percent = 10, require_suites = [{{ suite = "{p}" }}] }}]
+
+[rollouts.auto-fail]
+deployment = "support"
+candidate = "v2"
+evaluate_every = "100ms"
+controller = "auto"
+stages = [
+  {{ kind = "percent", percent = 10 }},
+  {{ kind = "percent", percent = 50, require_suites = [{{ suite = "{f}", min_pass_rate = 0.9 }}] }},
+]
+"#
+    );
+    let h = Harness::start_with(with("gpt-candidate", rollouts)).await;
+    // A person cannot open a stage whose suite fails.
+    let (s, b) = act(&h, "gated-fail", "start").await;
+    assert_eq!(s, 409, "{b}");
+    assert_eq!(b["error"]["code"], "suite_failed");
+    let msg = b["error"]["message"].as_str().expect("msg");
+    assert!(msg.contains("1/2 cases pass (50.0 %)"), "{msg}");
+    assert!(msg.contains("below the required 90.0 %"), "{msg}");
+    assert!(msg.contains("refunds (contains: contains \"refund\")"), "{msg}");
+    assert_eq!(view(&h, "gated-fail").await["status"], "pending");
+    // A passing suite lets the stage open.
+    let (s, b) = act(&h, "gated-pass", "start").await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["status"], "running");
+    let (s, _) = act(&h, "gated-pass", "rollback").await;
+    assert_eq!(s, 200);
+    // The controller treats a failing suite as a failing gate.
+    let (s, _) = act(&h, "auto-fail", "start").await;
+    assert_eq!(s, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let v = loop {
+        let v = view(&h, "auto-fail").await;
+        if v["status"] == "rolled_back" || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(v["status"], "rolled_back", "{v}");
+    let last = v["history"].as_array().expect("history").last().cloned().expect("entry");
+    assert_eq!(last["actor"], "controller");
+    assert!(
+        last["reason"]
+            .as_str()
+            .expect("reason")
+            .starts_with("gate failed: stage 1 cannot open: suite"),
+        "{last}"
+    );
+    // Every suite run is stored with what triggered it.
+    let runs = h.store.eval_runs(10).expect("runs");
+    let triggers: Vec<&str> = runs.iter().map(|r| r.trigger.as_str()).collect();
+    assert!(triggers.contains(&"gate:gated-fail/0"), "{triggers:?}");
+    assert!(triggers.contains(&"gate:gated-pass/0"), "{triggers:?}");
+    assert!(triggers.contains(&"gate:auto-fail/1"), "{triggers:?}");
+    let failed = runs.iter().find(|r| r.trigger == "gate:gated-fail/0").expect("run");
+    assert_eq!((failed.passed, failed.total), (1, 2));
+    assert_eq!(
+        h.store.eval_cases(&failed.id).expect("cases"),
+        [("greets".to_string(), true), ("refunds".to_string(), false)]
+    );
+    h.stop().await;
+}
