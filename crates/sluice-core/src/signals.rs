@@ -447,6 +447,22 @@ mod tests {
     }
 
     proptest! {
+        /// Paired-rate counts agree with the per-pair differences.
+        #[test]
+        fn paired_rates_match_the_per_pair_differences(pairs in proptest::collection::vec((proptest::bool::ANY, proptest::bool::ANY), 1..300)) {
+            let mut r = PairedRate::default();
+            for (s, c) in &pairs {
+                r.add(*s, *c);
+            }
+            let diffs: Vec<f64> = pairs.iter().map(|(s, c)| f64::from(u8::from(*c)) - f64::from(u8::from(*s))).collect();
+            let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+            prop_assert!((r.mean_difference() - mean).abs() < 1e-12);
+            let stable = pairs.iter().filter(|(s, _)| *s).count() as f64 / pairs.len() as f64;
+            prop_assert!((r.stable_rate() - stable).abs() < 1e-12);
+            prop_assert!(r.variance() > 0.0 && r.variance() <= 1.0);
+            prop_assert_eq!(r.n, pairs.len() as u64);
+        }
+
         /// Histogram quantiles are within 2 % of exact ones.
         #[test]
         fn histogram_quantiles_are_close(mut xs in proptest::collection::vec(1.0f64..100_000.0, 1..400), q in 0.01f64..1.0) {

@@ -164,7 +164,11 @@ stages = [
         assert_eq!(r.variant.as_deref(), Some("v2"));
         assert_eq!(r.rollout.as_deref(), Some("support-v2"));
         assert_eq!(r.error_kind.as_deref(), Some("upstream_timeout"));
-        assert!(r.latency_ms >= 290.0 && r.latency_ms < 2000.0, "{}", r.latency_ms);
+        assert!(
+            r.latency_ms >= 290.0 && r.latency_ms < 2000.0,
+            "{}",
+            r.latency_ms
+        );
         let primary = h
             .store
             .get(r.shadow_of.as_deref().expect("link"))
@@ -186,7 +190,8 @@ stages = [
         .await
         .expect("text");
     assert!(
-        metrics.contains("sluice_shadow_calls_total{rollout=\"support-v2\",outcome=\"skipped_full\"}"),
+        metrics
+            .contains("sluice_shadow_calls_total{rollout=\"support-v2\",outcome=\"skipped_full\"}"),
         "{metrics}"
     );
     assert!(!metrics.contains("variant=\"v2\""), "{metrics}");
@@ -229,10 +234,18 @@ gates = [
     }
     assert_eq!(status, "rolled_back");
     let v = view(&h, "support-v2").await;
-    let last = v["history"].as_array().expect("history").last().cloned().expect("entry");
+    let last = v["history"]
+        .as_array()
+        .expect("history")
+        .last()
+        .cloned()
+        .expect("entry");
     assert_eq!(last["actor"], "controller");
     let reason = last["reason"].as_str().expect("reason");
-    assert!(reason.starts_with("gate failed: error_rate: candidate 100.00 %"), "{reason}");
+    assert!(
+        reason.starts_with("gate failed: error_rate: candidate 100.00 %"),
+        "{reason}"
+    );
     assert!(reason.contains("paired over"), "{reason}");
     assert!(reason.contains("on stable only 0"), "{reason}");
     h.stop().await;
@@ -288,7 +301,10 @@ stages = [
     let msg = b["error"]["message"].as_str().expect("msg");
     assert!(msg.contains("1/2 cases pass (50.0 %)"), "{msg}");
     assert!(msg.contains("below the required 90.0 %"), "{msg}");
-    assert!(msg.contains("refunds (contains: contains \"refund\")"), "{msg}");
+    assert!(
+        msg.contains("refunds (contains: contains \"refund\")"),
+        "{msg}"
+    );
     assert_eq!(view(&h, "gated-fail").await["status"], "pending");
     // A passing suite lets the stage open.
     let (s, b) = act(&h, "gated-pass", "start").await;
@@ -308,7 +324,12 @@ stages = [
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(v["status"], "rolled_back", "{v}");
-    let last = v["history"].as_array().expect("history").last().cloned().expect("entry");
+    let last = v["history"]
+        .as_array()
+        .expect("history")
+        .last()
+        .cloned()
+        .expect("entry");
     assert_eq!(last["actor"], "controller");
     assert!(
         last["reason"]
@@ -323,7 +344,10 @@ stages = [
     assert!(triggers.contains(&"gate:gated-fail/0"), "{triggers:?}");
     assert!(triggers.contains(&"gate:gated-pass/0"), "{triggers:?}");
     assert!(triggers.contains(&"gate:auto-fail/1"), "{triggers:?}");
-    let failed = runs.iter().find(|r| r.trigger == "gate:gated-fail/0").expect("run");
+    let failed = runs
+        .iter()
+        .find(|r| r.trigger == "gate:gated-fail/0")
+        .expect("run");
     assert_eq!((failed.passed, failed.total), (1, 2));
     assert_eq!(
         h.store.eval_cases(&failed.id).expect("cases"),
