@@ -258,13 +258,14 @@ async fn a_stage_requiring_a_suite_opens_only_when_it_passes() {
     let failing = dir.path().join("failing.jsonl");
     std::fs::write(
         &passing,
-        "{\"id\": \"greets\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"assert\": [{\"type\": \"icontains\", \"value\": \"hello\"}, {\"type\": \"not-refusal\"}]}\n",
+        "{\"id\": \"greets\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"assert\": [{\"type\": \"icontains\", \"value\": \"hello\"}, {\"type\": \"not-refusal\"}, {\"type\": \"llm-judge\", \"rubric\": \"Greets the user\", \"provider\": \"mock-openai\", \"model\": \"gpt-judge\"}]}\n",
     )
     .expect("write");
     std::fs::write(
         &failing,
         "{\"id\": \"greets\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"assert\": [{\"type\": \"not-refusal\"}]}\n\
-         {\"id\": \"refunds\", \"messages\": [{\"role\": \"user\", \"content\": \"refund?\"}], \"assert\": [{\"type\": \"contains\", \"value\": \"refund\"}]}\n",
+         {\"id\": \"refunds\", \"messages\": [{\"role\": \"user\", \"content\": \"refund?\"}], \"assert\": [{\"type\": \"contains\", \"value\": \"refund\"}]}\n\
+         {\"id\": \"cooking\", \"messages\": [{\"role\": \"user\", \"content\": \"how do I cook rice?\"}], \"assert\": [{\"type\": \"llm-judge\", \"rubric\": \"Stays on support topics\", \"provider\": \"mock-openai\", \"model\": \"gpt-judge\", \"threshold\": 0.5}]}\n",
     )
     .expect("write");
     let (p, f) = (passing.display(), failing.display());
@@ -299,7 +300,11 @@ stages = [
     assert_eq!(s, 409, "{b}");
     assert_eq!(b["error"]["code"], "suite_failed");
     let msg = b["error"]["message"].as_str().expect("msg");
-    assert!(msg.contains("1/2 cases pass (50.0 %)"), "{msg}");
+    assert!(msg.contains("1/3 cases pass (33.3 %)"), "{msg}");
+    assert!(
+        msg.contains("cooking (llm-judge: judge scored 0.00 (threshold 0.50))"),
+        "{msg}"
+    );
     assert!(msg.contains("below the required 90.0 %"), "{msg}");
     assert!(
         msg.contains("refunds (contains: contains \"refund\")"),
@@ -348,10 +353,29 @@ stages = [
         .iter()
         .find(|r| r.trigger == "gate:gated-fail/0")
         .expect("run");
-    assert_eq!((failed.passed, failed.total), (1, 2));
+    assert_eq!((failed.passed, failed.total), (1, 3));
     assert_eq!(
         h.store.eval_cases(&failed.id).expect("cases"),
-        [("greets".to_string(), true), ("refunds".to_string(), false)]
+        [
+            ("greets".to_string(), true),
+            ("refunds".to_string(), false),
+            ("cooking".to_string(), false)
+        ]
+    );
+    let passed = runs
+        .iter()
+        .find(|r| r.trigger == "gate:gated-pass/0")
+        .expect("run");
+    let report = h
+        .store
+        .eval_report(&passed.id)
+        .expect("read")
+        .expect("stored");
+    let judged = &report.cases[0].runs[0].assertions[2];
+    assert_eq!(judged.kind, "llm-judge");
+    assert!(
+        judged.pass && judged.detail.contains("judge scored 1.00"),
+        "{judged:?}"
     );
     h.stop().await;
 }

@@ -53,7 +53,11 @@ pub fn requests(rows: &[RequestRecord]) -> Table {
             utc(r.ts_ms),
             r.id.clone(),
             opt(r.deployment.as_deref()),
-            opt(r.variant.as_deref()),
+            match &r.shadow_of {
+                // A mirrored call of a shadow stage: nobody was served it.
+                Some(_) => format!("{} (shadow)", opt(r.variant.as_deref())),
+                None => opt(r.variant.as_deref()),
+            },
             r.status.to_string(),
             opt(r.error_kind.as_deref()),
             format!("{:.1}", r.latency_ms),
