@@ -21,31 +21,44 @@ use sluice_gateway::policy::External;
 use sluice_gateway::{EnvSecrets, Snapshot};
 use sluice_store::{Store, StoreLocation};
 
-/// What to run.
+/// What to run (the `sluice eval` arguments).
+#[derive(clap::Args)]
 pub struct Options {
-    /// Config file.
+    /// Configuration file.
+    #[arg(long, short, default_value = "sluice.toml")]
     pub config: PathBuf,
-    /// Suite files.
+    /// A suite file (JSONL); repeat for several.
+    #[arg(long = "suite", value_name = "FILE")]
     pub suites: Vec<PathBuf>,
-    /// Run this principle's `probes` suites.
+    /// Also run the `probes` suites of this principle.
+    #[arg(long)]
     pub principle: Option<String>,
-    /// The variant under test.
+    /// The variant under test: VARIANT or DEPLOYMENT/VARIANT.
+    #[arg(long)]
     pub variant: String,
-    /// The variant to compare with.
+    /// Run the same suites on this variant and report regressions.
+    #[arg(long)]
     pub baseline: Option<String>,
-    /// Calls in flight.
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
-    /// Least pass rate per suite.
+    /// Least share of cases that must pass, per suite.
+    #[arg(long, default_value_t = 1.0)]
     pub min_pass_rate: f64,
-    /// Fail on any regression against the baseline.
+    /// Fail when a case passes on the baseline and fails on the variant.
+    #[arg(long)]
     pub no_regressions: bool,
-    /// Report directory.
+    /// Write JSON, Markdown and JUnit XML reports here.
+    #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Store path override.
+    /// SQLite store path, overriding `store.path` in the config.
+    #[arg(long)]
     pub db: Option<String>,
-    /// Time per call.
+    /// Time allowed per call.
+    #[arg(long, default_value = "60s", value_parser = crate::humantime_duration)]
     pub timeout: Duration,
-    /// Print the reports as JSON on stdout.
+    /// Print the reports as JSON.
+    #[arg(long)]
     pub json: bool,
 }
 

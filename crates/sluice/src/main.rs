@@ -148,44 +148,7 @@ enum Command {
     /// Run probe suites against a variant through the real provider and
     /// policy code; exits 1 below --min-pass-rate (or on a regression with
     /// --no-regressions), 2 when the run cannot happen.
-    Eval {
-        /// Configuration file.
-        #[arg(long, short, default_value = "sluice.toml")]
-        config: PathBuf,
-        /// A suite file (JSONL); repeat for several.
-        #[arg(long)]
-        suite: Vec<PathBuf>,
-        /// Also run the `probes` suites of this principle.
-        #[arg(long)]
-        principle: Option<String>,
-        /// The variant under test: VARIANT or DEPLOYMENT/VARIANT.
-        #[arg(long)]
-        variant: String,
-        /// Run the same suites on this variant and report regressions.
-        #[arg(long)]
-        baseline: Option<String>,
-        /// Calls in flight at once.
-        #[arg(long, default_value_t = 8)]
-        concurrency: usize,
-        /// Least share of cases that must pass, per suite.
-        #[arg(long, default_value_t = 1.0)]
-        min_pass_rate: f64,
-        /// Fail when a case passes on the baseline and fails on the variant.
-        #[arg(long)]
-        no_regressions: bool,
-        /// Write JSON, Markdown and JUnit XML reports here.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// SQLite store path, overriding `store.path` in the config.
-        #[arg(long)]
-        db: Option<String>,
-        /// Time allowed per call.
-        #[arg(long, default_value = "60s", value_parser = humantime_duration)]
-        timeout: Duration,
-        /// Print the reports as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Eval(eval_cli::Options),
     /// Print the SHA-256 of an API key, for `sha256 = "..."` in [[api_keys]].
     HashKey {
         /// The key (read from standard input when omitted).
@@ -193,7 +156,7 @@ enum Command {
     },
 }
 
-fn humantime_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn humantime_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("invalid duration \"{s}\": {e}"))
 }
 
@@ -265,35 +228,7 @@ fn main() -> ExitCode {
             },
             json,
         ),
-        Command::Eval {
-            config,
-            suite,
-            principle,
-            variant,
-            baseline,
-            concurrency,
-            min_pass_rate,
-            no_regressions,
-            out,
-            db,
-            timeout,
-            json,
-        } => runtime().and_then(|rt| {
-            rt.block_on(eval_cli::run(eval_cli::Options {
-                config,
-                suites: suite,
-                principle,
-                variant,
-                baseline,
-                concurrency,
-                min_pass_rate,
-                no_regressions,
-                out,
-                db,
-                timeout,
-                json,
-            }))
-        }),
+        Command::Eval(o) => runtime().and_then(|rt| rt.block_on(eval_cli::run(o))),
         Command::Demo {
             requests,
             concurrency,
