@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use sluice_core::chat::{ChatRequest, Usage};
-use sluice_core::config::{Applies, Config, PolicyAction};
+use sluice_core::config::Config;
 use sluice_core::probe::report::{CaseResult, RunResult, SuiteReport};
 use sluice_core::probe::{parse_score, Answer, Assertion, AssertionResult, JudgeSpec, Suite};
 use sluice_providers::{Provider, ProviderError};
@@ -227,20 +227,15 @@ async fn call_inner(
         }
     };
     let raw_text = first_text(&completion.body);
-    let constitution = &deployment.constitution;
     let mut policy = PolicyLog::default();
-    crate::policy::check_output(constitution, &mut completion.body, &mut policy);
-    let blocked = completion.body["choices"][0]["finish_reason"] == "content_filter";
-    if !blocked && crate::policy::has_external(constitution, Applies::Output) {
-        let started = Instant::now();
-        let text = first_text(&completion.body);
-        let found =
-            crate::policy::check_external(ext, snap, constitution, Applies::Output, &text).await;
-        policy.add(&found, started.elapsed().as_micros() as u64, None);
-        if let Some(b) = found.iter().find(|f| f.action == PolicyAction::Block) {
-            crate::policy::block_answer(constitution, &mut completion.body, &b.principle);
-        }
-    }
+    crate::policy::check_completion(
+        ext,
+        snap,
+        &deployment.constitution,
+        &mut completion.body,
+        &mut policy,
+    )
+    .await;
     let price = snap.config.prices.get(&v.model).copied();
     let cost_usd = match (price, completion.usage) {
         (Some(p), Some(u)) => Some(p.cost(u.prompt_tokens, u.completion_tokens)),

@@ -402,14 +402,6 @@ fn observe_rollout(
     Some(obs)
 }
 
-/// The first choice's text in a completion object.
-fn completion_text(v: &Value) -> String {
-    v["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(app): State<Arc<AppState>>,
@@ -532,32 +524,16 @@ async fn handle(
             .complete(&upstream)
             .await
             .map_err(|e| ApiError::upstream(&e))?;
-        if crate::policy::check_output(&constitution, &mut completion.body, &mut ctx.policy) {
-            completion.raw = None;
-        }
-        let blocked_already = completion.body["choices"][0]["finish_reason"] == "content_filter";
-        if !blocked_already
-            && crate::policy::has_external(&constitution, sluice_core::config::Applies::Output)
+        if crate::policy::check_completion(
+            &app.external,
+            snap,
+            &constitution,
+            &mut completion.body,
+            &mut ctx.policy,
+        )
+        .await
         {
-            let started = Instant::now();
-            let text = completion_text(&completion.body);
-            let found = crate::policy::check_external(
-                &app.external,
-                snap,
-                &constitution,
-                sluice_core::config::Applies::Output,
-                &text,
-            )
-            .await;
-            ctx.policy
-                .add(&found, started.elapsed().as_micros() as u64, None);
-            if let Some(b) = found
-                .iter()
-                .find(|f| f.action == sluice_core::config::PolicyAction::Block)
-            {
-                crate::policy::block_answer(&constitution, &mut completion.body, &b.principle);
-                completion.raw = None;
-            }
+            completion.raw = None;
         }
         let flags = crate::policy::flags(&constitution, &ctx.policy);
         let mut rec = std::mem::take(&mut ctx.rec);
@@ -569,7 +545,7 @@ async fn handle(
             rec.tokens_out = Some(u.completion_tokens);
         }
         rec.finish_reason = finish_reason(&completion.body);
-        rec.refusal = Some(is_refusal(&completion_text(&completion.body)));
+        rec.refusal = Some(is_refusal(&crate::eval::first_text(&completion.body)));
         rec.cost_usd = price.and_then(|p| Some(p.cost(rec.tokens_in?, rec.tokens_out?)));
         let body = match completion.raw {
             Some(raw) => raw,

@@ -153,6 +153,34 @@ pub fn check_output(c: &Constitution, body: &mut Value, log: &mut PolicyLog) -> 
     changed
 }
 
+/// Phase: every output principle on a whole completion, the detectors that
+/// call out included (skipped when a synchronous `block` already replaced
+/// the answer). Returns whether the body was changed.
+pub async fn check_completion(
+    ext: &External,
+    snap: &crate::snapshot::Snapshot,
+    c: &Constitution,
+    body: &mut Value,
+    log: &mut PolicyLog,
+) -> bool {
+    let mut changed = check_output(c, body, log);
+    let blocked = body["choices"][0]["finish_reason"] == "content_filter";
+    if !blocked && has_external(c, Applies::Output) {
+        let started = Instant::now();
+        let text = body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let found = check_external(ext, snap, c, Applies::Output, &text).await;
+        log.add(&found, started.elapsed().as_micros() as u64, None);
+        if let Some(b) = found.iter().find(|f| f.action == PolicyAction::Block) {
+            block_answer(c, body, &b.principle);
+            changed = true;
+        }
+    }
+    changed
+}
+
 /// Whether any principle at `stage` has a detector that calls out.
 pub fn has_external(c: &Constitution, stage: Applies) -> bool {
     c.principles.iter().filter(|p| p.applies(stage)).any(|p| {

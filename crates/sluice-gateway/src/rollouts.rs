@@ -343,6 +343,19 @@ impl Rollouts {
     }
 }
 
+/// What a recorded request contributes to its stage's signals.
+fn row_observation(r: &sluice_store::StageRow) -> Observation {
+    observation(
+        r.status,
+        r.error_kind.as_deref(),
+        r.latency_ms,
+        r.ttft_ms,
+        r.tokens_out,
+        r.refusal,
+        r.cost_usd,
+    )
+}
+
 /// Rebuilds a stage's counters and signals from its recorded requests (one
 /// indexed query per active rollout, at startup or reload; never per
 /// evaluation).
@@ -358,15 +371,7 @@ fn seed(
         for row in store.stage_rows(&rc.name, stage - 1, 0)? {
             if row.variant != rc.candidate {
                 let arm = &mut aggs.stable;
-                arm.observe(&observation(
-                    row.status,
-                    row.error_kind.as_deref(),
-                    row.latency_ms,
-                    row.ttft_ms,
-                    row.tokens_out,
-                    row.refusal,
-                    row.cost_usd,
-                ));
+                arm.observe(&row_observation(&row));
                 if let Some(down) = row.thumbs_down {
                     arm.thumbs(None, down);
                 }
@@ -377,19 +382,9 @@ fn seed(
         rc.stages.get(state.stage).map(|s| &s.kind),
         Some(StageKind::Shadow(_))
     ) {
-        let obs = |r: &sluice_store::StageRow| {
-            observation(
-                r.status,
-                r.error_kind.as_deref(),
-                r.latency_ms,
-                r.ttft_ms,
-                r.tokens_out,
-                r.refusal,
-                r.cost_usd,
-            )
-        };
         for (primary, mirror) in store.shadow_pairs(&rc.name, stage, state.stage_started_ms)? {
-            aggs.paired.observe(&obs(&primary), &obs(&mirror));
+            aggs.paired
+                .observe(&row_observation(&primary), &row_observation(&mirror));
         }
     }
     let mut stable = 0;
@@ -402,15 +397,7 @@ fn seed(
             stable += 1;
         }
         let arm = aggs.arm_mut(cand);
-        arm.observe(&observation(
-            row.status,
-            row.error_kind.as_deref(),
-            row.latency_ms,
-            row.ttft_ms,
-            row.tokens_out,
-            row.refusal,
-            row.cost_usd,
-        ));
+        arm.observe(&row_observation(&row));
         if let Some(down) = row.thumbs_down {
             arm.thumbs(None, down);
         }
