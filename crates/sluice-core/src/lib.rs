@@ -13,6 +13,7 @@ pub mod controller;
 pub mod gate;
 pub mod policy;
 pub mod probe;
+pub mod resilience;
 pub mod rollout;
 pub mod secret;
 pub mod signals;
