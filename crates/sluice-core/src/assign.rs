@@ -242,6 +242,7 @@ mod tests {
                 stage(StageKind::Percent { basis_points: 2500 }),
             ],
             on_failure: OnFailure::Rollback,
+            fallback: crate::config::Fallback::Stable,
             gates: vec![],
             evaluate_every: Duration::from_secs(5),
             controller: crate::config::ControllerMode::Manual,

@@ -146,6 +146,7 @@ mod tests {
             salt: "r".into(),
             stages: vec![st(1000), st(10_000)],
             on_failure: OnFailure::Rollback,
+            fallback: crate::config::Fallback::Stable,
             gates: vec![
                 GateConfig {
                     signal: Signal::ErrorRate,

@@ -512,6 +512,7 @@ mod tests {
                 ),
             ],
             on_failure: OnFailure::Rollback,
+            fallback: crate::config::Fallback::Stable,
             gates: vec![],
             evaluate_every: Duration::from_secs(5),
             controller: crate::config::ControllerMode::Manual,

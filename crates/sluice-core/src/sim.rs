@@ -220,6 +220,7 @@ fn plan(scenario: &Scenario, settings: &Settings) -> RolloutConfig {
             require_suites: vec![],
         }],
         on_failure: OnFailure::Rollback,
+        fallback: crate::config::Fallback::Stable,
         gates: vec![scenario.gate.clone()],
         evaluate_every: Duration::from_millis(settings.tick),
         controller: ControllerMode::Auto,

@@ -547,6 +547,17 @@ pub async fn reload(app: &Arc<AppState>) -> Result<(), Vec<String>> {
         notes.push("[store] changed (takes effect on restart)".to_string());
         config.store = old.config.store.clone();
     }
+    if config.admin_listen != old.config.admin_listen {
+        notes.push("admin_listen changed (takes effect on restart)".to_string());
+        config.admin_listen = old.config.admin_listen;
+    }
+    if config.limits.max_header_bytes != old.config.limits.max_header_bytes
+        || config.limits.header_timeout != old.config.limits.header_timeout
+    {
+        notes.push(
+            "max_header_bytes / header_timeout changed (take effect on restart)".to_string(),
+        );
+    }
     let store = app.store.clone();
     let prev = app.rollouts.load_full();
     let cfg = config.clone();
@@ -554,7 +565,8 @@ pub async fn reload(app: &Arc<AppState>) -> Result<(), Vec<String>> {
         .await
         .map_err(|e| vec![e.to_string()])??;
     let base = path.parent().map(|p| p.to_path_buf());
-    let snapshot = Snapshot::build(config, app.secrets.as_ref(), base.as_deref())?;
+    let snapshot =
+        Snapshot::build_after(config, app.secrets.as_ref(), base.as_deref(), Some(&old))?;
     app.snapshot.store(Arc::new(snapshot));
     app.rollouts.store(Arc::new(rollouts));
     for n in notes {

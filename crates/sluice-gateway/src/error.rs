@@ -118,6 +118,54 @@ impl ApiError {
         }
     }
 
+    /// 503: the gateway is at its `max_in_flight` limit.
+    pub fn overloaded(limit: usize) -> Self {
+        ApiError {
+            code: Some("server_overloaded"),
+            retry_after: Some(1),
+            record_kind: "overloaded",
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                format!(
+                    "sluice is handling its limit of {limit} requests at once (max_in_flight); retry shortly."
+                ),
+            )
+        }
+    }
+
+    /// 429: a deployment is at its `max_in_flight` limit.
+    pub fn deployment_busy(deployment: &str, limit: usize) -> Self {
+        ApiError {
+            code: Some("deployment_busy"),
+            retry_after: Some(1),
+            record_kind: "deployment_busy",
+            ..Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!(
+                    "Deployment `{deployment}` is handling its limit of {limit} requests at once \
+                     (deployments.{deployment}.max_in_flight); retry shortly."
+                ),
+            )
+        }
+    }
+
+    /// 408: the client took too long to send its body.
+    pub fn body_timeout(after: std::time::Duration) -> Self {
+        ApiError {
+            code: Some("body_timeout"),
+            record_kind: "body_timeout",
+            ..Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!(
+                    "The request body did not arrive within {after:?} (body_timeout)."
+                ),
+            )
+        }
+    }
+
     /// 400: the body could not be read.
     pub fn unreadable_body(e: &dyn std::fmt::Display) -> Self {
         ApiError::new(
@@ -135,6 +183,16 @@ impl ApiError {
                 code: Some("upstream_timeout"),
                 record_kind,
                 ..Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", e.to_string())
+            },
+            ProviderError::CircuitOpen { retry_after_s, .. } => ApiError {
+                code: Some("upstream_circuit_open"),
+                retry_after: Some(*retry_after_s),
+                record_kind,
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "api_error",
+                    e.to_string(),
+                )
             },
             ProviderError::Unsupported { param, message } => ApiError {
                 param: Some(param.clone()),

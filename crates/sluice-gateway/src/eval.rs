@@ -16,7 +16,7 @@ use sluice_core::chat::{ChatRequest, Usage};
 use sluice_core::config::Config;
 use sluice_core::probe::report::{CaseResult, RunResult, SuiteReport};
 use sluice_core::probe::{parse_score, Answer, Assertion, AssertionResult, JudgeSpec, Suite};
-use sluice_providers::{Provider, ProviderError};
+use sluice_providers::ProviderError;
 
 use crate::policy::{External, PolicyLog};
 use crate::snapshot::{Deployment, Snapshot};
@@ -206,7 +206,7 @@ async fn call_inner(
             deployment.config.name
         ))
     })?;
-    let provider: &Arc<Provider> = deployment
+    let provider: &Arc<crate::upstream::Upstream> = deployment
         .providers
         .get(variant)
         .ok_or_else(|| unsupported(format!("variant {variant} has no provider client")))?;

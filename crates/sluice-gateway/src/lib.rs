@@ -18,6 +18,7 @@ pub mod policy;
 pub mod rollouts;
 pub mod shadow;
 pub mod snapshot;
+pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;

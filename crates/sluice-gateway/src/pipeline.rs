@@ -32,7 +32,7 @@ use sluice_core::policy::Constitution;
 use sluice_core::rollout::Status;
 use sluice_core::signals::is_refusal;
 use sluice_core::stream::StreamAccumulator;
-use sluice_providers::{ChunkStream, Provider, ProviderError};
+use sluice_providers::{ChunkStream, ProviderError};
 use sluice_store::RequestRecord;
 
 use crate::error::ApiError;
@@ -141,7 +141,7 @@ pub struct Assignment<'a> {
     /// The variant's config.
     pub variant: &'a VariantConfig,
     /// Its provider.
-    pub provider: Arc<Provider>,
+    pub provider: Arc<crate::upstream::Upstream>,
     /// Why.
     pub reason: Reason,
     /// The rollout that governs the deployment, if any.
@@ -178,7 +178,7 @@ pub fn assign<'a>(
     let d = &deployment.config;
     let governing = rollouts.governing(&d.name);
     let stage_header = crate::rollouts::stage_header(governing);
-    let pick = |name: &str| -> Result<(&'a VariantConfig, Arc<Provider>), ApiError> {
+    let pick = |name: &str| -> Result<(&'a VariantConfig, Arc<crate::upstream::Upstream>), ApiError> {
         let v = d
             .variants
             .get(name)

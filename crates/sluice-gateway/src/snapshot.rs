@@ -14,6 +14,8 @@ use sluice_core::config::{ApiKeySecret, Config, DeploymentConfig, DetectorConfig
 use sluice_core::policy::{Constitution, Principle};
 use sluice_core::secret::{digest, KeyDigest, SecretSource};
 use sluice_providers::Provider;
+
+use crate::upstream::{Health, Upstream};
 use subtle::ConstantTimeEq;
 
 /// An API key as the gateway holds it: a name and a digest.
@@ -53,7 +55,7 @@ pub struct Deployment {
     /// The config entry.
     pub config: DeploymentConfig,
     /// Provider of each variant, by variant name.
-    pub providers: BTreeMap<String, Arc<Provider>>,
+    pub providers: BTreeMap<String, Arc<Upstream>>,
     /// The principles enforced on it, compiled.
     pub constitution: Constitution,
 }
@@ -75,7 +77,7 @@ pub struct Snapshot {
     /// Deployments by name.
     pub deployments: BTreeMap<String, Deployment>,
     /// Every provider, by name (judges call them directly).
-    pub providers: BTreeMap<String, Arc<Provider>>,
+    pub providers: BTreeMap<String, Arc<Upstream>>,
     /// Client keys.
     pub keys: Vec<ApiKey>,
     /// Admin tokens.
@@ -121,9 +123,21 @@ impl Snapshot {
     /// Returns every problem found.
     /// Relative `system_prompt_file`s are read from `base_dir`.
     pub fn build(
+        config: Config,
+        secrets: &dyn SecretResolver,
+        base_dir: Option<&Path>,
+    ) -> Result<Snapshot, Vec<String>> {
+        Self::build_after(config, secrets, base_dir, None)
+    }
+
+    /// Like [`Snapshot::build`], carrying over each provider's health
+    /// (breaker state, retry budget, counters) from `previous` when its
+    /// retry and breaker settings are unchanged.
+    pub fn build_after(
         mut config: Config,
         secrets: &dyn SecretResolver,
         base_dir: Option<&Path>,
+        previous: Option<&Snapshot>,
     ) -> Result<Snapshot, Vec<String>> {
         let mut errors = Vec::new();
         for d in config.deployments.values_mut() {
@@ -186,7 +200,7 @@ impl Snapshot {
                 });
             }
         }
-        let mut providers: BTreeMap<String, Arc<Provider>> = BTreeMap::new();
+        let mut providers: BTreeMap<String, Arc<Upstream>> = BTreeMap::new();
         for (name, p) in &config.providers {
             let key = match config
                 .secret_sources()
@@ -204,7 +218,12 @@ impl Snapshot {
             };
             match Provider::build(p, key) {
                 Ok(built) => {
-                    providers.insert(name.clone(), Arc::new(built));
+                    let health = previous
+                        .and_then(|s| s.providers.get(name))
+                        .map(|u| u.health.clone())
+                        .filter(|h| h.fits(p))
+                        .unwrap_or_else(|| Arc::new(Health::new(p)));
+                    providers.insert(name.clone(), Arc::new(Upstream::new(built, health)));
                 }
                 Err(e) => errors.push(e.to_string()),
             }

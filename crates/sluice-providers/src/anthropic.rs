@@ -36,6 +36,7 @@ pub struct AnthropicProvider {
     client: reqwest::Client,
     headers: HeaderMap,
     timeout: Duration,
+    stream_timeouts: crate::http::StreamTimeouts,
     default_max_tokens: u32,
 }
 
@@ -70,6 +71,11 @@ impl AnthropicProvider {
             client: crate::http::build_client(cfg)?,
             headers,
             timeout: cfg.timeout,
+            stream_timeouts: crate::http::StreamTimeouts {
+                first_byte: cfg.first_byte_timeout,
+                idle: cfg.idle_timeout,
+                total: cfg.stream_timeout,
+            },
             default_max_tokens: a.default_max_tokens,
         })
     }
@@ -110,6 +116,7 @@ impl AnthropicProvider {
     /// A streamed completion.
     pub async fn stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
         let body = to_messages_request(req, self.default_max_tokens, true)?;
+        let sent = Instant::now();
         let resp = send(
             &self.name,
             self.client
@@ -117,14 +124,14 @@ impl AnthropicProvider {
                 .headers(self.headers.clone())
                 .header(reqwest::header::ACCEPT, "text/event-stream")
                 .json(&body),
-            self.timeout,
+            self.stream_timeouts.first_byte,
             "first byte",
         )
         .await?;
         if !resp.status().is_success() {
             return Err(status_error(&self.name, resp).await);
         }
-        let events = Box::pin(sse_events(&self.name, resp, self.timeout));
+        let events = Box::pin(sse_events(&self.name, resp, self.stream_timeouts, sent));
         let translator = StreamTranslator::new(now_secs());
         let name = self.name.clone();
         let s = futures_util::stream::unfold(

@@ -43,6 +43,7 @@ pub(crate) fn map_send_error(provider: &str, e: &reqwest::Error, after: Duration
         ProviderError::Unreachable {
             provider: provider.to_string(),
             message: error_chain(e),
+            connect: e.is_connect(),
         }
     }
 }
@@ -177,24 +178,44 @@ struct SseState<S> {
     ready: VecDeque<SseEvent>,
     done: bool,
     provider: String,
-    idle: Duration,
+    timeouts: StreamTimeouts,
+    /// When the first piece of body must have arrived.
+    first_by: Option<tokio::time::Instant>,
+    /// When the whole stream must be over.
+    end_by: tokio::time::Instant,
 }
 
-/// Decodes a streaming response body into SSE events. Each wait for the next
-/// piece of the body is bounded by `idle`; a body that breaks off is an error
-/// item; a clean end of body ends the stream.
+/// The waits a streamed response is allowed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StreamTimeouts {
+    /// From the request being sent to the first piece of body.
+    pub first_byte: Duration,
+    /// Between two pieces of body.
+    pub idle: Duration,
+    /// The whole stream.
+    pub total: Duration,
+}
+
+/// Decodes a streaming response body into SSE events. The first piece of
+/// body must arrive within `first_byte` of `sent`, each later one within
+/// `idle` of the previous, and the whole body within `total`; a body that
+/// breaks off is an error item; a clean end of body ends the stream.
 pub(crate) fn sse_events(
     provider: &str,
     resp: reqwest::Response,
-    idle: Duration,
+    timeouts: StreamTimeouts,
+    sent: std::time::Instant,
 ) -> impl Stream<Item = Result<SseEvent, ProviderError>> + Send + 'static {
+    let sent = tokio::time::Instant::from_std(sent);
     let state = SseState {
         body: resp.bytes_stream().boxed(),
         decoder: SseDecoder::default(),
         ready: VecDeque::new(),
         done: false,
         provider: provider.to_string(),
-        idle,
+        timeouts,
+        first_by: Some(sent + timeouts.first_byte),
+        end_by: sent + timeouts.total,
     };
     futures_util::stream::unfold(state, |mut st| async move {
         loop {
@@ -204,13 +225,28 @@ pub(crate) fn sse_events(
             if st.done {
                 return None;
             }
-            match tokio::time::timeout(st.idle, st.body.next()).await {
+            let (wait_until, after, phase) = match st.first_by {
+                Some(t) => (t, st.timeouts.first_byte, "first byte"),
+                None => (
+                    tokio::time::Instant::now() + st.timeouts.idle,
+                    st.timeouts.idle,
+                    "between chunks",
+                ),
+            };
+            let (wait_until, after, phase) = if st.end_by < wait_until {
+                (st.end_by, st.timeouts.total, "whole stream")
+            } else {
+                (wait_until, after, phase)
+            };
+            let next = tokio::time::timeout_at(wait_until, st.body.next()).await;
+            st.first_by = None;
+            match next {
                 Err(_) => {
                     st.done = true;
                     let e = ProviderError::Timeout {
                         provider: st.provider.clone(),
-                        after: st.idle,
-                        phase: "between chunks",
+                        after,
+                        phase,
                     };
                     return Some((Err(e), st));
                 }

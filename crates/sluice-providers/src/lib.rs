@@ -30,13 +30,25 @@ use sluice_core::config::{ProviderConfig, ProviderKind};
 /// Why an upstream call failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ProviderError {
-    /// No connection could be made.
+    /// No connection could be made, or it dropped before a response.
     #[error("cannot reach upstream {provider}: {message}")]
     Unreachable {
         /// Provider name.
         provider: String,
         /// Cause.
         message: String,
+        /// Whether the connection was never established (so the request
+        /// certainly never reached the upstream: safe to retry).
+        connect: bool,
+    },
+    /// The provider's circuit breaker is open: recent calls failed too often,
+    /// so calls are refused without trying until it probes again.
+    #[error("upstream {provider} is failing and its circuit breaker is open; retry in {retry_after_s} s")]
+    CircuitOpen {
+        /// Provider name.
+        provider: String,
+        /// Seconds until the breaker lets probes through.
+        retry_after_s: u64,
     },
     /// The upstream did not answer in time.
     #[error("upstream {provider} timed out after {after:?} ({phase})")]
@@ -45,7 +57,8 @@ pub enum ProviderError {
         provider: String,
         /// The limit that was hit.
         after: Duration,
-        /// Which wait timed out: `response`, `first byte`, `between chunks`.
+        /// Which wait timed out: `response`, `response body`, `first byte`,
+        /// `between chunks`, `whole stream`.
         phase: &'static str,
     },
     /// The upstream answered with an error status.
@@ -91,6 +104,7 @@ impl ProviderError {
     pub fn kind(&self) -> &'static str {
         match self {
             ProviderError::Unreachable { .. } => "upstream_unreachable",
+            ProviderError::CircuitOpen { .. } => "upstream_circuit_open",
             ProviderError::Timeout { .. } => "upstream_timeout",
             ProviderError::Status { .. } => "upstream_error",
             ProviderError::InvalidResponse { .. } => "upstream_invalid_response",

@@ -24,6 +24,7 @@ pub struct OpenAiProvider {
     client: reqwest::Client,
     headers: HeaderMap,
     timeout: Duration,
+    stream_timeouts: crate::http::StreamTimeouts,
 }
 
 impl OpenAiProvider {
@@ -57,6 +58,11 @@ impl OpenAiProvider {
             client: crate::http::build_client(cfg)?,
             headers,
             timeout: cfg.timeout,
+            stream_timeouts: crate::http::StreamTimeouts {
+                first_byte: cfg.first_byte_timeout,
+                idle: cfg.idle_timeout,
+                total: cfg.stream_timeout,
+            },
         })
     }
 
@@ -111,6 +117,7 @@ impl OpenAiProvider {
         opts.include_usage = Some(true);
         req.stream_options = Some(StreamOptions { ..opts });
         let body = self.encode(&req)?;
+        let sent = Instant::now();
         let resp = send(
             &self.name,
             self.client
@@ -118,7 +125,7 @@ impl OpenAiProvider {
                 .headers(self.headers.clone())
                 .header(reqwest::header::ACCEPT, "text/event-stream")
                 .body(body),
-            self.timeout,
+            self.stream_timeouts.first_byte,
             "first byte",
         )
         .await?;
@@ -139,7 +146,7 @@ impl OpenAiProvider {
             )));
         }
         let name = self.name.clone();
-        let events = sse_events(&self.name, resp, self.timeout);
+        let events = sse_events(&self.name, resp, self.stream_timeouts, sent);
         struct St<S> {
             events: S,
             done: bool,

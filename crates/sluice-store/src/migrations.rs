@@ -152,6 +152,14 @@ CREATE TABLE eval_cases (
 );
 "#,
     ),
+    (
+        6,
+        r#"
+ALTER TABLE requests ADD COLUMN fallback_from TEXT;
+ALTER TABLE requests ADD COLUMN fallback_error TEXT;
+ALTER TABLE requests ADD COLUMN attempts INTEGER;
+"#,
+    ),
 ];
 
 /// The newest schema version this build knows.

@@ -66,6 +66,15 @@ pub struct RequestRecord {
     /// For a mirrored (shadow) call: the id of the request it mirrors. Such
     /// records have assignment `shadow` and were never served to anyone.
     pub shadow_of: Option<String>,
+    /// When another variant served because the assigned one failed before
+    /// answering: the assigned variant. Gates count such a request as a
+    /// failure of this variant.
+    pub fallback_from: Option<String>,
+    /// The error kind of the assigned variant's failed attempt.
+    pub fallback_error: Option<String>,
+    /// Upstream attempts made for the variant that answered (retries + 1);
+    /// `None` when no upstream was called.
+    pub attempts: Option<u32>,
 }
 
 impl RequestRecord {
@@ -91,7 +100,8 @@ impl RequestRecord {
 
 const COLUMNS: &str = "id, ts_ms, api_key, deployment, variant, provider, model, subject, \
     stream, status, error_kind, error_message, latency_ms, ttft_ms, tokens_in, tokens_out, \
-    finish_reason, request_body, response_body, rollout, stage, assignment, sticky, refusal, cost_usd, policy, shadow_of";
+    finish_reason, request_body, response_body, rollout, stage, assignment, sticky, refusal, cost_usd, policy, shadow_of, \
+    fallback_from, fallback_error, attempts";
 
 fn to_i64(v: Option<u64>) -> Option<i64> {
     v.map(|x| i64::try_from(x).unwrap_or(i64::MAX))
@@ -108,7 +118,7 @@ pub(crate) fn insert_batch(
         let mut stmt = tx.prepare_cached(&format!(
             "INSERT OR IGNORE INTO requests ({COLUMNS}) VALUES \
              (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-             ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)"
+             ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)"
         ))?;
         for r in records {
             stmt.execute(params![
@@ -139,6 +149,9 @@ pub(crate) fn insert_batch(
                 r.cost_usd,
                 r.policy,
                 r.shadow_of,
+                r.fallback_from,
+                r.fallback_error,
+                r.attempts,
             ])?;
             insert_review_items(&tx, r)?;
         }
@@ -208,6 +221,9 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<RequestRecord> {
         cost_usd: row.get(24)?,
         policy: row.get(25)?,
         shadow_of: row.get(26)?,
+        fallback_from: row.get(27)?,
+        fallback_error: row.get(28)?,
+        attempts: row.get(29)?,
     })
 }
 

@@ -273,7 +273,11 @@ impl Store {
     ) -> Result<Vec<StageRow>, StoreError> {
         let c = self.lock();
         let mut stmt = c.prepare_cached(
-            "SELECT COALESCE(r.variant, '-'), r.status, r.error_kind, r.latency_ms, r.ttft_ms, r.tokens_out, \
+            // A request served by a fallback counts as a failure of the
+            // variant it was assigned to.
+            "SELECT COALESCE(r.fallback_from, r.variant, '-'), \
+             CASE WHEN r.fallback_from IS NULL THEN r.status ELSE 502 END, \
+             COALESCE(r.fallback_error, r.error_kind), r.latency_ms, r.ttft_ms, r.tokens_out, \
              r.refusal, r.cost_usd, f.thumbs_down, f.score \
              FROM requests r LEFT JOIN feedback f ON f.request_id = r.id \
              WHERE r.rollout = ?1 AND r.stage = ?2 AND r.ts_ms >= ?3 \

@@ -21,14 +21,18 @@ use serde::Deserialize;
 use crate::secret::{parse_digest_hex, KeyDigest, SecretSource};
 
 mod policy;
+mod resilience;
 mod rollout;
+
+pub use self::resilience::ServerLimits;
+pub use crate::resilience::{BreakerConfig, RetryConfig};
 
 pub use policy::{
     Applies, DetectorConfig, OnError, PolicyAction, PrincipleConfig, Severity, DETECTOR_KINDS,
 };
 
 pub use rollout::{
-    AdminTokenConfig, CohortConfig, ControllerMode, GateConfig, Margin, OnFailure, Role,
+    AdminTokenConfig, CohortConfig, ControllerMode, Fallback, GateConfig, Margin, OnFailure, Role,
     RolloutConfig, ShadowConfig, Signal, StageConfig, StageKind, SubjectSource, SuiteRequirement,
     SIGNALS,
 };
@@ -106,6 +110,34 @@ pub enum LogBodies {
     Full,
     /// Only metadata (ids, timings, tokens, status) is stored.
     Metadata,
+    /// Bodies are stored after the PII and secrets detectors replaced what
+    /// they found with `[REDACTED:KIND]`.
+    Redacted,
+}
+
+/// What the event writer does when its queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backpressure {
+    /// Append the record to an on-disk journal next to the store, replayed
+    /// into the store as soon as the writer catches up (and at startup).
+    #[default]
+    Spill,
+    /// Drop the record; every drop is counted in `/metrics` and `/healthz`.
+    Shed,
+}
+
+/// When a request's record must be committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Records are committed in groups right after the response; a crash
+    /// loses at most the records of the last commit window.
+    #[default]
+    Batched,
+    /// The response (the last bytes of a stream) is sent only after the
+    /// request's record is committed.
+    Strict,
 }
 
 /// The `[store]` section.
@@ -119,6 +151,12 @@ pub struct StoreConfig {
     pub queue_capacity: usize,
     /// Most events written in one transaction.
     pub batch_max: usize,
+    /// What happens when the writer's queue is full.
+    pub on_backpressure: Backpressure,
+    /// When a record must be committed relative to its response.
+    pub durability: Durability,
+    /// Longest time a handed-over record waits before its group is committed.
+    pub commit_window: Duration,
 }
 
 /// How a client API key is configured.
@@ -243,6 +281,16 @@ pub struct ProviderConfig {
     pub timeout: Duration,
     /// Time allowed to establish a connection.
     pub connect_timeout: Duration,
+    /// Streams: time allowed until the response headers and first chunk.
+    pub first_byte_timeout: Duration,
+    /// Streams: longest silence allowed between two chunks.
+    pub idle_timeout: Duration,
+    /// Streams: longest a whole stream may last.
+    pub stream_timeout: Duration,
+    /// When and how failed calls are retried.
+    pub retry: RetryConfig,
+    /// The endpoint's circuit breaker.
+    pub breaker: BreakerConfig,
 }
 
 /// One variant: a concrete provider + model + prompt + parameters.
@@ -276,6 +324,11 @@ pub struct DeploymentConfig {
     pub variants: BTreeMap<String, VariantConfig>,
     /// Principles of the constitution enforced on this deployment.
     pub principles: Vec<String>,
+    /// Variants tried in order when the stable variant fails before
+    /// answering (or its breaker is open).
+    pub fallbacks: Vec<String>,
+    /// Most requests to this deployment at once; beyond it, 429.
+    pub max_in_flight: Option<usize>,
 }
 
 impl DeploymentConfig {
@@ -290,6 +343,11 @@ impl DeploymentConfig {
 pub struct Config {
     /// Address the gateway listens on.
     pub listen: SocketAddr,
+    /// Separate address for the admin API (`/admin/...`); when set, the
+    /// admin routes are served only there.
+    pub admin_listen: Option<SocketAddr>,
+    /// Overload and slow-client limits.
+    pub limits: ServerLimits,
     /// Largest accepted request body in bytes.
     pub max_body_bytes: usize,
     /// Serve requests without an API key (only when no keys are configured).
@@ -544,6 +602,11 @@ struct RawStore {
     log_bodies: LogBodies,
     queue_capacity: Option<usize>,
     batch_max: Option<usize>,
+    #[serde(default)]
+    on_backpressure: Backpressure,
+    #[serde(default)]
+    durability: Durability,
+    commit_window: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -664,7 +727,30 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
         log_bodies: raw_store.log_bodies,
         queue_capacity: raw_store.queue_capacity.unwrap_or(65_536),
         batch_max: raw_store.batch_max.unwrap_or(1024),
+        on_backpressure: raw_store.on_backpressure,
+        durability: raw_store.durability,
+        commit_window: raw_store
+            .commit_window
+            .and_then(|s| parse_duration(cx, "store.commit_window", &s))
+            .unwrap_or(Duration::from_millis(50)),
     };
+    if store.commit_window > Duration::from_secs(10) {
+        cx.err("store.commit_window", "must be at most 10s");
+    }
+    let admin_listen = match take::<String>(cx, &mut t, "", "admin_listen") {
+        None => None,
+        Some(a) => match a.parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                cx.err(
+                    "admin_listen",
+                    format!("invalid address \"{a}\": expected IP:PORT such as \"127.0.0.1:8081\""),
+                );
+                None
+            }
+        },
+    };
+    let limits = resilience::server_limits(cx, &mut t);
     if store.path.trim().is_empty() {
         cx.err(
             "store.path",
@@ -762,6 +848,12 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
 
     let known_top = [
         "listen",
+        "admin_listen",
+        "max_in_flight",
+        "header_timeout",
+        "body_timeout",
+        "max_header_bytes",
+        "shutdown_grace",
         "max_body_bytes",
         "allow_anonymous",
         "store",
@@ -783,6 +875,8 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
 
     Config {
         listen,
+        admin_listen,
+        limits,
         max_body_bytes,
         allow_anonymous,
         store,
@@ -902,9 +996,24 @@ fn build_providers(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, Prov
         };
         let timeout_s: Option<String> = take(cx, &mut pt, &path, "timeout");
         let connect_s: Option<String> = take(cx, &mut pt, &path, "connect_timeout");
+        let first_byte_s: Option<String> = take(cx, &mut pt, &path, "first_byte_timeout");
+        let idle_s: Option<String> = take(cx, &mut pt, &path, "idle_timeout");
+        let stream_s: Option<String> = take(cx, &mut pt, &path, "stream_timeout");
+        let retry = resilience::retry(cx, &path, pt.remove("retry"));
+        let breaker = resilience::breaker(cx, &path, pt.remove("breaker"));
         let timeout = match timeout_s {
             Some(s) => parse_duration(cx, &format!("{path}.timeout"), &s),
             None => Some(Duration::from_secs(60)),
+        };
+        let or_timeout = |cx: &mut Cx, field: &str, v: Option<String>| match v {
+            Some(s) => parse_duration(cx, &format!("{path}.{field}"), &s),
+            None => timeout,
+        };
+        let first_byte_timeout = or_timeout(cx, "first_byte_timeout", first_byte_s);
+        let idle_timeout = or_timeout(cx, "idle_timeout", idle_s);
+        let stream_timeout = match stream_s {
+            Some(s) => parse_duration(cx, &format!("{path}.stream_timeout"), &s),
+            None => Some(Duration::from_secs(600)),
         };
         let connect_timeout = match connect_s {
             Some(s) => parse_duration(cx, &format!("{path}.connect_timeout"), &s),
@@ -999,8 +1108,21 @@ fn build_providers(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, Prov
                 None
             }
         };
-        if let (Some(kind), Some(timeout), Some(connect_timeout)) = (kind, timeout, connect_timeout)
-        {
+        if let (
+            Some(kind),
+            Some(timeout),
+            Some(connect_timeout),
+            Some(first_byte_timeout),
+            Some(idle_timeout),
+            Some(stream_timeout),
+        ) = (
+            kind,
+            timeout,
+            connect_timeout,
+            first_byte_timeout,
+            idle_timeout,
+            stream_timeout,
+        ) {
             out.insert(
                 name.clone(),
                 ProviderConfig {
@@ -1008,6 +1130,11 @@ fn build_providers(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, Prov
                     kind,
                     timeout,
                     connect_timeout,
+                    first_byte_timeout,
+                    idle_timeout,
+                    stream_timeout,
+                    retry,
+                    breaker,
                 },
             );
         } else {
@@ -1031,6 +1158,11 @@ fn build_providers(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, Prov
                     }),
                     timeout: Duration::from_secs(1),
                     connect_timeout: Duration::from_secs(1),
+                    first_byte_timeout: Duration::from_secs(1),
+                    idle_timeout: Duration::from_secs(1),
+                    stream_timeout: Duration::from_secs(1),
+                    retry,
+                    breaker,
                 },
             );
         }
@@ -1110,9 +1242,17 @@ fn build_deployments(
         };
         let stable: Option<String> = take(cx, &mut dt, &path, "stable");
         let principles: Vec<String> = take(cx, &mut dt, &path, "principles").unwrap_or_default();
+        let fallbacks: Vec<String> = take(cx, &mut dt, &path, "fallbacks").unwrap_or_default();
+        let max_in_flight: Option<usize> = take(cx, &mut dt, &path, "max_in_flight");
+        if max_in_flight == Some(0) {
+            cx.err(format!("{path}.max_in_flight"), "must be at least 1");
+        }
         let variants_v = dt.remove("variants");
         for k in dt.keys() {
-            let hint = did_you_mean(k, ["stable", "variants", "principles"])
+            let hint = did_you_mean(
+                k,
+                ["stable", "variants", "principles", "fallbacks", "max_in_flight"],
+            )
                 .map(|s| format!("; did you mean `{s}`?"))
                 .unwrap_or_default();
             cx.err(
@@ -1200,6 +1340,21 @@ fn build_deployments(
                 String::new()
             }
         };
+        for (i, f) in fallbacks.iter().enumerate() {
+            if !variants.is_empty() && !variants.contains_key(f) {
+                cx.err(
+                    format!("{path}.fallbacks[{i}]"),
+                    unknown_ref("variant", f, variants.keys().map(String::as_str).collect()),
+                );
+            } else if *f == stable {
+                cx.err(
+                    format!("{path}.fallbacks[{i}]"),
+                    format!("\"{f}\" is the stable variant; fallbacks are tried after it fails"),
+                );
+            } else if fallbacks[..i].contains(f) {
+                cx.err(format!("{path}.fallbacks[{i}]"), format!("\"{f}\" is listed twice"));
+            }
+        }
         out.insert(
             name.clone(),
             DeploymentConfig {
@@ -1207,6 +1362,8 @@ fn build_deployments(
                 stable,
                 variants,
                 principles,
+                fallbacks,
+                max_in_flight,
             },
         );
     }

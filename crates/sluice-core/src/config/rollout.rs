@@ -287,6 +287,21 @@ pub struct RolloutConfig {
     pub evaluate_every: Duration,
     /// Who advances.
     pub controller: ControllerMode,
+    /// What serves a candidate-assigned request when the candidate fails
+    /// before answering (or its breaker is open).
+    pub fallback: Fallback,
+}
+
+/// A rollout's `fallback` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// The stable variant serves; the failure still counts against the
+    /// candidate in the gates.
+    #[default]
+    Stable,
+    /// The client gets the candidate's error.
+    None,
 }
 
 impl RolloutConfig {
@@ -388,6 +403,8 @@ struct RawRollout {
     gates: Vec<toml::Value>,
     evaluate_every: Option<String>,
     controller: Option<ControllerMode>,
+    #[serde(default)]
+    fallback: Fallback,
 }
 
 fn default_subject() -> String {
@@ -845,6 +862,7 @@ pub(super) fn build_rollouts(
                 subject,
                 stages,
                 on_failure: raw.on_failure,
+                fallback: raw.fallback,
             },
         );
     }
