@@ -267,8 +267,7 @@ impl Breaker {
                 }
             }
             BreakerState::Closed => {
-                self.window
-                    .add(now_ms, u64::from(ok), u64::from(!ok));
+                self.window.add(now_ms, u64::from(ok), u64::from(!ok));
                 if !ok {
                     let (s, f) = self.window.sums(now_ms);
                     let n = s + f;

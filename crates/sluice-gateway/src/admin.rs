@@ -180,6 +180,25 @@ pub async fn list(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Respo
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
+/// `GET /admin/providers`: each provider's circuit breaker, retry budget use
+/// and call counters.
+pub async fn providers(State(app): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let snap = app.snapshot.load();
+    if let Err(e) = authorize(&snap, &headers, Role::Viewer, "reading provider health") {
+        return e.into_response();
+    }
+    let data: Vec<Value> = snap
+        .providers
+        .values()
+        .map(|u| {
+            let mut v = serde_json::to_value(u.health.view()).unwrap_or(Value::Null);
+            v["kind"] = json!(u.kind());
+            v
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
 fn unknown_rollout(name: &str, r: &Rollouts) -> ApiError {
     let known: Vec<&str> = r.entries.keys().map(String::as_str).collect();
     api(
@@ -554,9 +573,8 @@ pub async fn reload(app: &Arc<AppState>) -> Result<(), Vec<String>> {
     if config.limits.max_header_bytes != old.config.limits.max_header_bytes
         || config.limits.header_timeout != old.config.limits.header_timeout
     {
-        notes.push(
-            "max_header_bytes / header_timeout changed (take effect on restart)".to_string(),
-        );
+        notes
+            .push("max_header_bytes / header_timeout changed (take effect on restart)".to_string());
     }
     let store = app.store.clone();
     let prev = app.rollouts.load_full();
@@ -567,6 +585,13 @@ pub async fn reload(app: &Arc<AppState>) -> Result<(), Vec<String>> {
     let base = path.parent().map(|p| p.to_path_buf());
     let snapshot =
         Snapshot::build_after(config, app.secrets.as_ref(), base.as_deref(), Some(&old))?;
+    app.metrics.set_health(
+        snapshot
+            .providers
+            .values()
+            .map(|u| u.health.clone())
+            .collect(),
+    );
     app.snapshot.store(Arc::new(snapshot));
     app.rollouts.store(Arc::new(rollouts));
     for n in notes {

@@ -159,9 +159,7 @@ impl ApiError {
             ..Self::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "invalid_request_error",
-                format!(
-                    "The request body did not arrive within {after:?} (body_timeout)."
-                ),
+                format!("The request body did not arrive within {after:?} (body_timeout)."),
             )
         }
     }
@@ -188,11 +186,7 @@ impl ApiError {
                 code: Some("upstream_circuit_open"),
                 retry_after: Some(*retry_after_s),
                 record_kind,
-                ..Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "api_error",
-                    e.to_string(),
-                )
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "api_error", e.to_string())
             },
             ProviderError::Unsupported { param, message } => ApiError {
                 param: Some(param.clone()),

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod rollouts;
+mod server;
 pub mod shadow;
 pub mod snapshot;
 pub mod upstream;
@@ -71,6 +72,32 @@ pub struct AppState {
     pub secrets: Arc<dyn SecretResolver + Send + Sync>,
     /// What the external detectors (judges, webhooks) share.
     pub external: policy::External,
+    /// Chat completion requests being served now (for `max_in_flight`).
+    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl AppState {
+    /// Hands a finished record to the writer. Bodies are redacted first when
+    /// `log_bodies = "redacted"`; with `durability = "strict"` the returned
+    /// receiver resolves once the record is committed.
+    pub fn record(
+        &self,
+        mut rec: sluice_store::RequestRecord,
+    ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let snap = self.snapshot.load();
+        let store = &snap.config.store;
+        if store.log_bodies == sluice_core::config::LogBodies::Redacted {
+            let redact = sluice_core::policy::redact_sensitive;
+            rec.request_body = rec.request_body.as_deref().map(redact);
+            rec.response_body = rec.response_body.as_deref().map(redact);
+        }
+        if store.durability == sluice_core::config::Durability::Strict {
+            Some(self.events.record_committed(rec))
+        } else {
+            self.events.record(rec);
+            None
+        }
+    }
 }
 
 /// Where a gateway's configuration comes from.
@@ -120,9 +147,20 @@ pub struct ShutdownReport {
     pub drained: bool,
 }
 
+/// What the store looked like when the gateway opened it.
+#[derive(Debug, Clone)]
+pub struct RecoveryReport {
+    /// Schema version after migrations.
+    pub schema: i64,
+    /// Records replayed from a spill journal a previous process left.
+    pub replayed: u64,
+}
+
 /// A bound, ready-to-serve gateway.
 pub struct Gateway {
     listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    recovery: RecoveryReport,
     app: Arc<AppState>,
     writer: EventWriter,
     store: Arc<Store>,
@@ -137,8 +175,34 @@ impl Gateway {
     ) -> Result<Gateway, GatewayError> {
         let ConfigSource { config, path } = source.into();
         let store = Arc::new(Store::open(StoreLocation::from_config(&config.store.path))?);
-        let writer = store.spawn_writer(config.store.queue_capacity, config.store.batch_max)?;
+        // A crash cannot corrupt SQLite (WAL); say so, or say what is wrong.
+        store.quick_check()?;
+        let writer = store.spawn_writer_with(sluice_store::WriterOptions {
+            capacity: config.store.queue_capacity,
+            batch_max: config.store.batch_max,
+            backpressure: config.store.on_backpressure,
+            journal: store.journal_path(),
+        })?;
+        let recovery = RecoveryReport {
+            schema: store.schema_version()?,
+            replayed: writer.recovered(),
+        };
+        tracing::info!(
+            store = %config.store.path,
+            schema = recovery.schema,
+            replayed = recovery.replayed,
+            "store opened: integrity ok{}",
+            if recovery.replayed > 0 {
+                format!(
+                    ", {} request records recovered from the spill journal",
+                    recovery.replayed
+                )
+            } else {
+                String::new()
+            }
+        );
         let addr = config.listen;
+        let admin_addr = config.admin_listen;
         let base = path
             .as_deref()
             .and_then(|p| p.parent())
@@ -150,6 +214,24 @@ impl Gateway {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| GatewayError::Bind { addr, source })?;
+        let admin_listener = match admin_addr {
+            Some(addr) => {
+                if !addr.ip().is_loopback() {
+                    tracing::warn!(%addr, "the admin API listens beyond loopback; keep it behind a firewall");
+                }
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| GatewayError::Bind { addr, source })?,
+                )
+            }
+            None => None,
+        };
+        let health = snapshot
+            .providers
+            .values()
+            .map(|u| u.health.clone())
+            .collect();
         let events = writer.sender();
         let app = Arc::new(AppState {
             snapshot: ArcSwap::from_pointee(snapshot),
@@ -161,9 +243,13 @@ impl Gateway {
             config_path: path,
             secrets,
             external: policy::External::default(),
+            in_flight: Arc::default(),
         });
+        app.metrics.set_health(health);
         Ok(Gateway {
             listener,
+            admin_listener,
+            recovery,
             app,
             writer,
             store,
@@ -175,6 +261,18 @@ impl Gateway {
         self.listener
             .local_addr()
             .unwrap_or_else(|_| self.app.snapshot.load().config.listen)
+    }
+
+    /// The admin API's own address, when `admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// What startup found in the store.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
     }
 
     /// The store (for reads; writes go through the event writer).
@@ -197,11 +295,13 @@ impl Gateway {
     ) -> Result<ShutdownReport, GatewayError> {
         let Gateway {
             listener,
+            admin_listener,
+            recovery: _,
             app,
             writer,
             store: _store,
         } = self;
-        let router = router(app.clone());
+        let limits = app.snapshot.load().config.limits.clone();
         let controller = tokio::spawn(controller::run(app.clone()));
         #[cfg(unix)]
         let hup = {
@@ -224,24 +324,61 @@ impl Gateway {
                 }
             })
         };
-        let (signalled_tx, mut signalled_rx) = tokio::sync::watch::channel(false);
-        let shutdown = async move {
-            shutdown.await;
-            let _ = signalled_tx.send(true);
-        };
-        let server = axum::serve(listener, router).with_graceful_shutdown(shutdown);
-        let server = std::pin::pin!(std::future::IntoFuture::into_future(server));
-        let deadline = async {
-            let _ = signalled_rx.wait_for(|s| *s).await;
-            tokio::time::sleep(grace).await;
-        };
-        let drained = tokio::select! {
-            r = server => { r.map_err(GatewayError::Serve)?; true }
-            _ = deadline => {
-                tracing::warn!(?grace, "in-flight requests did not finish within the grace period; stopping");
-                false
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut servers = Vec::new();
+        match admin_listener {
+            Some(admin) => {
+                servers.push(tokio::spawn(server::serve(
+                    listener,
+                    public_router(app.clone()),
+                    limits.clone(),
+                    stop_rx.clone(),
+                )));
+                servers.push(tokio::spawn(server::serve(
+                    admin,
+                    admin_router(app.clone()),
+                    limits.clone(),
+                    stop_rx.clone(),
+                )));
             }
-        };
+            None => servers.push(tokio::spawn(server::serve(
+                listener,
+                router(app.clone()),
+                limits.clone(),
+                stop_rx.clone(),
+            ))),
+        }
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        tracing::info!(
+            ?grace,
+            "stopping: no new connections; finishing requests in flight"
+        );
+        let mut drained = true;
+        let deadline = tokio::time::Instant::now() + grace;
+        for s in servers {
+            match s.await {
+                Ok(mut d) => {
+                    if tokio::time::timeout_at(deadline, d.graceful.shutdown())
+                        .await
+                        .is_err()
+                    {
+                        drained = false;
+                    }
+                    // Past the deadline: cut what is left; dropped streams
+                    // record themselves as cut.
+                    d.tasks.abort_all();
+                    while d.tasks.join_next().await.is_some() {}
+                }
+                Err(e) => return Err(GatewayError::Serve(std::io::Error::other(e))),
+            }
+        }
+        if !drained {
+            tracing::warn!(
+                ?grace,
+                "in-flight requests did not finish within the grace period; stopping"
+            );
+        }
         // Give in-flight stream bodies dropped by the deadline a moment to
         // hand their records over, then flush everything.
         tokio::task::yield_now().await;
@@ -254,20 +391,47 @@ impl Gateway {
     }
 }
 
-/// The HTTP routes.
+/// Every route on one address (no `admin_listen`).
 pub fn router(app: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/chat/completions", post(pipeline::chat_completions))
+    finish_router(
+        admin_routes(public_routes(Router::new())).route("/metrics", get(metrics_text)),
+        app,
+    )
+}
+
+/// The client-facing routes only (when the admin API has its own address).
+pub fn public_router(app: Arc<AppState>) -> Router {
+    finish_router(public_routes(Router::new()), app)
+}
+
+/// The admin API with `/metrics` and `/healthz` (its own address).
+pub fn admin_router(app: Arc<AppState>) -> Router {
+    finish_router(
+        admin_routes(Router::new())
+            .route("/healthz", get(healthz))
+            .route("/metrics", get(metrics_text)),
+        app,
+    )
+}
+
+fn public_routes(r: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
+    r.route("/v1/chat/completions", post(pipeline::chat_completions))
         .route("/v1/feedback", post(feedback::feedback))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics_text))
-        .route("/admin/rollouts", get(admin::list))
+}
+
+fn admin_routes(r: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
+    r.route("/admin/rollouts", get(admin::list))
         .route("/admin/rollouts/{name}", get(admin::show))
         .route("/admin/rollouts/{name}/{action}", post(admin::act))
         .route("/admin/reload", post(admin::reload_handler))
-        .fallback(not_found)
+        .route("/admin/providers", get(admin::providers))
+}
+
+fn finish_router(r: Router<Arc<AppState>>, app: Arc<AppState>) -> Router {
+    r.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(app)
 }
@@ -312,7 +476,11 @@ async fn healthz(State(app): State<Arc<AppState>>) -> Response {
     Json(json!({
         "status": "ok",
         "deployments": app.snapshot.load().deployments.len(),
-        "events": {"enqueued": s.enqueued, "written": s.written, "failed": s.failed, "dropped": s.dropped},
+        "events": {
+            "enqueued": s.enqueued, "written": s.written, "failed": s.failed,
+            "dropped": s.dropped, "shed": s.shed, "spilled": s.spilled, "replayed": s.replayed,
+            "journal_depth": app.events.journal_depth(),
+        },
     }))
     .into_response()
 }

@@ -43,6 +43,18 @@ struct ShadowLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabels {
+    deployment: String,
+    from: String,
+    to: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VariantLabels {
     deployment: String,
     variant: String,
@@ -73,7 +85,89 @@ pub struct Metrics {
     tokens: Family<TokenLabels, Counter>,
     policy: Family<PolicyLabels, Counter>,
     shadow: Family<ShadowLabels, Counter>,
+    fallbacks: Family<FallbackLabels, Counter>,
     in_flight: Arc<AtomicI64>,
+    health: HealthBoard,
+}
+
+/// The providers whose health `/metrics` reports; replaced on reload.
+pub type HealthBoard = Arc<std::sync::Mutex<Vec<Arc<crate::upstream::Health>>>>;
+
+#[derive(Debug)]
+struct HealthCollector {
+    board: HealthBoard,
+}
+
+impl Collector for HealthCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let views: Vec<_> = self
+            .board
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|h| (h.view(), h.breaker_gauge()))
+            .collect();
+        {
+            let mut fam = encoder.encode_descriptor(
+                "sluice_upstream_breaker_state",
+                "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open.",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (v, g) in &views {
+                let labels = ProviderLabels {
+                    provider: v.provider.clone(),
+                };
+                ConstGauge::new(*g).encode(fam.encode_family(&labels)?)?;
+            }
+        }
+        type Pick = fn(&crate::upstream::HealthView) -> u64;
+        let counters: [(&str, &str, Pick); 6] = [
+            (
+                "sluice_upstream_calls",
+                "Upstream call attempts per provider (first attempts and retries).",
+                |v| v.calls_total,
+            ),
+            (
+                "sluice_upstream_failures",
+                "Upstream call attempts that failed (connect, timeout, 429/5xx, invalid response).",
+                |v| v.failures_total,
+            ),
+            ("sluice_upstream_retries", "Upstream calls retried.", |v| {
+                v.retries_total
+            }),
+            (
+                "sluice_upstream_retries_denied",
+                "Retries not made because the provider's retry budget was spent.",
+                |v| v.retries_denied_total,
+            ),
+            (
+                "sluice_upstream_breaker_rejections",
+                "Calls refused without trying because the provider's breaker was open.",
+                |v| v.rejected_total,
+            ),
+            (
+                "sluice_upstream_breaker_opened",
+                "Times the provider's circuit breaker opened.",
+                |v| v.opened_total,
+            ),
+        ];
+        for (name, help, pick) in counters {
+            let mut fam = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (v, _) in &views {
+                let labels = ProviderLabels {
+                    provider: v.provider.clone(),
+                };
+                ConstCounter::new(pick(v)).encode(fam.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 struct WriterCollector {
@@ -103,7 +197,7 @@ impl Collector for WriterCollector {
             ),
             (
                 "sluice_events_delayed",
-                "Request records that waited because the writer queue was full.",
+                "Strictly durable request records that waited because the writer queue was full.",
                 s.delayed,
             ),
             (
@@ -115,6 +209,21 @@ impl Collector for WriterCollector {
                 "sluice_events_dropped",
                 "Request records handed over after the writer stopped.",
                 s.dropped,
+            ),
+            (
+                "sluice_events_shed",
+                "Request records dropped because the writer queue was full (on_backpressure = \"shed\").",
+                s.shed,
+            ),
+            (
+                "sluice_events_spilled",
+                "Request records written to the spill journal because the writer queue was full.",
+                s.spilled,
+            ),
+            (
+                "sluice_events_replayed",
+                "Spilled request records committed to the store from the journal.",
+                s.replayed,
             ),
             (
                 "sluice_store_write_errors",
@@ -134,6 +243,15 @@ impl Collector for WriterCollector {
             depth.metric_type(),
         )?;
         depth.encode(m)?;
+        let journal =
+            ConstGauge::new(i64::try_from(self.events.journal_depth()).unwrap_or(i64::MAX));
+        let m = encoder.encode_descriptor(
+            "sluice_events_journal_depth",
+            "Spilled request records waiting in the journal.",
+            None,
+            journal.metric_type(),
+        )?;
+        journal.encode(m)?;
         let inflight = ConstGauge::new(self.in_flight.load(Ordering::Relaxed));
         let m = encoder.encode_descriptor(
             "sluice_requests_in_flight",
@@ -167,6 +285,16 @@ impl Metrics {
         let tokens = Family::<TokenLabels, Counter>::default();
         let policy = Family::<PolicyLabels, Counter>::default();
         let shadow = Family::<ShadowLabels, Counter>::default();
+        let fallbacks = Family::<FallbackLabels, Counter>::default();
+        registry.register(
+            "sluice_fallbacks",
+            "Requests served by a fallback variant because the assigned one failed, by deployment, assigned variant (from) and serving variant (to).",
+            fallbacks.clone(),
+        );
+        let health: HealthBoard = Arc::default();
+        registry.register_collector(Box::new(HealthCollector {
+            board: health.clone(),
+        }));
         registry.register(
             "sluice_shadow_calls",
             "Mirrored calls of shadow stages by rollout and outcome (ok, error, skipped_full: not mirrored because max_in_flight calls were running).",
@@ -216,8 +344,26 @@ impl Metrics {
             tokens,
             policy,
             shadow,
+            fallbacks,
             in_flight,
+            health,
         }
+    }
+
+    /// Sets the providers whose health is reported.
+    pub fn set_health(&self, providers: Vec<Arc<crate::upstream::Health>>) {
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = providers;
+    }
+
+    /// Counts a request served by a fallback variant.
+    pub fn fallback(&self, deployment: &str, from: &str, to: &str) {
+        self.fallbacks
+            .get_or_create(&FallbackLabels {
+                deployment: deployment.to_string(),
+                from: from.to_string(),
+                to: to.to_string(),
+            })
+            .inc();
     }
 
     /// Counts one shadow-stage mirror outcome.

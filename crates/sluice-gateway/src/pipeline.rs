@@ -26,7 +26,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use sluice_core::assign::{decide, Reason, RequestFacts};
 use sluice_core::chat::{finish_reason, ChatRequest, InvalidRequest, Message};
-use sluice_core::config::{KeyRole, LogBodies, Price, VariantConfig};
+use sluice_core::config::{Fallback, KeyRole, LogBodies, Price, VariantConfig};
 use sluice_core::policy::guard::{OutputGuard, Step};
 use sluice_core::policy::Constitution;
 use sluice_core::rollout::Status;
@@ -50,6 +50,29 @@ pub const DEPLOYMENT: &str = "x-sluice-deployment";
 pub const POLICY: &str = "x-sluice-policy";
 /// Header naming the rollout stage that routed the request.
 pub const STAGE: &str = "x-sluice-stage";
+/// Header naming the assigned variant when a fallback variant served.
+pub const FALLBACK_FROM: &str = "x-sluice-fallback-from";
+
+/// One place in a bounded count of requests; frees itself when dropped.
+pub(crate) struct Slot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Slot {
+    /// Takes a place if fewer than `limit` are taken.
+    fn try_take(count: &Arc<std::sync::atomic::AtomicUsize>, limit: usize) -> Option<Slot> {
+        use std::sync::atomic::Ordering;
+        if count.fetch_add(1, Ordering::AcqRel) >= limit {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(count.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 /// A new request id: `req_` and a time-ordered UUIDv7 in hex.
 pub fn new_request_id() -> String {
@@ -178,18 +201,19 @@ pub fn assign<'a>(
     let d = &deployment.config;
     let governing = rollouts.governing(&d.name);
     let stage_header = crate::rollouts::stage_header(governing);
-    let pick = |name: &str| -> Result<(&'a VariantConfig, Arc<crate::upstream::Upstream>), ApiError> {
-        let v = d
-            .variants
-            .get(name)
-            .ok_or_else(|| ApiError::model_not_found(&d.name))?;
-        let p = deployment
-            .providers
-            .get(name)
-            .cloned()
-            .ok_or_else(|| ApiError::model_not_found(&d.name))?;
-        Ok((v, p))
-    };
+    let pick =
+        |name: &str| -> Result<(&'a VariantConfig, Arc<crate::upstream::Upstream>), ApiError> {
+            let v = d
+                .variants
+                .get(name)
+                .ok_or_else(|| ApiError::model_not_found(&d.name))?;
+            let p = deployment
+                .providers
+                .get(name)
+                .cloned()
+                .ok_or_else(|| ApiError::model_not_found(&d.name))?;
+            Ok((v, p))
+        };
     let rollout = governing.map(|g| g.config.name.clone());
     let stage = governing
         .filter(|g| g.state.status.is_active())
@@ -311,6 +335,8 @@ struct Ctx {
     log_full: bool,
     /// The mirror waiting for this request's outcome (shadow stages).
     shadow: Option<crate::shadow::PairSender>,
+    /// Places held in the global and deployment concurrency limits.
+    slots: Vec<Slot>,
 }
 
 fn with_headers(
@@ -330,6 +356,13 @@ fn with_headers(
         h.insert(REQUEST_ID, v);
     }
     if let Some(v) = rec
+        .fallback_from
+        .as_deref()
+        .and_then(|v| HeaderValue::from_str(v).ok())
+    {
+        h.insert(FALLBACK_FROM, v);
+    }
+    if let Some(v) = rec
         .variant
         .as_deref()
         .and_then(|v| HeaderValue::from_str(v).ok())
@@ -346,18 +379,27 @@ fn with_headers(
     resp
 }
 
+/// Counts, observes and records a finished request; with strict durability
+/// the returned receiver resolves once its record is committed.
 fn finish(
     app: &AppState,
     rec: RequestRecord,
     flags: Vec<(String, bool)>,
     shadow: Option<crate::shadow::PairSender>,
-) {
+) -> Option<tokio::sync::oneshot::Receiver<()>> {
     app.metrics.observe(&rec);
     let obs = observe_rollout(app, &rec, flags);
     if let (Some(tx), Some(obs)) = (shadow, obs) {
         let _ = tx.send(obs);
     }
-    app.events.record(rec);
+    app.record(rec)
+}
+
+/// Waits for a strictly durable record's commit.
+async fn committed(ack: Option<tokio::sync::oneshot::Receiver<()>>) {
+    if let Some(rx) = ack {
+        let _ = rx.await;
+    }
 }
 
 /// Feeds a finished request into its rollout stage's signals, if it was
@@ -381,10 +423,19 @@ fn observe_rollout(
     if !e.state.status.is_active() || u32::try_from(e.state.stage).ok() != Some(stage) {
         return None;
     }
-    let candidate = rec.variant.as_deref() == Some(e.config.candidate.as_str());
+    // A request a fallback served counts as a failure of the assigned variant.
+    let assigned = rec.fallback_from.as_deref().or(rec.variant.as_deref());
+    let candidate = assigned == Some(e.config.candidate.as_str());
+    let (status, error_kind) = match &rec.fallback_from {
+        Some(_) => (
+            502,
+            rec.fallback_error.as_deref().or(Some("upstream_error")),
+        ),
+        None => (rec.status, rec.error_kind.as_deref()),
+    };
     let mut obs = crate::rollouts::observation(
-        rec.status,
-        rec.error_kind.as_deref(),
+        status,
+        error_kind,
         rec.latency_ms,
         rec.ttft_ms,
         rec.tokens_out,
@@ -422,8 +473,9 @@ pub async fn chat_completions(
         policy: Default::default(),
         flags: Vec::new(),
         started: Instant::now(),
-        log_full: snap.config.store.log_bodies == LogBodies::Full,
+        log_full: snap.config.store.log_bodies != LogBodies::Metadata,
         shadow: None,
+        slots: Vec::new(),
     };
     match handle(&app, &snap, &headers, body, &mut ctx).await {
         Ok(resp) => resp,
@@ -440,10 +492,59 @@ pub async fn chat_completions(
                 ctx.stage_header.as_deref(),
                 ctx.policy.header(),
             );
-            finish(&app, rec, std::mem::take(&mut ctx.flags), ctx.shadow.take());
+            let ack = finish(&app, rec, std::mem::take(&mut ctx.flags), ctx.shadow.take());
+            committed(ack).await;
             resp
         }
     }
+}
+
+/// The variants to try for a request, in order: the assigned one, then
+/// (unless it was pinned) stable when a rollout's candidate was assigned and
+/// the rollout falls back, then the deployment's `fallbacks`.
+fn fallback_chain<'a>(
+    deployment: &'a Deployment,
+    assignment: &Assignment<'a>,
+    rollouts: &Rollouts,
+) -> Vec<(&'a VariantConfig, Arc<crate::upstream::Upstream>)> {
+    let d = &deployment.config;
+    let assigned = assignment.variant.name.as_str();
+    let mut names: Vec<&str> = vec![assigned];
+    if assignment.reason != Reason::Pinned {
+        let is_stable = assigned == d.stable;
+        let to_stable = !is_stable
+            && rollouts
+                .governing(&d.name)
+                .is_none_or(|g| g.config.fallback == Fallback::Stable);
+        if to_stable {
+            names.push(&d.stable);
+        }
+        if is_stable || to_stable {
+            names.extend(d.fallbacks.iter().map(String::as_str));
+        }
+    }
+    let mut out: Vec<(&'a VariantConfig, Arc<crate::upstream::Upstream>)> = Vec::new();
+    for n in names {
+        if out.iter().any(|(v, _)| v.name == n) {
+            continue;
+        }
+        if let (Some(v), Some(p)) = (d.variants.get(n), deployment.providers.get(n)) {
+            out.push((v, p.clone()));
+        }
+    }
+    out
+}
+
+/// Whether another variant may serve after this failure: the upstream or
+/// its breaker failed, not the request.
+fn can_fall_back(e: &ProviderError) -> bool {
+    crate::upstream::is_endpoint_failure(e) || matches!(e, ProviderError::CircuitOpen { .. })
+}
+
+/// What a provider call produced.
+enum Answer {
+    Complete(sluice_providers::Completion),
+    Stream(ChunkStream),
 }
 
 async fn handle(
@@ -453,9 +554,19 @@ async fn handle(
     body: Body,
     ctx: &mut Ctx,
 ) -> Result<Response, ApiError> {
+    let limits = &snap.config.limits;
+    ctx.slots.push(
+        Slot::try_take(&app.in_flight, limits.max_in_flight)
+            .ok_or_else(|| ApiError::overloaded(limits.max_in_flight))?,
+    );
     let key = authenticate(snap, headers)?;
     ctx.rec.api_key = key.map(|k| k.name.clone());
-    let bytes = read_body(headers, body, snap.config.max_body_bytes).await?;
+    let bytes = tokio::time::timeout(
+        limits.body_timeout,
+        read_body(headers, body, snap.config.max_body_bytes),
+    )
+    .await
+    .map_err(|_| ApiError::body_timeout(limits.body_timeout))??;
     if ctx.log_full {
         ctx.rec.request_body = Some(String::from_utf8_lossy(&bytes).into_owned());
     }
@@ -464,6 +575,12 @@ async fn handle(
     ctx.rec.subject = req.user.clone().or_else(|| ctx.rec.api_key.clone());
     let deployment = resolve(snap, key, &req.model)?;
     ctx.rec.deployment = Some(deployment.config.name.clone());
+    if let Some(limit) = deployment.config.max_in_flight {
+        ctx.slots.push(
+            Slot::try_take(&deployment.in_flight, limit)
+                .ok_or_else(|| ApiError::deployment_busy(&deployment.config.name, limit))?,
+        );
+    }
     let rollouts = app.rollouts.load();
     let assignment = assign(snap, deployment, &rollouts, key, &req, headers, &ctx.rec.id)?;
     ctx.stage_header = Some(assignment.stage_header.clone());
@@ -499,73 +616,111 @@ async fn handle(
             return Err(crate::policy::violation(b));
         }
     }
-    let upstream = prepare(&req, assignment.variant)?;
+    let mut assigned_up = Some(prepare(&req, assignment.variant)?);
     if assignment.reason == Reason::Stable && ctx.rec.rollout.is_some() {
         ctx.shadow = crate::shadow::start(app, snap, &rollouts, &ctx.rec, &req);
     }
-    let price = snap.config.prices.get(&assignment.variant.model).copied();
-    if req.is_stream() {
-        let stream = assignment
-            .provider
-            .stream(&upstream)
-            .await
-            .map_err(|e| ApiError::upstream(&e))?;
-        Ok(stream_response(
+    let chain = fallback_chain(deployment, &assignment, &rollouts);
+    let mut first_failure: Option<ProviderError> = None;
+    let mut served: Option<(&VariantConfig, Answer)> = None;
+    for (i, (variant, upstream)) in chain.iter().enumerate() {
+        let up = match assigned_up.take() {
+            Some(up) => up,
+            None => prepare(&req, variant)?,
+        };
+        let (r, attempts) = if req.is_stream() {
+            let (r, n) = upstream.stream_counted(&up).await;
+            (r.map(Answer::Stream), n)
+        } else {
+            let (r, n) = upstream.complete_counted(&up).await;
+            (r.map(Answer::Complete), n)
+        };
+        ctx.rec.attempts = Some(attempts);
+        match r {
+            Ok(a) => {
+                served = Some((variant, a));
+                break;
+            }
+            Err(e) if i + 1 < chain.len() && can_fall_back(&e) => {
+                tracing::warn!(
+                    deployment = %deployment.config.name,
+                    variant = %variant.name,
+                    next = %chain[i + 1].0.name,
+                    "variant failed, falling back: {e}"
+                );
+                first_failure.get_or_insert(e);
+            }
+            Err(e) => return Err(ApiError::upstream(&e)),
+        }
+    }
+    let Some((variant, answer)) = served else {
+        return Err(ApiError::model_not_found(&deployment.config.name));
+    };
+    if let Some(e) = first_failure {
+        ctx.rec.fallback_from = ctx.rec.variant.replace(variant.name.clone());
+        ctx.rec.fallback_error = Some(e.kind().to_string());
+        ctx.rec.provider = Some(variant.provider.clone());
+        ctx.rec.model = Some(variant.model.clone());
+        app.metrics.fallback(
+            &deployment.config.name,
+            ctx.rec.fallback_from.as_deref().unwrap_or("-"),
+            &variant.name,
+        );
+    }
+    let price = snap.config.prices.get(&variant.model).copied();
+    match answer {
+        Answer::Stream(stream) => Ok(stream_response(
             app.clone(),
             price,
             constitution,
             ctx,
             stream,
             req.wants_stream_usage(),
-        ))
-    } else {
-        let mut completion = assignment
-            .provider
-            .complete(&upstream)
+        )),
+        Answer::Complete(mut completion) => {
+            if crate::policy::check_completion(
+                &app.external,
+                snap,
+                &constitution,
+                &mut completion.body,
+                &mut ctx.policy,
+            )
             .await
-            .map_err(|e| ApiError::upstream(&e))?;
-        if crate::policy::check_completion(
-            &app.external,
-            snap,
-            &constitution,
-            &mut completion.body,
-            &mut ctx.policy,
-        )
-        .await
-        {
-            completion.raw = None;
+            {
+                completion.raw = None;
+            }
+            let flags = crate::policy::flags(&constitution, &ctx.policy);
+            let mut rec = std::mem::take(&mut ctx.rec);
+            rec.policy = ctx.policy.to_record();
+            rec.status = 200;
+            rec.latency_ms = ms_since(ctx.started);
+            if let Some(u) = completion.usage {
+                rec.tokens_in = Some(u.prompt_tokens);
+                rec.tokens_out = Some(u.completion_tokens);
+            }
+            rec.finish_reason = finish_reason(&completion.body);
+            rec.refusal = Some(is_refusal(&crate::eval::first_text(&completion.body)));
+            rec.cost_usd = price.and_then(|p| Some(p.cost(rec.tokens_in?, rec.tokens_out?)));
+            let body = match completion.raw {
+                Some(raw) => raw,
+                None => Bytes::from(serde_json::to_vec(&completion.body).unwrap_or_default()),
+            };
+            if ctx.log_full {
+                rec.response_body = Some(String::from_utf8_lossy(&body).into_owned());
+            }
+            let resp = (
+                StatusCode::OK,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
+                body,
+            )
+                .into_response();
+            let resp = with_headers(resp, &rec, ctx.stage_header.as_deref(), ctx.policy.header());
+            committed(finish(app, rec, flags, ctx.shadow.take())).await;
+            Ok(resp)
         }
-        let flags = crate::policy::flags(&constitution, &ctx.policy);
-        let mut rec = std::mem::take(&mut ctx.rec);
-        rec.policy = ctx.policy.to_record();
-        rec.status = 200;
-        rec.latency_ms = ms_since(ctx.started);
-        if let Some(u) = completion.usage {
-            rec.tokens_in = Some(u.prompt_tokens);
-            rec.tokens_out = Some(u.completion_tokens);
-        }
-        rec.finish_reason = finish_reason(&completion.body);
-        rec.refusal = Some(is_refusal(&crate::eval::first_text(&completion.body)));
-        rec.cost_usd = price.and_then(|p| Some(p.cost(rec.tokens_in?, rec.tokens_out?)));
-        let body = match completion.raw {
-            Some(raw) => raw,
-            None => Bytes::from(serde_json::to_vec(&completion.body).unwrap_or_default()),
-        };
-        if ctx.log_full {
-            rec.response_body = Some(String::from_utf8_lossy(&body).into_owned());
-        }
-        let resp = (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            body,
-        )
-            .into_response();
-        let resp = with_headers(resp, &rec, ctx.stage_header.as_deref(), ctx.policy.header());
-        finish(app, rec, flags, ctx.shadow.take());
-        Ok(resp)
     }
 }
 
@@ -585,6 +740,9 @@ struct StreamRecorder {
     policy: crate::policy::PolicyLog,
     check_us: u64,
     shadow: Option<crate::shadow::PairSender>,
+    /// A strictly durable record's commit, awaited before the stream ends.
+    ack: Option<tokio::sync::oneshot::Receiver<()>>,
+    _slots: Vec<Slot>,
     _in_flight: crate::metrics::InFlight,
 }
 
@@ -621,7 +779,12 @@ impl StreamRecorder {
             rec.response_body = Some(self.acc.completion().to_string());
         }
         let flags = crate::policy::flags(&self.constitution, &self.policy);
-        finish(&self.app, rec, flags, self.shadow.take());
+        self.ack = finish(&self.app, rec, flags, self.shadow.take());
+    }
+
+    /// Waits until the finished record is committed (strict durability).
+    async fn settle(&mut self) {
+        committed(self.ack.take()).await;
     }
 
     /// Passes a chunk's text through the choices' guards. Returns the chunk
@@ -773,6 +936,8 @@ fn stream_response(
         policy: std::mem::take(&mut ctx.policy),
         check_us: 0,
         shadow: ctx.shadow.take(),
+        ack: None,
+        _slots: std::mem::take(&mut ctx.slots),
         _in_flight: app_metrics_guard,
     };
     enum Phase {
@@ -835,6 +1000,7 @@ fn stream_response(
                         }
                         if blocked {
                             recorder.finish(None);
+                            recorder.settle().await;
                             let text = value.to_string();
                             return Some((
                                 Ok(sse_data(&text)),
@@ -847,6 +1013,7 @@ fn stream_response(
                             out.push_str(&format!("data: {fv}\n\n"));
                             if fb {
                                 recorder.finish(None);
+                                recorder.settle().await;
                                 return Some((
                                     Ok(Bytes::from(out)),
                                     (upstream, recorder, Phase::Closing(None), template),
@@ -875,6 +1042,7 @@ fn stream_response(
                     Some(Err(e)) => {
                         tracing::warn!("stream failed: {e}");
                         recorder.finish(Some((e.kind(), e.to_string())));
+                        recorder.settle().await;
                         return Some((
                             Ok(sse_error(&e)),
                             (upstream, recorder, Phase::Done, template),
@@ -927,6 +1095,7 @@ fn stream_response(
                             }
                         }
                         recorder.finish(None);
+                        recorder.settle().await;
                         return match tail {
                             Some(b) => {
                                 Some((Ok(b), (upstream, recorder, Phase::Closing(None), template)))

@@ -105,7 +105,7 @@ pub fn start(
                 rec.cost_usd = s.cost_usd;
                 rec.policy = s.policy.to_record();
                 flags = crate::policy::flags(&dep.constitution, &s.policy);
-                if snap.config.store.log_bodies == LogBodies::Full {
+                if snap.config.store.log_bodies != LogBodies::Metadata {
                     rec.response_body = serde_json::to_string(&s.body).ok();
                 }
                 app.metrics.shadow(&name, "ok");
@@ -149,7 +149,8 @@ pub fn start(
                 }
             }
         }
-        app.events.record(rec);
+        // A mirror never holds up anyone: its record is not waited for.
+        drop(app.record(rec));
     });
     Some(tx)
 }

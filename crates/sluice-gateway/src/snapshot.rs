@@ -58,6 +58,9 @@ pub struct Deployment {
     pub providers: BTreeMap<String, Arc<Upstream>>,
     /// The principles enforced on it, compiled.
     pub constitution: Constitution,
+    /// Requests to it being served now (for `max_in_flight`); carried over
+    /// across reloads.
+    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Deployment {
@@ -273,6 +276,10 @@ impl Snapshot {
             deployments.insert(
                 name.clone(),
                 Deployment {
+                    in_flight: previous
+                        .and_then(|s| s.deployments.get(name))
+                        .map(|d| d.in_flight.clone())
+                        .unwrap_or_default(),
                     config: d.clone(),
                     providers: dp,
                     constitution: Constitution {

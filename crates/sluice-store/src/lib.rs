@@ -24,7 +24,7 @@ use rusqlite::{Connection, OpenFlags};
 pub use evals::EvalRun;
 pub use record::{RequestRecord, VariantSummary};
 pub use rollouts::{Feedback, RolloutEvent, StageRow, StoredRollout};
-pub use writer::{EventSender, EventWriter, WriterStats, WriterStatsSnapshot};
+pub use writer::{EventSender, EventWriter, WriterOptions, WriterStats, WriterStatsSnapshot};
 
 /// Errors from the store.
 #[derive(Debug, thiserror::Error)]
@@ -200,8 +200,43 @@ impl Store {
         queue_capacity: usize,
         batch_max: usize,
     ) -> Result<EventWriter, StoreError> {
+        self.spawn_writer_with(WriterOptions {
+            capacity: queue_capacity,
+            batch_max,
+            backpressure: sluice_core::config::Backpressure::Spill,
+            journal: self.journal_path(),
+        })
+    }
+
+    /// Starts the batching writer with explicit options. A spill journal
+    /// left by a previous process is replayed before this returns.
+    pub fn spawn_writer_with(&self, opts: WriterOptions) -> Result<EventWriter, StoreError> {
         let conn = self.location.connect()?;
-        Ok(EventWriter::spawn(conn, queue_capacity, batch_max))
+        Ok(EventWriter::spawn(conn, opts))
+    }
+
+    /// Where the spill journal of this store lives: next to a file store;
+    /// in the temp directory for an in-memory one.
+    pub fn journal_path(&self) -> Option<std::path::PathBuf> {
+        match &self.location {
+            StoreLocation::File(p) => Some(std::path::PathBuf::from(format!("{p}.spill"))),
+            StoreLocation::Memory(name) => Some(std::env::temp_dir().join(format!("{name}.spill"))),
+        }
+    }
+
+    /// Checks the database's integrity (`PRAGMA quick_check`); `Ok(())` when
+    /// it is sound, otherwise what SQLite found.
+    pub fn quick_check(&self) -> Result<(), StoreError> {
+        let c = self.lock();
+        let mut stmt = c.prepare("PRAGMA quick_check")?;
+        let found: Vec<String> = stmt
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<Result<_, _>>()?;
+        if found.len() == 1 && found[0] == "ok" {
+            Ok(())
+        } else {
+            Err(StoreError::Corrupt(found.join("; ")))
+        }
     }
 
     /// Inserts records directly (used by tests and tools, not the request path).

@@ -1,30 +1,44 @@
 //! The batching event writer.
 //!
 //! One OS thread owns the write connection. The request path calls
-//! [`EventSender::record`], which never waits: it tries the bounded channel
-//! and, when the channel is full, parks the record on a small task that waits
-//! for room (counted as `delayed`). The writer takes whatever is queued, up to
-//! `batch_max`, and commits it in one transaction, so under load each fsync
-//! carries many records.
+//! [`EventSender::record`], which never waits: it tries the bounded channel,
+//! and when the channel is full it follows the configured backpressure:
+//! - `spill`: the record is appended to an on-disk journal next to the store
+//!   (one JSON line, written through to the OS so a process crash keeps it);
+//!   the writer replays the journal into the store as soon as its queue is
+//!   empty again, on every flush, at shutdown, and at the next startup;
+//! - `shed`: the record is dropped and counted (`sluice_events_shed_total`).
 //!
-//! Shutdown ([`EventWriter::shutdown`]) waits for parked records, then sends a
-//! stop marker behind everything already queued, so every record handed over
+//! The writer takes whatever is queued, up to `batch_max`, and commits it in
+//! one transaction, so under load each commit carries many records; with an
+//! idle queue a record is committed as soon as it arrives.
+//!
+//! Strict durability uses [`EventSender::record_committed`], which resolves
+//! once the record's transaction has committed.
+//!
+//! Shutdown ([`EventWriter::shutdown`]) sends a stop marker behind everything
+//! already queued and replays the journal, so every record handed over
 //! before shutdown is committed before it returns.
 
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rusqlite::Connection;
 use serde::Serialize;
+use sluice_core::config::Backpressure;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::record::{insert_batch, RequestRecord};
 
+type Ack = oneshot::Sender<()>;
+
 enum Msg {
-    Record(Box<RequestRecord>),
-    Flush(oneshot::Sender<()>),
+    Record(Box<RequestRecord>, Option<Ack>),
+    Flush(Ack),
     Stop,
 }
 
@@ -36,6 +50,9 @@ pub struct WriterStats {
     delayed: AtomicU64,
     failed: AtomicU64,
     dropped: AtomicU64,
+    shed: AtomicU64,
+    spilled: AtomicU64,
+    replayed: AtomicU64,
     batches: AtomicU64,
     write_errors: AtomicU64,
 }
@@ -45,39 +62,138 @@ pub struct WriterStats {
 pub struct WriterStatsSnapshot {
     /// Records handed to the writer.
     pub enqueued: u64,
-    /// Records committed.
+    /// Records committed (directly or replayed from the journal).
     pub written: u64,
-    /// Records that found the queue full and waited for room.
+    /// Strictly durable records that found the queue full and waited.
     pub delayed: u64,
-    /// Records given up on after repeated write errors.
+    /// Records given up on after repeated write errors (or unreadable
+    /// journal lines).
     pub failed: u64,
     /// Records handed over after the writer stopped.
     pub dropped: u64,
+    /// Records dropped because the queue was full (`on_backpressure = "shed"`,
+    /// or a journal that could not be written).
+    pub shed: u64,
+    /// Records written to the spill journal because the queue was full.
+    pub spilled: u64,
+    /// Journal records committed to the store (included in `written`).
+    pub replayed: u64,
     /// Transactions committed.
     pub batches: u64,
     /// Failed write attempts (each retried).
     pub write_errors: u64,
 }
 
+impl WriterStatsSnapshot {
+    /// Records lost for good: failed, dropped or shed.
+    pub fn lost(&self) -> u64 {
+        self.failed + self.dropped + self.shed
+    }
+}
+
 impl WriterStats {
     /// Copies the counters.
     pub fn snapshot(&self) -> WriterStatsSnapshot {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         WriterStatsSnapshot {
-            enqueued: self.enqueued.load(Ordering::Relaxed),
-            written: self.written.load(Ordering::Relaxed),
-            delayed: self.delayed.load(Ordering::Relaxed),
-            failed: self.failed.load(Ordering::Relaxed),
-            dropped: self.dropped.load(Ordering::Relaxed),
-            batches: self.batches.load(Ordering::Relaxed),
-            write_errors: self.write_errors.load(Ordering::Relaxed),
+            enqueued: l(&self.enqueued),
+            written: l(&self.written),
+            delayed: l(&self.delayed),
+            failed: l(&self.failed),
+            dropped: l(&self.dropped),
+            shed: l(&self.shed),
+            spilled: l(&self.spilled),
+            replayed: l(&self.replayed),
+            batches: l(&self.batches),
+            write_errors: l(&self.write_errors),
+        }
+    }
+}
+
+/// The spill journal: JSON lines appended by the request path when the
+/// queue is full, replayed by the writer.
+struct Journal {
+    path: PathBuf,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    pending: u64,
+}
+
+impl Journal {
+    fn replaying_path(&self) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(".replaying");
+        PathBuf::from(p)
+    }
+
+    fn append(&mut self, rec: &RequestRecord) -> std::io::Result<()> {
+        if self.file.is_none() {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            self.file = Some(std::io::BufWriter::new(f));
+        }
+        let Some(f) = self.file.as_mut() else {
+            return Err(std::io::Error::other("journal not open"));
+        };
+        let mut line = serde_json::to_vec(rec).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        f.write_all(&line)?;
+        // Through to the OS: a process crash keeps it.
+        f.flush()?;
+        self.pending += 1;
+        Ok(())
+    }
+
+    /// Moves the journal aside for replay; returns the file to replay.
+    fn take(&mut self) -> Option<PathBuf> {
+        let aside = self.replaying_path();
+        if let Some(mut f) = self.file.take() {
+            let _ = f.flush();
+        }
+        self.pending = 0;
+        if aside.exists() {
+            // A replay that did not finish (crash): append the journal to it.
+            if let Ok(text) = std::fs::read(&self.path) {
+                if let Ok(mut a) = std::fs::OpenOptions::new().append(true).open(&aside) {
+                    if a.write_all(&text).is_ok() {
+                        let _ = std::fs::remove_file(&self.path);
+                    }
+                }
+            }
+            return Some(aside);
+        }
+        if !self.path.exists() {
+            return None;
+        }
+        match std::fs::rename(&self.path, &aside) {
+            Ok(()) => Some(aside),
+            Err(e) => {
+                tracing::error!(
+                    "cannot move the spill journal {} aside: {e}",
+                    self.path.display()
+                );
+                None
+            }
         }
     }
 }
 
 struct Shared {
     stats: WriterStats,
+    backpressure: Backpressure,
+    journal: Option<Mutex<Journal>>,
+    journal_pending: AtomicU64,
     parked: AtomicUsize,
     parked_done: Notify,
+}
+
+impl Shared {
+    fn journal(&self) -> Option<std::sync::MutexGuard<'_, Journal>> {
+        self.journal
+            .as_ref()
+            .map(|j| j.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 /// The handle the request path uses to record events. Cheap to clone.
@@ -92,7 +208,52 @@ impl EventSender {
     pub fn record(&self, rec: RequestRecord) {
         let s = &self.shared;
         s.stats.enqueued.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(Msg::Record(Box::new(rec))) {
+        match self.tx.try_send(Msg::Record(Box::new(rec), None)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(Msg::Record(rec, _))) => self.overflow(&rec),
+            Err(mpsc::error::TrySendError::Full(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                s.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("event writer stopped; a request record was dropped");
+            }
+        }
+    }
+
+    fn overflow(&self, rec: &RequestRecord) {
+        let s = &self.shared;
+        if s.backpressure == Backpressure::Spill {
+            if let Some(mut j) = s.journal() {
+                match j.append(rec) {
+                    Ok(()) => {
+                        s.stats.spilled.fetch_add(1, Ordering::Relaxed);
+                        s.journal_pending.fetch_add(1, Ordering::Release);
+                        return;
+                    }
+                    Err(e) => tracing::error!(
+                        "cannot append to the spill journal {}: {e}; shedding the record",
+                        j.path.display()
+                    ),
+                }
+            }
+        }
+        let n = s.stats.shed.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(
+                shed_total = n,
+                "event queue full: request records are being dropped (on_backpressure = \"shed\"); \
+                 see sluice_events_shed_total"
+            );
+        }
+    }
+
+    /// Hands a record to the writer; the returned receiver resolves once it
+    /// is committed (or the writer gave up on it). A full queue makes this
+    /// record wait for room, never spill or shed.
+    pub fn record_committed(&self, rec: RequestRecord) -> oneshot::Receiver<()> {
+        let s = &self.shared;
+        s.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+        let (ack, done) = oneshot::channel();
+        match self.tx.try_send(Msg::Record(Box::new(rec), Some(ack))) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(msg)) => {
                 s.stats.delayed.fetch_add(1, Ordering::Relaxed);
@@ -119,9 +280,11 @@ impl EventSender {
                 tracing::error!("event writer stopped; a request record was dropped");
             }
         }
+        done
     }
 
-    /// Waits until everything recorded so far is committed.
+    /// Waits until everything recorded so far (spilled records included) is
+    /// committed.
     pub async fn flush(&self) {
         self.wait_parked().await;
         let (ack, done) = oneshot::channel();
@@ -149,6 +312,11 @@ impl EventSender {
     pub fn queue_depth(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
     }
+
+    /// Records waiting in the spill journal right now.
+    pub fn journal_depth(&self) -> u64 {
+        self.shared.journal_pending.load(Ordering::Acquire)
+    }
 }
 
 /// Runs a future to completion on the current thread (only used when a record
@@ -160,34 +328,66 @@ fn futures_block_on<F: std::future::Future<Output = ()>>(f: F) {
     }
 }
 
+/// How the writer behaves.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// Capacity of the queue between the request path and the writer.
+    pub capacity: usize,
+    /// Most records per transaction.
+    pub batch_max: usize,
+    /// What a full queue does.
+    pub backpressure: Backpressure,
+    /// Where spilled records go (`None`: spilling sheds).
+    pub journal: Option<PathBuf>,
+}
+
 /// The writer thread and the means to stop it.
 pub struct EventWriter {
     sender: EventSender,
     thread: Option<JoinHandle<()>>,
+    recovered: u64,
 }
 
 impl EventWriter {
-    pub(crate) fn spawn(conn: Connection, capacity: usize, batch_max: usize) -> Self {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+    pub(crate) fn spawn(mut conn: Connection, opts: WriterOptions) -> Self {
+        let (tx, rx) = mpsc::channel(opts.capacity.max(1));
         let shared = Arc::new(Shared {
             stats: WriterStats::default(),
+            backpressure: opts.backpressure,
+            journal: opts.journal.map(|path| {
+                Mutex::new(Journal {
+                    path,
+                    file: None,
+                    pending: 0,
+                })
+            }),
+            journal_pending: AtomicU64::new(0),
             parked: AtomicUsize::new(0),
             parked_done: Notify::new(),
         });
+        let batch_max = opts.batch_max.max(1);
+        // Whatever a previous process left in the journal goes in first.
+        let recovered = replay(&mut conn, &shared, batch_max);
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("sluice-writer".into())
-            .spawn(move || run(conn, rx, batch_max.max(1), &thread_shared.stats))
+            .spawn(move || run(conn, rx, batch_max, &thread_shared))
             .expect("spawning the writer thread");
         EventWriter {
             sender: EventSender { tx, shared },
             thread: Some(thread),
+            recovered,
         }
     }
 
     /// A sender for the request path.
     pub fn sender(&self) -> EventSender {
         self.sender.clone()
+    }
+
+    /// Records replayed from a spill journal left by a previous process.
+    pub fn recovered(&self) -> u64 {
+        self.recovered
     }
 
     /// Commits everything handed over so far, stops the thread, and returns
@@ -202,23 +402,90 @@ impl EventWriter {
     }
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::Receiver<Msg>, batch_max: usize, stats: &WriterStats) {
+/// Replays the spill journal into the store; returns the records committed.
+fn replay(conn: &mut Connection, shared: &Shared, batch_max: usize) -> u64 {
+    let Some(path) = shared.journal().and_then(|mut j| j.take()) else {
+        return 0;
+    };
+    shared.journal_pending.store(0, Ordering::Release);
+    let stats = &shared.stats;
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!("cannot read the spill journal {}: {e}", path.display());
+            return 0;
+        }
+    };
+    let before = stats.written.load(Ordering::Relaxed);
+    let mut batch = Vec::with_capacity(batch_max);
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(
+                    "spill journal {} unreadable at line {}: {e}",
+                    path.display(),
+                    n + 1
+                );
+                break;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<RequestRecord>(&line) {
+            Ok(r) => batch.push(r),
+            Err(e) => {
+                // A torn last line from a crash mid-append.
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    "spill journal {} line {} is not a record ({e}); skipped",
+                    path.display(),
+                    n + 1
+                );
+            }
+        }
+        if batch.len() >= batch_max {
+            write_with_retry(conn, &batch, stats);
+            batch.clear();
+        }
+    }
+    if !batch.is_empty() {
+        write_with_retry(conn, &batch, stats);
+    }
+    let n = stats.written.load(Ordering::Relaxed) - before;
+    stats.replayed.fetch_add(n, Ordering::Relaxed);
+    if let Err(e) = std::fs::remove_file(&path) {
+        tracing::error!("cannot remove the replayed journal {}: {e}", path.display());
+    }
+    n
+}
+
+fn run(mut conn: Connection, mut rx: mpsc::Receiver<Msg>, batch_max: usize, shared: &Shared) {
+    let stats = &shared.stats;
     let mut batch: Vec<RequestRecord> = Vec::with_capacity(batch_max);
-    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut acks: Vec<Ack> = Vec::new();
+    let mut flushes: Vec<Ack> = Vec::new();
     loop {
         let Some(first) = rx.blocking_recv() else {
             return;
         };
         let mut stop = false;
-        let mut take = |m: Msg, batch: &mut Vec<RequestRecord>, acks: &mut Vec<_>| match m {
-            Msg::Record(r) => batch.push(*r),
-            Msg::Flush(a) => acks.push(a),
+        let mut take = |m: Msg,
+                        batch: &mut Vec<RequestRecord>,
+                        acks: &mut Vec<Ack>,
+                        flushes: &mut Vec<Ack>| match m {
+            Msg::Record(r, ack) => {
+                batch.push(*r);
+                acks.extend(ack);
+            }
+            Msg::Flush(a) => flushes.push(a),
             Msg::Stop => stop = true,
         };
-        take(first, &mut batch, &mut acks);
+        take(first, &mut batch, &mut acks, &mut flushes);
         while batch.len() < batch_max {
             match rx.try_recv() {
-                Ok(m) => take(m, &mut batch, &mut acks),
+                Ok(m) => take(m, &mut batch, &mut acks, &mut flushes),
                 Err(_) => break,
             }
         }
@@ -229,17 +496,30 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Msg>, batch_max: usize, stat
         for a in acks.drain(..) {
             let _ = a.send(());
         }
+        // Spilled records go in once the queue has drained (or on demand).
+        let pending = shared.journal_pending.load(Ordering::Acquire) > 0;
+        if pending && (rx.is_empty() || !flushes.is_empty() || stop) {
+            replay(&mut conn, shared, batch_max);
+        }
+        for a in flushes.drain(..) {
+            let _ = a.send(());
+        }
         if stop {
             // Anything that raced in behind the marker is still written.
             rx.close();
             while let Ok(m) = rx.try_recv() {
-                if let Msg::Record(r) = m {
+                if let Msg::Record(r, ack) = m {
                     batch.push(*r);
+                    acks.extend(ack);
                 }
             }
             if !batch.is_empty() {
                 write_with_retry(&mut conn, &batch, stats);
             }
+            for a in acks.drain(..) {
+                let _ = a.send(());
+            }
+            replay(&mut conn, shared, batch_max);
             return;
         }
     }
@@ -279,33 +559,108 @@ fn write_with_retry(conn: &mut Connection, batch: &[RequestRecord], stats: &Writ
 
 #[cfg(test)]
 mod tests {
+    use super::WriterOptions;
     use crate::{RequestRecord, Store, StoreLocation};
+    use sluice_core::config::Backpressure;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_full_queue_delays_but_loses_nothing() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("w.db").to_string_lossy().to_string();
-        let store = Store::open(StoreLocation::File(path)).expect("open");
-        // A queue of 2 against 2000 concurrent records forces parking.
-        let w = store.spawn_writer(2, 64).expect("writer");
-        let mut tasks = Vec::new();
-        for t in 0..20 {
+    fn opts(capacity: usize, backpressure: Backpressure, dir: &std::path::Path) -> WriterOptions {
+        WriterOptions {
+            capacity,
+            batch_max: 64,
+            backpressure,
+            journal: Some(dir.join("w.db.spill")),
+        }
+    }
+
+    async fn hammer(w: &super::EventWriter, tasks: usize, each: usize) {
+        let mut handles = Vec::new();
+        for t in 0..tasks {
             let tx = w.sender();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..100 {
+            handles.push(tokio::spawn(async move {
+                for i in 0..each {
                     tx.record(RequestRecord::sample(&format!("r{t}-{i}")));
                 }
             }));
         }
-        for t in tasks {
-            t.await.expect("task");
+        for h in handles {
+            h.await.expect("task");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_spills_to_the_journal_and_loses_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.db").to_string_lossy().to_string();
+        let store = Store::open(StoreLocation::File(path)).expect("open");
+        // A queue of 2 against 2000 records from 20 tasks forces spilling.
+        let w = store
+            .spawn_writer_with(opts(2, Backpressure::Spill, dir.path()))
+            .expect("writer");
+        hammer(&w, 20, 100).await;
+        w.sender().flush().await;
+        assert_eq!(store.count().expect("count"), 2000);
         let stats = w.shutdown().await;
         assert_eq!(stats.enqueued, 2000);
         assert_eq!(stats.written, 2000, "{stats:?}");
-        assert!(stats.delayed > 0, "{stats:?}");
-        assert_eq!(stats.dropped + stats.failed, 0);
-        assert_eq!(store.count().expect("count"), 2000);
+        assert!(stats.spilled > 0, "{stats:?}");
+        assert_eq!(stats.replayed, stats.spilled, "{stats:?}");
+        assert_eq!(stats.lost(), 0, "{stats:?}");
+        assert!(!dir.path().join("w.db.spill").exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shedding_counts_every_dropped_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.db").to_string_lossy().to_string();
+        let store = Store::open(StoreLocation::File(path)).expect("open");
+        let w = store
+            .spawn_writer_with(opts(2, Backpressure::Shed, dir.path()))
+            .expect("writer");
+        hammer(&w, 20, 100).await;
+        let stats = w.shutdown().await;
+        assert!(stats.shed > 0, "{stats:?}");
+        assert_eq!(stats.written + stats.shed, 2000, "{stats:?}");
+        assert_eq!(store.count().expect("count") as u64, stats.written);
+    }
+
+    #[tokio::test]
+    async fn a_journal_left_by_a_crash_is_replayed_at_startup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.db").to_string_lossy().to_string();
+        let store = Store::open(StoreLocation::File(path)).expect("open");
+        let mut text = String::new();
+        for i in 0..5 {
+            text.push_str(
+                &serde_json::to_string(&RequestRecord::sample(&format!("j{i}"))).expect("json"),
+            );
+            text.push('\n');
+        }
+        // A torn last line, as a crash mid-append leaves it.
+        text.push_str("{\"id\":\"j5\",\"ts_");
+        std::fs::write(dir.path().join("w.db.spill"), text).expect("write");
+        let w = store
+            .spawn_writer_with(opts(16, Backpressure::Spill, dir.path()))
+            .expect("writer");
+        assert_eq!(w.recovered(), 5);
+        assert_eq!(store.count().expect("count"), 5);
+        let stats = w.shutdown().await;
+        assert_eq!(stats.failed, 1, "the torn line is counted");
+    }
+
+    #[tokio::test]
+    async fn record_committed_resolves_after_commit() {
+        let store = Store::open(StoreLocation::from_config(":memory:")).expect("open");
+        let w = store.spawn_writer(1, 8).expect("writer");
+        let tx = w.sender();
+        let mut acks = Vec::new();
+        for i in 0..20 {
+            acks.push(tx.record_committed(RequestRecord::sample(&format!("s{i}"))));
+        }
+        for a in acks {
+            a.await.expect("acked");
+        }
+        assert_eq!(store.count().expect("count"), 20);
+        w.shutdown().await;
     }
 
     #[tokio::test]

@@ -61,9 +61,10 @@ enum Command {
         /// SQLite store path, overriding `store.path` in the config.
         #[arg(long)]
         db: Option<String>,
-        /// How long in-flight requests may take to finish on shutdown.
-        #[arg(long, default_value = "30s", value_parser = humantime_duration)]
-        grace: Duration,
+        /// How long in-flight requests may take to finish on shutdown
+        /// (default: `shutdown_grace` in the config, 30s).
+        #[arg(long, value_parser = humantime_duration)]
+        grace: Option<Duration>,
     },
     /// Validate a configuration file and print every problem with its path.
     CheckConfig {
@@ -436,7 +437,7 @@ async fn serve(
     path: &Path,
     listen: Option<String>,
     db: Option<String>,
-    grace: Duration,
+    grace: Option<Duration>,
 ) -> Result<ExitCode> {
     let text = read_config(path)?;
     let Some(mut config) = parse_reporting(path, &text) else {
@@ -450,6 +451,7 @@ async fn serve(
     if let Some(db) = db {
         config.store.path = db;
     }
+    let grace = grace.unwrap_or(config.limits.shutdown_grace);
     let summary = describe(&config);
     let store_path = config.store.path.clone();
     let source = ConfigSource {
@@ -458,7 +460,22 @@ async fn serve(
     };
     let gateway = Gateway::bind(source, std::sync::Arc::new(EnvSecrets)).await?;
     println!("sluice listening on http://{}", gateway.local_addr());
-    println!("store: {store_path}");
+    if let Some(a) = gateway.admin_addr() {
+        println!("admin API on http://{a}");
+    }
+    let rec = gateway.recovery();
+    println!(
+        "store: {store_path} (schema v{}, integrity ok{})",
+        rec.schema,
+        if rec.replayed > 0 {
+            format!(
+                ", {} record(s) recovered from the spill journal",
+                rec.replayed
+            )
+        } else {
+            String::new()
+        }
+    );
     for line in summary {
         println!("  {line}");
     }
@@ -469,14 +486,14 @@ async fn serve(
     println!(
         "sluice stopped: {} request record(s) written, {} lost{}",
         e.written,
-        e.failed + e.dropped,
+        e.lost(),
         if report.drained {
             ""
         } else {
             " (grace period ran out)"
         }
     );
-    Ok(if e.failed + e.dropped == 0 {
+    Ok(if e.lost() == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -1251,10 +1251,16 @@ fn build_deployments(
         for k in dt.keys() {
             let hint = did_you_mean(
                 k,
-                ["stable", "variants", "principles", "fallbacks", "max_in_flight"],
+                [
+                    "stable",
+                    "variants",
+                    "principles",
+                    "fallbacks",
+                    "max_in_flight",
+                ],
             )
-                .map(|s| format!("; did you mean `{s}`?"))
-                .unwrap_or_default();
+            .map(|s| format!("; did you mean `{s}`?"))
+            .unwrap_or_default();
             cx.err(
                 format!("{path}.{}", key(k)),
                 format!("unknown setting{hint}"),
@@ -1352,7 +1358,10 @@ fn build_deployments(
                     format!("\"{f}\" is the stable variant; fallbacks are tried after it fails"),
                 );
             } else if fallbacks[..i].contains(f) {
-                cx.err(format!("{path}.fallbacks[{i}]"), format!("\"{f}\" is listed twice"));
+                cx.err(
+                    format!("{path}.fallbacks[{i}]"),
+                    format!("\"{f}\" is listed twice"),
+                );
             }
         }
         out.insert(

@@ -260,11 +260,28 @@ impl Constitution {
 /// Replaces the redact findings' spans with `[REDACTED:<label>]`; overlapping
 /// spans merge (the first label wins).
 pub fn redact(text: &str, findings: &[Finding]) -> String {
-    let mut spans: Vec<&Span> = findings
+    let spans: Vec<&Span> = findings
         .iter()
         .filter(|f| f.action == PolicyAction::Redact)
         .flat_map(|f| f.spans.iter())
         .collect();
+    redact_spans(text, spans)
+}
+
+/// Replaces every PII entity and secret the built-in detectors find with
+/// `[REDACTED:<label>]` (what `log_bodies = "redacted"` stores).
+pub fn redact_sensitive(text: &str) -> String {
+    let mut spans = Vec::new();
+    let entities: Vec<String> = detectors::PII_ENTITIES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    detectors::find_pii(text, &entities, &[], &mut spans);
+    detectors::find_secrets(text, &mut spans);
+    redact_spans(text, spans.iter().collect())
+}
+
+fn redact_spans(text: &str, mut spans: Vec<&Span>) -> String {
     if spans.is_empty() {
         return text.to_string();
     }
