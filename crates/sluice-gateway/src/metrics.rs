@@ -55,6 +55,12 @@ struct ProviderLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BreakerLabels {
+    provider: String,
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VariantLabels {
     deployment: String,
     variant: String,
@@ -105,24 +111,44 @@ impl Collector for HealthCollector {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|h| (h.view(), h.breaker_gauge()))
+            .map(|h| h.view())
             .collect();
         {
             let mut fam = encoder.encode_descriptor(
                 "sluice_upstream_breaker_state",
-                "Circuit breaker state per provider: 0 closed, 1 half-open, 2 open.",
+                "Circuit breaker state per provider and upstream model: 0 closed, 1 half-open, 2 open.",
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
-            for (v, g) in &views {
-                let labels = ProviderLabels {
-                    provider: v.provider.clone(),
-                };
-                ConstGauge::new(*g).encode(fam.encode_family(&labels)?)?;
+            for v in &views {
+                for b in &v.breakers {
+                    let labels = BreakerLabels {
+                        provider: v.provider.clone(),
+                        model: b.model.clone(),
+                    };
+                    ConstGauge::new(b.gauge).encode(fam.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut fam = encoder.encode_descriptor(
+                "sluice_upstream_breaker_opened",
+                "Times a circuit breaker opened, per provider and upstream model.",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for v in &views {
+                for b in &v.breakers {
+                    let labels = BreakerLabels {
+                        provider: v.provider.clone(),
+                        model: b.model.clone(),
+                    };
+                    ConstCounter::new(b.opened_total).encode(fam.encode_family(&labels)?)?;
+                }
             }
         }
         type Pick = fn(&crate::upstream::HealthView) -> u64;
-        let counters: [(&str, &str, Pick); 6] = [
+        let counters: [(&str, &str, Pick); 5] = [
             (
                 "sluice_upstream_calls",
                 "Upstream call attempts per provider (first attempts and retries).",
@@ -146,11 +172,6 @@ impl Collector for HealthCollector {
                 "Calls refused without trying because the provider's breaker was open.",
                 |v| v.rejected_total,
             ),
-            (
-                "sluice_upstream_breaker_opened",
-                "Times the provider's circuit breaker opened.",
-                |v| v.opened_total,
-            ),
         ];
         for (name, help, pick) in counters {
             let mut fam = encoder.encode_descriptor(
@@ -159,7 +180,7 @@ impl Collector for HealthCollector {
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
-            for (v, _) in &views {
+            for v in &views {
                 let labels = ProviderLabels {
                     provider: v.provider.clone(),
                 };

@@ -12,6 +12,10 @@
 //!    budget allows. A `Retry-After` longer than `max_backoff` is not waited
 //!    for: the error (with its `Retry-After`) goes back to the caller.
 //!
+//! There is one breaker per provider *and upstream model*: one model failing
+//! (a bad candidate) must not cut off the others served by the same
+//! provider. The retry budget is per provider.
+//!
 //! Health outlives configuration reloads when a provider's settings did not
 //! change, so a reload does not close an open breaker.
 
@@ -39,7 +43,7 @@ pub struct Health {
     pub name: String,
     retry: RetryConfig,
     breaker_cfg: BreakerConfig,
-    state: Mutex<(Breaker, RetryBudget)>,
+    state: Mutex<HealthState>,
     rng: AtomicU64,
     calls: AtomicU64,
     failures: AtomicU64,
@@ -48,21 +52,44 @@ pub struct Health {
     rejected: AtomicU64,
 }
 
+#[derive(Debug)]
+struct HealthState {
+    budget: RetryBudget,
+    /// By upstream model.
+    breakers: std::collections::BTreeMap<String, Breaker>,
+}
+
+/// One breaker's state.
+#[derive(Debug, Clone, Serialize)]
+pub struct BreakerView {
+    /// Upstream model the breaker guards.
+    pub model: String,
+    /// `closed`, `open` or `half_open`.
+    pub state: &'static str,
+    /// 0 closed, 1 half-open, 2 open.
+    #[serde(skip)]
+    pub gauge: i64,
+    /// Seconds until an open breaker starts probing.
+    pub open_for_s: Option<u64>,
+    /// Times the breaker opened since start.
+    pub opened_total: u64,
+    /// Successful calls in the breaker's current window.
+    pub window_ok: u64,
+    /// Failed calls in the breaker's current window.
+    pub window_failed: u64,
+}
+
 /// A point-in-time view of a provider's health (admin API and `/metrics`).
 #[derive(Debug, Clone, Serialize)]
 pub struct HealthView {
     /// Provider name.
     pub provider: String,
-    /// `closed`, `open` or `half_open`.
-    pub breaker: &'static str,
-    /// Seconds until an open breaker starts probing.
-    pub open_for_s: Option<u64>,
-    /// Times the breaker opened since start.
-    pub opened_total: u64,
-    /// Successes and failures in the breaker's current window.
-    pub window_ok: u64,
-    /// Failures in the breaker's current window.
-    pub window_failed: u64,
+    /// Breakers by upstream model (those called so far).
+    pub breakers: Vec<BreakerView>,
+    /// First attempts in the retry budget's window.
+    pub budget_requests: u64,
+    /// Retries in the retry budget's window.
+    pub budget_retries: u64,
     /// Calls attempted (first attempts and retries).
     pub calls_total: u64,
     /// Attempts that failed.
@@ -86,7 +113,10 @@ impl Health {
             name: cfg.name.clone(),
             retry: cfg.retry,
             breaker_cfg: cfg.breaker,
-            state: Mutex::new((Breaker::new(cfg.breaker), RetryBudget::new(&cfg.retry))),
+            state: Mutex::new(HealthState {
+                budget: RetryBudget::new(&cfg.retry),
+                breakers: Default::default(),
+            }),
             rng: AtomicU64::new(seed),
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -101,8 +131,21 @@ impl Health {
         self.retry == cfg.retry && self.breaker_cfg == cfg.breaker
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (Breaker, RetryBudget)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn with_breaker<T>(&self, model: &str, f: impl FnOnce(&mut Breaker) -> T) -> T {
+        let mut g = self.lock();
+        match g.breakers.get_mut(model) {
+            Some(b) => f(b),
+            None => {
+                let mut b = Breaker::new(self.breaker_cfg);
+                let out = f(&mut b);
+                g.breakers.insert(model.to_string(), b);
+                out
+            }
+        }
     }
 
     fn unit(&self) -> f64 {
@@ -110,47 +153,56 @@ impl Health {
         sluice_core::splitmix::SplitMix64(s).unit()
     }
 
-    fn admit(&self) -> Admit {
-        self.lock().0.admit(mono_ms())
+    fn admit(&self, model: &str) -> Admit {
+        self.with_breaker(model, |b| b.admit(mono_ms()))
     }
 
-    fn report(&self, ok: bool, probe: bool) {
+    fn report(&self, model: &str, ok: bool, probe: bool) {
         self.calls.fetch_add(1, Ordering::Relaxed);
         if !ok {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
-        self.lock().0.record(mono_ms(), ok, probe);
+        self.with_breaker(model, |b| b.record(mono_ms(), ok, probe));
     }
 
     /// The current view.
     pub fn view(&self) -> HealthView {
         let now = mono_ms();
         let g = self.lock();
-        let state = g.0.state(now);
-        let (ok, failed) = g.0.window_counts(now);
+        let breakers = g
+            .breakers
+            .iter()
+            .map(|(model, b)| {
+                let state = b.state(now);
+                let (ok, failed) = b.window_counts(now);
+                BreakerView {
+                    model: model.clone(),
+                    state: state.name(),
+                    gauge: state.gauge(),
+                    open_for_s: match state {
+                        sluice_core::resilience::BreakerState::Open { until_ms } => {
+                            Some(until_ms.saturating_sub(now).div_ceil(1000))
+                        }
+                        _ => None,
+                    },
+                    opened_total: b.times_opened(),
+                    window_ok: ok,
+                    window_failed: failed,
+                }
+            })
+            .collect();
+        let (budget_requests, budget_retries) = g.budget.counts(now);
         HealthView {
             provider: self.name.clone(),
-            breaker: state.name(),
-            open_for_s: match state {
-                sluice_core::resilience::BreakerState::Open { until_ms } => {
-                    Some(until_ms.saturating_sub(now).div_ceil(1000))
-                }
-                _ => None,
-            },
-            opened_total: g.0.times_opened(),
-            window_ok: ok,
-            window_failed: failed,
+            breakers,
+            budget_requests,
+            budget_retries,
             calls_total: self.calls.load(Ordering::Relaxed),
             failures_total: self.failures.load(Ordering::Relaxed),
             retries_total: self.retries.load(Ordering::Relaxed),
             retries_denied_total: self.retries_denied.load(Ordering::Relaxed),
             rejected_total: self.rejected.load(Ordering::Relaxed),
         }
-    }
-
-    /// The breaker's state as a gauge (0 closed, 1 half-open, 2 open).
-    pub fn breaker_gauge(&self) -> i64 {
-        self.lock().0.state(mono_ms()).gauge()
     }
 }
 
@@ -212,7 +264,7 @@ impl Upstream {
         &self,
         req: &ChatRequest,
     ) -> (Result<Completion, ProviderError>, u32) {
-        self.call(|| self.provider.complete(req)).await
+        self.call(&req.model, || self.provider.complete(req)).await
     }
 
     /// A streamed completion, with breaker and retries before the first
@@ -226,13 +278,14 @@ impl Upstream {
         &self,
         req: &ChatRequest,
     ) -> (Result<ChunkStream, ProviderError>, u32) {
-        let (r, n) = self.call(|| self.provider.stream(req)).await;
+        let (r, n) = self.call(&req.model, || self.provider.stream(req)).await;
         let r = r.map(|s| {
             let health = self.health.clone();
+            let model = req.model.clone();
             let s: ChunkStream = Box::pin(s.inspect(move |item| {
                 if let Err(e) = item {
                     if is_endpoint_failure(e) {
-                        health.report(false, false);
+                        health.report(&model, false, false);
                     }
                 }
             }));
@@ -241,17 +294,17 @@ impl Upstream {
         (r, n)
     }
 
-    async fn call<T, F, Fut>(&self, f: F) -> (Result<T, ProviderError>, u32)
+    async fn call<T, F, Fut>(&self, model: &str, f: F) -> (Result<T, ProviderError>, u32)
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, ProviderError>>,
     {
         let h = &self.health;
-        h.lock().1.on_request(mono_ms());
+        h.lock().budget.on_request(mono_ms());
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let probe = match h.admit() {
+            let probe = match h.admit(model) {
                 Admit::Allowed => false,
                 Admit::Probe => true,
                 Admit::Rejected { retry_after_ms } => {
@@ -266,12 +319,12 @@ impl Upstream {
             let r = f().await;
             let e = match r {
                 Ok(v) => {
-                    h.report(true, probe);
+                    h.report(model, true, probe);
                     return (Ok(v), attempt);
                 }
                 Err(e) => e,
             };
-            h.report(!is_endpoint_failure(&e), probe);
+            h.report(model, !is_endpoint_failure(&e), probe);
             if attempt >= h.retry.attempts || !is_retryable(&e) {
                 return (Err(e), attempt);
             }
@@ -288,7 +341,7 @@ impl Upstream {
                 }
                 _ => backoff(h.retry.backoff, h.retry.max_backoff, attempt, h.unit()),
             };
-            if !h.lock().1.try_retry(mono_ms()) {
+            if !h.lock().budget.try_retry(mono_ms()) {
                 h.retries_denied.fetch_add(1, Ordering::Relaxed);
                 return (Err(e), attempt);
             }

@@ -1417,6 +1417,115 @@ variants.v1 = { provider = "openai-main", model = "gpt-4o-mini", system_prompt =
 variants.v2 = { provider = "sim", model = "sim-1" }
 "#;
 
+    #[test]
+    fn reliability_settings_parse_with_defaults() {
+        let c = Config::parse(GOOD).expect("parses");
+        let p = &c.providers["openai-main"];
+        assert_eq!(p.first_byte_timeout, Duration::from_secs(60));
+        assert_eq!(p.idle_timeout, Duration::from_secs(60));
+        assert_eq!(p.stream_timeout, Duration::from_secs(600));
+        assert_eq!(p.retry, RetryConfig::default());
+        assert_eq!(p.breaker, BreakerConfig::default());
+        assert_eq!(c.limits, ServerLimits::default());
+        assert_eq!(c.admin_listen, None);
+        assert_eq!(c.store.on_backpressure, Backpressure::Spill);
+        assert_eq!(c.store.durability, Durability::Batched);
+        assert_eq!(c.store.commit_window, Duration::from_millis(50));
+
+        let text = GOOD.replace(
+            "timeout = \"60s\"\n",
+            "timeout = \"60s\"\nfirst_byte_timeout = \"5s\"\nidle_timeout = \"2s\"\n\
+             retry = { attempts = 3, backoff = \"50ms\", max_backoff = \"1s\", budget = 0.1 }\n\
+             breaker = { failure_rate = 0.3, min_requests = 5, cooldown = \"3s\", probes = 1 }\n",
+        ) + "fallbacks = [\"v2\"]\nmax_in_flight = 10\n";
+        let text = text.replace(
+            "max_body_bytes = 4194304",
+            "max_body_bytes = 4194304\nadmin_listen = \"127.0.0.1:9090\"\nmax_in_flight = 100\nheader_timeout = \"2s\"",
+        ).replace("log_bodies = \"full\"", "log_bodies = \"redacted\"\non_backpressure = \"shed\"\ndurability = \"strict\"");
+        let c = Config::parse(&text).expect("parses");
+        let p = &c.providers["openai-main"];
+        assert_eq!(p.first_byte_timeout, Duration::from_secs(5));
+        assert_eq!(p.idle_timeout, Duration::from_secs(2));
+        assert_eq!(p.retry.attempts, 3);
+        assert_eq!(p.retry.budget, 0.1);
+        assert_eq!(p.breaker.failure_rate, 0.3);
+        assert_eq!(p.breaker.probes, 1);
+        let d = &c.deployments["support"];
+        assert_eq!(d.fallbacks, vec!["v2".to_string()]);
+        assert_eq!(d.max_in_flight, Some(10));
+        assert_eq!(
+            c.admin_listen,
+            Some("127.0.0.1:9090".parse().expect("addr"))
+        );
+        assert_eq!(c.limits.max_in_flight, 100);
+        assert_eq!(c.limits.header_timeout, Duration::from_secs(2));
+        assert_eq!(c.store.log_bodies, LogBodies::Redacted);
+        assert_eq!(c.store.on_backpressure, Backpressure::Shed);
+        assert_eq!(c.store.durability, Durability::Strict);
+    }
+
+    #[test]
+    fn bad_reliability_settings_are_reported_with_their_paths() {
+        let text = GOOD.replace(
+            "timeout = \"60s\"\n",
+            "timeout = \"60s\"\nretry = { attempts = 0, budget = 2.0, backof = \"1s\" }\n",
+        );
+        let e = errors(&text);
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("providers.openai-main.retry.backof: unknown field")),
+            "{e:?}"
+        );
+        let text = GOOD.replace(
+            "timeout = \"60s\"\n",
+            "timeout = \"60s\"\nretry = { attempts = 0, budget = 2.0 }\nbreaker = { failure_rate = 0.0, probes = 0, cooldown = \"soon\" }\n",
+        );
+        let e = errors(&text);
+        for want in [
+            "providers.openai-main.retry.attempts: must be between 1 (no retries) and 10, got 0",
+            "providers.openai-main.retry.budget: must be between 0.0 and 1.0, got 2",
+            "providers.openai-main.breaker.failure_rate: must be greater than 0.0",
+            "providers.openai-main.breaker.probes: must be at least 1",
+            "providers.openai-main.breaker.cooldown: invalid duration \"soon\"",
+        ] {
+            assert!(
+                e.iter().any(|m| m.starts_with(want)),
+                "missing {want}: {e:?}"
+            );
+        }
+        let e = errors(&(GOOD.to_string() + "fallbacks = [\"v3\", \"v1\"]\nmax_in_flight = 0\n"));
+        for want in [
+            "deployments.support.fallbacks[0]: unknown variant \"v3\"",
+            "deployments.support.fallbacks[1]: \"v1\" is the stable variant",
+            "deployments.support.max_in_flight: must be at least 1",
+        ] {
+            assert!(
+                e.iter().any(|m| m.starts_with(want)),
+                "missing {want}: {e:?}"
+            );
+        }
+        let e = errors(&GOOD.replace(
+            "max_body_bytes = 4194304",
+            "max_body_bytes = 4194304\nadmin_listen = \"localhost\"\nmax_header_bytes = 10\nmax_in_flight = 0",
+        ));
+        for want in [
+            "admin_listen: invalid address \"localhost\"",
+            "max_header_bytes: must be between 8192 and 1048576, got 10",
+            "max_in_flight: must be at least 1",
+        ] {
+            assert!(
+                e.iter().any(|m| m.starts_with(want)),
+                "missing {want}: {e:?}"
+            );
+        }
+        let e = errors(&GOOD.replace("log_bodies = \"full\"", "on_backpressure = \"block\""));
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("store.on_backpressure: unknown variant `block`")),
+            "{e:?}"
+        );
+    }
+
     fn errors(text: &str) -> Vec<String> {
         match Config::parse(text) {
             Ok(_) => vec![],
