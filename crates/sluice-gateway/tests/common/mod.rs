@@ -312,6 +312,159 @@ pub async fn anthropic_upstream() -> (SocketAddr, Seen) {
     (serve(r).await, seen)
 }
 
+/// The switchable state of [`fault_upstream`].
+#[derive(Clone, Default)]
+pub struct Faults {
+    /// Calls received, by model.
+    pub calls: Arc<Mutex<HashMap<String, usize>>>,
+    /// When set, `f-always500` answers normally.
+    pub healthy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Faults {
+    pub fn calls(&self, model: &str) -> usize {
+        self.calls
+            .lock()
+            .expect("lock")
+            .get(model)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// An OpenAI-protocol upstream whose misbehaviour is chosen by the model:
+/// - `f-ok`: answers (streams too); `f-slow`: answers after 300 ms;
+/// - `f-burst500-N`: the first N calls get 500, then it answers;
+/// - `f-429once-S`: the first call gets 429 with `Retry-After: S`;
+/// - `f-always500`: 500 until `healthy` is set;
+/// - `f-stall`: never answers; `f-stall-stream`: one chunk, then silence;
+/// - `f-late-first`: stream headers at once, the first chunk after 2 s;
+/// - `f-drip`: a chunk every 100 ms for 6 s;
+/// - `f-badjson`: a 200 that is not JSON.
+pub async fn fault_upstream() -> (SocketAddr, Faults) {
+    let faults = Faults::default();
+    async fn handler(State(f): State<Faults>, Json(body): Json<Value>) -> Response {
+        let model = body["model"].as_str().unwrap_or("").to_string();
+        let stream = body["stream"].as_bool().unwrap_or(false);
+        let n = {
+            let mut c = f.calls.lock().expect("lock");
+            let e = c.entry(model.clone()).or_insert(0);
+            *e += 1;
+            *e
+        };
+        let err = |status: StatusCode| {
+            (
+                status,
+                Json(json!({"error": {"message": format!("injected {status}"), "type": "server_error"}})),
+            )
+                .into_response()
+        };
+        let ok = |model: &str| {
+            if stream {
+                sse(
+                    openai_chunks(model, false, true),
+                    false,
+                    Duration::from_millis(1),
+                )
+            } else {
+                Json(openai_completion(model, false)).into_response()
+            }
+        };
+        if let Some(k) = model.strip_prefix("f-burst500-") {
+            let k: usize = k.parse().unwrap_or(0);
+            return if n <= k {
+                err(StatusCode::INTERNAL_SERVER_ERROR)
+            } else {
+                ok(&model)
+            };
+        }
+        if let Some(secs) = model.strip_prefix("f-429once-") {
+            return if n == 1 {
+                (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", secs.to_string())],
+                    Json(json!({"error": {"message": "slow down", "type": "rate_limit"}})),
+                )
+                    .into_response()
+            } else {
+                ok(&model)
+            };
+        }
+        match model.as_str() {
+            "f-always500" if !f.healthy.load(std::sync::atomic::Ordering::SeqCst) => {
+                err(StatusCode::INTERNAL_SERVER_ERROR)
+            }
+            "f-slow" => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                ok(&model)
+            }
+            "f-stall" => {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                ok(&model)
+            }
+            "f-stall-stream" => {
+                let first = openai_chunks(&model, false, false).remove(0);
+                let s = futures_util::stream::unfold(0, move |i| {
+                    let first = first.clone();
+                    async move {
+                        if i == 0 {
+                            Some((Ok::<Bytes, std::io::Error>(Bytes::from(first)), 1))
+                        } else {
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                            None
+                        }
+                    }
+                });
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::from_stream(s))
+                    .expect("response")
+            }
+            "f-late-first" => sse(
+                openai_chunks(&model, false, true),
+                false,
+                Duration::from_secs(2),
+            ),
+            "f-drip" => {
+                let chunk = openai_chunks(&model, false, false).remove(1);
+                sse(vec![chunk; 60], false, Duration::from_millis(100))
+            }
+            "f-badjson" => (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                "{\"id\": tru",
+            )
+                .into_response(),
+            _ => ok(&model),
+        }
+    }
+    let r = Router::new()
+        .route("/v1/chat/completions", post(handler))
+        .with_state(faults.clone());
+    (serve(r).await, faults)
+}
+
+/// An upstream that reads each request and drops the connection without
+/// answering; returns its address and how many connections it took.
+pub async fn reset_upstream() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::AsyncReadExt;
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = n.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                drop(s);
+            });
+        }
+    });
+    (addr, n)
+}
+
 /// A port nothing listens on.
 pub async fn dead_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -419,6 +572,8 @@ variants.v1 = {{ provider = "mock-openai", model = "gpt-ok", params = {{ tempera
 /// A running gateway with its mocks.
 pub struct Harness {
     pub base: String,
+    /// The admin API's own address, when `admin_listen` is set.
+    pub admin_base: Option<String>,
     pub store: Arc<Store>,
     pub openai_seen: Seen,
     pub anthropic_seen: Seen,
@@ -470,6 +625,7 @@ impl Harness {
             .await
             .expect("gateway binds");
         let base = format!("http://{}", gw.local_addr());
+        let admin_base = gw.admin_addr().map(|a| format!("http://{a}"));
         let store = gw.store();
         let state = gw.state();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -481,6 +637,7 @@ impl Harness {
         ));
         Harness {
             base,
+            admin_base,
             store,
             openai_seen,
             anthropic_seen,

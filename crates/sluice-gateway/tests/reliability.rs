@@ -1,0 +1,441 @@
+//! Reliability end to end: a fault-injecting upstream (bursts of 500s,
+//! 429 with Retry-After, resets, stalls, truncated and stalled streams,
+//! invalid JSON) in front of the real gateway, asserting what the client
+//! sees and what the store records; breakers, fallbacks, retry budgets,
+//! overload limits and slow clients.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{chat, client, fault_upstream, reset_upstream, Faults, Harness};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const VIEWER: &str = "adm-viewer-token";
+
+fn faulty(fault: SocketAddr, reset: SocketAddr) -> impl Fn(String) -> String {
+    move |c: String| {
+        let mut s = c.replace("listen = \"127.0.0.1:0\"", "listen = \"127.0.0.1:0\"\nheader_timeout = \"300ms\"\nbody_timeout = \"300ms\"\nmax_header_bytes = 16384");
+        s.push_str(&format!(
+            r#"
+[[admin_tokens]]
+name = "watcher"
+role = "viewer"
+sha256 = "{viewer}"
+
+[providers.faulty]
+kind = "openai"
+base_url = "http://{fault}/v1"
+timeout = "400ms"
+first_byte_timeout = "300ms"
+idle_timeout = "250ms"
+stream_timeout = "1s"
+retry = {{ attempts = 3, backoff = "10ms", max_backoff = "1500ms", budget = 0.5, min_per_second = 5 }}
+breaker = {{ failure_rate = 0.5, min_requests = 6, window = "10s", cooldown = "400ms", probes = 2 }}
+
+[providers.budgeted]
+kind = "openai"
+base_url = "http://{fault}/v1"
+timeout = "400ms"
+retry = {{ attempts = 3, backoff = "1ms", max_backoff = "5ms", budget = 0.1, min_per_second = 0 }}
+breaker = {{ enabled = false }}
+
+[providers.resetting]
+kind = "openai"
+base_url = "http://{reset}/v1"
+timeout = "400ms"
+
+[deployments.guarded]
+stable = "v1"
+fallbacks = ["v2"]
+variants.v1 = {{ provider = "faulty", model = "f-always500" }}
+variants.v2 = {{ provider = "mock-openai", model = "gpt-ok" }}
+
+[deployments.budget]
+stable = "v1"
+variants.v1 = {{ provider = "budgeted", model = "f-always500" }}
+
+[deployments.reset]
+stable = "v1"
+variants.v1 = {{ provider = "resetting", model = "gpt-ok" }}
+
+[deployments.narrow]
+stable = "v1"
+max_in_flight = 2
+variants.v1 = {{ provider = "faulty", model = "f-slow" }}
+"#,
+            viewer = sluice_core::secret::digest_hex(VIEWER),
+        ));
+        for m in [
+            "f-ok",
+            "f-slow",
+            "f-burst500-2",
+            "f-429once-1",
+            "f-429once-5",
+            "f-stall",
+            "f-stall-stream",
+            "f-late-first",
+            "f-drip",
+            "f-badjson",
+        ] {
+            s.push_str(&format!(
+                "\n[deployments.{m}]\nstable = \"v1\"\nvariants.v1 = {{ provider = \"faulty\", model = \"{m}\" }}\n"
+            ));
+        }
+        s
+    }
+}
+
+async fn start() -> (
+    Harness,
+    Faults,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let (fault, faults) = fault_upstream().await;
+    let (reset, resets) = reset_upstream().await;
+    let h = Harness::start_with(faulty(fault, reset)).await;
+    (h, faults, resets)
+}
+
+fn ask(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+fn ask_stream(model: &str) -> Value {
+    json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+async fn record(h: &Harness, id: &str) -> sluice_store::RequestRecord {
+    h.flush().await;
+    h.store.get(id).expect("read").expect("recorded")
+}
+
+async fn providers(h: &Harness) -> Value {
+    client()
+        .get(h.url("/admin/providers"))
+        .bearer_auth(VIEWER)
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json")
+}
+
+fn provider<'a>(v: &'a Value, name: &str) -> &'a Value {
+    v["data"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|p| p["provider"] == name)
+        .expect("provider listed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_burst_of_500s_is_retried_away() {
+    let (h, faults, _) = start().await;
+    let r = chat(&h, ask("f-burst500-2")).await;
+    assert_eq!(r.status(), 200);
+    let id = header(&r, "x-sluice-request-id");
+    assert_eq!(faults.calls("f-burst500-2"), 3);
+    let rec = record(&h, &id).await;
+    assert_eq!(rec.status, 200);
+    assert_eq!(rec.attempts, Some(3));
+    let p = providers(&h).await;
+    assert_eq!(provider(&p, "faulty")["retries_total"], 2, "{p}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_waited_for_or_passed_back() {
+    let (h, faults, _) = start().await;
+    let t = Instant::now();
+    let r = chat(&h, ask("f-429once-1")).await;
+    assert_eq!(r.status(), 200);
+    assert!(
+        t.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(faults.calls("f-429once-1"), 2);
+
+    // Longer than max_backoff: not waited for; the client gets the 429 and
+    // the upstream's Retry-After.
+    let t = Instant::now();
+    let r = chat(&h, ask("f-429once-5")).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(header(&r, "retry-after"), "5");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    assert_eq!(faults.calls("f-429once-5"), 1);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_that_may_have_reached_the_model_are_not_retried() {
+    let (h, faults, resets) = start().await;
+    // A stall: one attempt, cut at the provider's timeout.
+    let t = Instant::now();
+    let r = chat(&h, ask("f-stall")).await;
+    assert_eq!(r.status(), 504);
+    let e: Value = r.json().await.expect("json");
+    assert_eq!(e["error"]["code"], "upstream_timeout");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(faults.calls("f-stall"), 1);
+
+    // A connection dropped after the request was sent.
+    let r = chat(&h, ask("reset")).await;
+    assert_eq!(r.status(), 502);
+    let id = header(&r, "x-sluice-request-id");
+    let e: Value = r.json().await.expect("json");
+    assert_eq!(e["error"]["type"], "api_error");
+    assert_eq!(resets.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let rec = record(&h, &id).await;
+    assert_eq!(rec.error_kind.as_deref(), Some("upstream_unreachable"));
+    assert_eq!(rec.attempts, Some(1));
+
+    // Invalid JSON from upstream.
+    let r = chat(&h, ask("f-badjson")).await;
+    assert_eq!(r.status(), 502);
+    let id = header(&r, "x-sluice-request-id");
+    assert_eq!(faults.calls("f-badjson"), 1);
+    let rec = record(&h, &id).await;
+    assert_eq!(rec.error_kind.as_deref(), Some("upstream_invalid_response"));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_keeps_a_failing_upstream_from_being_hammered() {
+    let (h, faults, _) = start().await;
+    for _ in 0..60 {
+        let r = chat(&h, ask("budget")).await;
+        assert_eq!(r.status(), 502);
+    }
+    // 60 first attempts; retries capped at 10 % of them (plus rounding).
+    let calls = faults.calls("f-always500");
+    assert!((60..=67).contains(&calls), "{calls} upstream calls");
+    let p = providers(&h).await;
+    let b = provider(&p, "budgeted");
+    assert!(b["retries_denied_total"].as_u64().unwrap_or(0) >= 50, "{b}");
+    assert!(b["retries_total"].as_u64().unwrap_or(99) <= 7, "{b}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_breaker_sends_traffic_to_the_fallback_until_probes_succeed() {
+    let (h, faults, _) = start().await;
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        let r = chat(&h, ask("guarded")).await;
+        assert_eq!(r.status(), 200, "the fallback serves every request");
+        assert_eq!(header(&r, "x-sluice-variant"), "v2");
+        assert_eq!(header(&r, "x-sluice-fallback-from"), "v1");
+        ids.push(header(&r, "x-sluice-request-id"));
+    }
+    // The breaker opened after a handful of failures: v1's upstream was left
+    // alone for the rest.
+    let calls = faults.calls("f-always500");
+    assert!(calls <= 8, "{calls} calls reached the failing upstream");
+    let p = providers(&h).await;
+    let b = &provider(&p, "faulty")["breakers"];
+    let b = b
+        .as_array()
+        .expect("breakers")
+        .iter()
+        .find(|b| b["model"] == "f-always500")
+        .expect("breaker listed");
+    assert_eq!(b["state"], "open", "{p}");
+    assert!(b["opened_total"].as_u64().unwrap_or(0) >= 1);
+    let metrics = client()
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics
+            .contains("sluice_upstream_breaker_state{provider=\"faulty\",model=\"f-always500\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_fallbacks_total{deployment=\"guarded\",from=\"v1\",to=\"v2\"} 30")
+    );
+    let first = record(&h, &ids[0]).await;
+    assert_eq!(first.variant.as_deref(), Some("v2"));
+    assert_eq!(first.fallback_from.as_deref(), Some("v1"));
+    assert_eq!(first.fallback_error.as_deref(), Some("upstream_error"));
+    let last = record(&h, &ids[29]).await;
+    assert_eq!(
+        last.fallback_error.as_deref(),
+        Some("upstream_circuit_open")
+    );
+
+    // The upstream recovers; after the cooldown, probes close the breaker
+    // and v1 serves again.
+    faults
+        .healthy
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let mut served_by_v1 = 0;
+    for _ in 0..5 {
+        let r = chat(&h, ask("guarded")).await;
+        assert_eq!(r.status(), 200);
+        if header(&r, "x-sluice-variant") == "v1" {
+            served_by_v1 += 1;
+        }
+    }
+    assert_eq!(served_by_v1, 5);
+    let p = providers(&h).await;
+    let b = &provider(&p, "faulty")["breakers"];
+    assert!(
+        b.as_array()
+            .expect("breakers")
+            .iter()
+            .any(|b| b["model"] == "f-always500" && b["state"] == "closed"),
+        "{p}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_bounded_by_first_byte_idle_and_total_timeouts() {
+    let (h, _, _) = start().await;
+    for (model, phase, within) in [
+        ("f-stall-stream", "between chunks", Duration::from_secs(2)),
+        ("f-late-first", "first byte", Duration::from_millis(1500)),
+        ("f-drip", "whole stream", Duration::from_secs(3)),
+    ] {
+        let t = Instant::now();
+        let r = chat(&h, ask_stream(model)).await;
+        assert_eq!(r.status(), 200);
+        let id = header(&r, "x-sluice-request-id");
+        let body = r.text().await.expect("body");
+        assert!(t.elapsed() < within, "{model}: {:?}", t.elapsed());
+        assert!(body.contains(phase), "{model}: {body}");
+        assert!(body.contains("upstream_timeout"), "{model}: {body}");
+        let rec = record(&h, &id).await;
+        assert_eq!(
+            rec.error_kind.as_deref(),
+            Some("upstream_timeout"),
+            "{model}"
+        );
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_at_its_limit_answers_429_at_once() {
+    let (h, _, _) = start().await;
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let url = h.url("/v1/chat/completions");
+            tokio::spawn(async move {
+                let t = Instant::now();
+                let r = client()
+                    .post(url)
+                    .bearer_auth(common::CLIENT_KEY)
+                    .json(&ask("narrow"))
+                    .send()
+                    .await
+                    .expect("sent");
+                let status = r.status().as_u16();
+                let retry = header(&r, "retry-after");
+                let body: Value = r.json().await.expect("json");
+                (status, retry, body, t.elapsed())
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut busy = 0;
+    for t in tasks {
+        let (status, retry, body, took) = t.await.expect("join");
+        match status {
+            200 => ok += 1,
+            429 => {
+                busy += 1;
+                assert_eq!(retry, "1");
+                assert_eq!(body["error"]["code"], "deployment_busy");
+                assert!(took < Duration::from_millis(250), "{took:?}");
+            }
+            s => panic!("unexpected status {s}: {body}"),
+        }
+    }
+    assert!(ok >= 2 && busy >= 1, "ok {ok}, busy {busy}");
+    assert_eq!(ok + busy, 10);
+    h.stop().await;
+}
+
+async fn raw(h: &Harness) -> tokio::net::TcpStream {
+    let addr = h.base.trim_start_matches("http://").to_string();
+    tokio::net::TcpStream::connect(addr).await.expect("connect")
+}
+
+async fn read_all(s: &mut tokio::net::TcpStream, within: Duration) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_oversized_clients_are_cut_off() {
+    let (h, _, _) = start().await;
+    // Slowloris: half a request head, then silence.
+    let mut s = raw(&h).await;
+    s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let t = Instant::now();
+    let _ = read_all(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "connection held for {:?}",
+        t.elapsed()
+    );
+
+    // A request head over max_header_bytes.
+    let mut s = raw(&h).await;
+    let big = "a".repeat(40_000);
+    let req = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nx-big: {big}\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let answer = read_all(&mut s, Duration::from_secs(3)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    // A body that trickles in slower than body_timeout.
+    let mut s = raw(&h).await;
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"model\"",
+        common::CLIENT_KEY
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    let answer = read_all(&mut s, Duration::from_secs(3)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_keeps_serving_after_every_fault() {
+    let (h, _, _) = start().await;
+    for m in ["f-stall", "reset", "f-badjson", "f-always500"] {
+        let _ = chat(&h, ask(m)).await;
+    }
+    let r = chat(&h, ask("f-ok")).await;
+    assert_eq!(r.status(), 200);
+    h.flush().await;
+    let report = h.stop().await;
+    assert_eq!(report.events.lost(), 0, "{:?}", report.events);
+    assert_eq!(report.events.written, 5);
+    assert!(report.drained);
+}
