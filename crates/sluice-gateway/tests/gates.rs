@@ -121,8 +121,21 @@ min_samples = 30
     );
     let started = Instant::now();
     let mut rolled_back_at = None;
+    let mut fallback_ids = Vec::new();
     for i in 0..2000 {
-        let (_, variant, _) = ask(&h, &format!("user-{i}")).await;
+        let (code, variant, id) = ask(&h, &format!("user-{i}")).await;
+        // The failing candidate's requests are served by stable (the
+        // rollout's default fallback), yet still count against it.
+        assert_eq!(code, 200, "request {i}");
+        if rolled_back_at.is_none() && fallback_ids.len() < 5 {
+            h.flush().await;
+            let rec = h.store.get(&id).expect("read").expect("recorded");
+            if rec.fallback_from.is_some() {
+                assert_eq!(rec.fallback_from.as_deref(), Some("v2"));
+                assert_eq!(variant, "v1");
+                fallback_ids.push(id);
+            }
+        }
         if rolled_back_at.is_none() && i % 20 == 19 {
             let s = status(&h).await;
             if s["status"] == "rolled_back" {
@@ -145,6 +158,11 @@ min_samples = 30
         rolled_back_at.is_some(),
         "not rolled back after {:?}",
         started.elapsed()
+    );
+    assert_eq!(
+        fallback_ids.len(),
+        5,
+        "candidate requests fell back to stable"
     );
     let st = status(&h).await;
     let last = st["history"]
@@ -336,5 +354,24 @@ min_samples = 1000
     let after = status(&h).await["gates"][0].clone();
     assert_eq!(before["n_stable"], after["n_stable"]);
     assert_eq!(before["n_candidate"], after["n_candidate"]);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_fallback_the_client_sees_the_candidates_error() {
+    let h = Harness::start_with(with_gated_rollout(
+        "gpt-500",
+        r#"[{ kind = "percent", percent = 100 }]"#,
+        "fallback = \"none\"\ncontroller = \"manual\"\n",
+    ))
+    .await;
+    start(&h).await;
+    let (code, variant, id) = ask(&h, "someone").await;
+    assert_eq!(code, 502);
+    assert_eq!(variant, "v2");
+    h.flush().await;
+    let rec = h.store.get(&id).expect("read").expect("recorded");
+    assert_eq!(rec.fallback_from, None);
+    assert_eq!(rec.error_kind.as_deref(), Some("upstream_error"));
     h.stop().await;
 }

@@ -339,7 +339,7 @@ impl Faults {
 /// - `f-always500`: 500 until `healthy` is set;
 /// - `f-stall`: never answers; `f-stall-stream`: one chunk, then silence;
 /// - `f-late-first`: stream headers at once, the first chunk after 2 s;
-/// - `f-drip`: a chunk every 100 ms for 6 s;
+/// - `f-drip`: a chunk every 100 ms for 4 s;
 /// - `f-badjson`: a 200 that is not JSON.
 pub async fn fault_upstream() -> (SocketAddr, Faults) {
     let faults = Faults::default();
@@ -426,8 +426,10 @@ pub async fn fault_upstream() -> (SocketAddr, Faults) {
                 Duration::from_secs(2),
             ),
             "f-drip" => {
-                let chunk = openai_chunks(&model, false, false).remove(1);
-                sse(vec![chunk; 60], false, Duration::from_millis(100))
+                let all = openai_chunks(&model, false, false);
+                let mut v = vec![all[1].clone(); 40];
+                v.extend(all[all.len() - 2..].iter().cloned());
+                sse(v, false, Duration::from_millis(100))
             }
             "f-badjson" => (
                 StatusCode::OK,
