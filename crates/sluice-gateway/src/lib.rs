@@ -182,6 +182,7 @@ impl Gateway {
             batch_max: config.store.batch_max,
             backpressure: config.store.on_backpressure,
             journal: store.journal_path(),
+            commit_window: config.store.commit_window,
         })?;
         let recovery = RecoveryReport {
             schema: store.schema_version()?,

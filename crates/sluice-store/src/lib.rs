@@ -205,6 +205,7 @@ impl Store {
             batch_max,
             backpressure: sluice_core::config::Backpressure::Spill,
             journal: self.journal_path(),
+            commit_window: std::time::Duration::from_millis(50),
         })
     }
 

@@ -9,9 +9,11 @@
 //!   empty again, on every flush, at shutdown, and at the next startup;
 //! - `shed`: the record is dropped and counted (`sluice_events_shed_total`).
 //!
-//! The writer takes whatever is queued, up to `batch_max`, and commits it in
-//! one transaction, so under load each commit carries many records; with an
-//! idle queue a record is committed as soon as it arrives.
+//! The writer takes whatever is queued, up to `batch_max` records or
+//! `commit_window` after the first, and commits it in one transaction, so
+//! under load each commit carries many records, while a record never waits
+//! more than the window (and with an idle queue it is committed as soon as it
+//! arrives). A crash therefore loses at most the records of the last window.
 //!
 //! Strict durability uses [`EventSender::record_committed`], which resolves
 //! once the record's transaction has committed.
@@ -339,6 +341,8 @@ pub struct WriterOptions {
     pub backpressure: Backpressure,
     /// Where spilled records go (`None`: spilling sheds).
     pub journal: Option<PathBuf>,
+    /// Longest a batch keeps gathering records before it is committed.
+    pub commit_window: Duration,
 }
 
 /// The writer thread and the means to stop it.
@@ -366,12 +370,13 @@ impl EventWriter {
             parked_done: Notify::new(),
         });
         let batch_max = opts.batch_max.max(1);
+        let window = opts.commit_window;
         // Whatever a previous process left in the journal goes in first.
         let recovered = replay(&mut conn, &shared, batch_max);
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("sluice-writer".into())
-            .spawn(move || run(conn, rx, batch_max, &thread_shared))
+            .spawn(move || run(conn, rx, batch_max, window, &thread_shared))
             .expect("spawning the writer thread");
         EventWriter {
             sender: EventSender { tx, shared },
@@ -461,7 +466,13 @@ fn replay(conn: &mut Connection, shared: &Shared, batch_max: usize) -> u64 {
     n
 }
 
-fn run(mut conn: Connection, mut rx: mpsc::Receiver<Msg>, batch_max: usize, shared: &Shared) {
+fn run(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Msg>,
+    batch_max: usize,
+    window: Duration,
+    shared: &Shared,
+) {
     let stats = &shared.stats;
     let mut batch: Vec<RequestRecord> = Vec::with_capacity(batch_max);
     let mut acks: Vec<Ack> = Vec::new();
@@ -483,7 +494,8 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Msg>, batch_max: usize, shar
             Msg::Stop => stop = true,
         };
         take(first, &mut batch, &mut acks, &mut flushes);
-        while batch.len() < batch_max {
+        let opened = std::time::Instant::now();
+        while batch.len() < batch_max && opened.elapsed() < window {
             match rx.try_recv() {
                 Ok(m) => take(m, &mut batch, &mut acks, &mut flushes),
                 Err(_) => break,
@@ -569,6 +581,7 @@ mod tests {
             batch_max: 64,
             backpressure,
             journal: Some(dir.join("w.db.spill")),
+            commit_window: std::time::Duration::from_millis(50),
         }
     }
 

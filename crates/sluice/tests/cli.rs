@@ -1,15 +1,13 @@
 //! The `sluice` binary as a user runs it: config checking, serving with a
 //! graceful SIGTERM that flushes every record, `sluice requests`, the demo.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
+use common::{bin, start_server};
 use serde_json::{json, Value};
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
-}
 
 fn examples_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples")
@@ -101,58 +99,6 @@ fn hash_key_prints_the_digest() {
         String::from_utf8_lossy(&out.stdout).trim(),
         sluice_core::secret::digest_hex("sk-local")
     );
-}
-
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(config: &std::path::Path, db: &str, env: &[(&str, &str)]) -> Server {
-    let mut cmd = bin();
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--db",
-        db,
-        "--grace",
-        "20s",
-        "--config",
-    ])
-    .arg(config)
-    .stdout(Stdio::piped())
-    .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("serve starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next().expect("a line").expect("utf-8");
-    let base = first
-        .strip_prefix("sluice listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line: {first}"))
-        .to_string();
-    let mut rest = Vec::new();
-    for l in lines.by_ref().take(2) {
-        rest.push(l.expect("line"));
-    }
-    assert!(
-        rest.iter()
-            .any(|l| l.contains("deployment support → variant v1")),
-        "{rest:?}"
-    );
-    // Keep draining stdout so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Server { child, base }
 }
 
 const SIM_CONFIG: &str = r#"
