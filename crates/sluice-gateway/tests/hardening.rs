@@ -266,3 +266,65 @@ async fn a_graceful_stop_lets_streams_in_flight_finish() {
         .await
         .is_err());
 }
+
+/// Hostile bodies over real HTTP: every one gets a 4xx in OpenAI's error
+/// shape with a message, every one is recorded, and the gateway keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_bodies_get_clear_errors_and_are_recorded() {
+    let h = Harness::start().await;
+    let seed = br#"{"model":"support","messages":[{"role":"user","content":"hi"}],"temperature":0.5,"stream":false}"#;
+    let mut rng = sluice_core::splitmix::SplitMix64(42);
+    let http = client();
+    let mut sent = 0;
+    for i in 0..400 {
+        let body: Vec<u8> = if i % 4 == 0 {
+            (0..(rng.next_u64() % 300))
+                .map(|_| rng.next_u64() as u8)
+                .collect()
+        } else {
+            let mut b = seed.to_vec();
+            for _ in 0..=(rng.next_u64() % 4) {
+                let at = (rng.next_u64() as usize) % b.len();
+                match rng.next_u64() % 3 {
+                    0 => b[at] = rng.next_u64() as u8,
+                    1 => {
+                        b.remove(at);
+                    }
+                    _ => b.insert(at, rng.next_u64() as u8),
+                }
+            }
+            b
+        };
+        let r = http
+            .post(h.url("/v1/chat/completions"))
+            .bearer_auth(CLIENT_KEY)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .expect("sent");
+        sent += 1;
+        let status = r.status().as_u16();
+        if status == 200 {
+            // A mutation that is still a valid request.
+            continue;
+        }
+        assert!(
+            (400..500).contains(&status),
+            "{status} for {:?}",
+            String::from_utf8_lossy(&body)
+        );
+        let e: Value = r.json().await.expect("an error body in JSON");
+        assert!(
+            !e["error"]["message"].as_str().unwrap_or("").is_empty(),
+            "{e}"
+        );
+        assert!(e["error"]["type"].is_string(), "{e}");
+    }
+    let r = chat(&h, ask("support")).await;
+    assert_eq!(r.status(), 200);
+    h.flush().await;
+    let report = h.stop().await;
+    assert_eq!(report.events.written, sent + 1);
+    assert_eq!(report.events.lost(), 0);
+}
