@@ -77,6 +77,7 @@ variants.v1 = {{ provider = "faulty", model = "f-slow" }}
             "f-stall",
             "f-stall-stream",
             "f-late-first",
+            "f-truncated",
             "f-drip",
             "f-badjson",
         ] {
@@ -331,6 +332,15 @@ async fn streams_are_bounded_by_first_byte_idle_and_total_timeouts() {
             "{model}"
         );
     }
+    // A stream that ends early is reported, not passed off as complete.
+    let r = chat(&h, ask_stream("f-truncated")).await;
+    let id = header(&r, "x-sluice-request-id");
+    let body = r.text().await.expect("body");
+    assert!(body.contains("upstream_stream_error"), "{body}");
+    assert!(body.contains("before it finished"), "{body}");
+    let rec = record(&h, &id).await;
+    assert_eq!(rec.error_kind.as_deref(), Some("upstream_stream_error"));
+    assert!(rec.response_body.unwrap_or_default().contains("Hello"));
     h.stop().await;
 }
 

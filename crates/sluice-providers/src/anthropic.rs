@@ -59,11 +59,11 @@ impl AnthropicProvider {
                 .map_err(|_| bad("version is not a valid header value"))?,
         );
         if let Some(k) = api_key {
-            headers.insert(
-                "x-api-key",
-                HeaderValue::from_str(k.trim())
-                    .map_err(|_| bad("API key contains characters not allowed in a header"))?,
-            );
+            let mut v = HeaderValue::from_str(k.trim())
+                .map_err(|_| bad("API key contains characters not allowed in a header"))?;
+            // Never printed by Debug, never logged.
+            v.set_sensitive(true);
+            headers.insert("x-api-key", v);
         }
         Ok(AnthropicProvider {
             name: cfg.name.clone(),

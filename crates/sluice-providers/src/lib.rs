@@ -231,3 +231,39 @@ impl Provider {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Provider;
+    use sluice_core::Config;
+
+    /// A provider's key never shows in its debug output (which is what ends
+    /// up in logs and panics).
+    #[test]
+    fn provider_keys_are_not_printed() {
+        let c = Config::parse(
+            r#"
+allow_anonymous = true
+[providers.o]
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = "K"
+[providers.a]
+kind = "anthropic"
+base_url = "http://127.0.0.1:9"
+api_key_env = "K"
+[deployments.d]
+stable = "v1"
+variants.v1 = { provider = "o", model = "m" }
+"#,
+        )
+        .expect("config");
+        for name in ["o", "a"] {
+            let p = Provider::build(&c.providers[name], Some("sk-very-secret-123".into()))
+                .expect("builds");
+            let shown = format!("{p:?}");
+            assert!(!shown.contains("sk-very-secret-123"), "{shown}");
+            assert!(shown.contains("Sensitive"), "{shown}");
+        }
+    }
+}

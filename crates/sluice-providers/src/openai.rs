@@ -41,8 +41,10 @@ impl OpenAiProvider {
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(k) = api_key {
-            let v = HeaderValue::from_str(&format!("Bearer {}", k.trim()))
+            let mut v = HeaderValue::from_str(&format!("Bearer {}", k.trim()))
                 .map_err(|_| bad("API key contains characters not allowed in a header".into()))?;
+            // Never printed by Debug, never logged.
+            v.set_sensitive(true);
             headers.insert(AUTHORIZATION, v);
         }
         for (k, v) in &o.headers {

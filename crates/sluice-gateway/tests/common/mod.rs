@@ -339,6 +339,7 @@ impl Faults {
 /// - `f-always500`: 500 until `healthy` is set;
 /// - `f-stall`: never answers; `f-stall-stream`: one chunk, then silence;
 /// - `f-late-first`: stream headers at once, the first chunk after 2 s;
+/// - `f-truncated`: a stream that ends after two chunks, without finishing;
 /// - `f-drip`: a chunk every 100 ms for 4 s;
 /// - `f-badjson`: a 200 that is not JSON.
 pub async fn fault_upstream() -> (SocketAddr, Faults) {
@@ -419,6 +420,10 @@ pub async fn fault_upstream() -> (SocketAddr, Faults) {
                     .header("content-type", "text/event-stream")
                     .body(Body::from_stream(s))
                     .expect("response")
+            }
+            "f-truncated" => {
+                let all = openai_chunks(&model, false, false);
+                sse(all[..3].to_vec(), false, Duration::from_millis(1))
             }
             "f-late-first" => sse(
                 openai_chunks(&model, false, true),

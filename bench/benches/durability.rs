@@ -1,0 +1,106 @@
+//! What strict durability costs: request records committed through the
+//! event writer to a SQLite file (WAL), batched (the request path hands the
+//! record over and moves on) against strict (the response waits for the
+//! record's commit), one request at a time and 64 at once.
+
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use sluice_store::{RequestRecord, Store, StoreLocation, WriterOptions};
+
+fn record(i: u64) -> RequestRecord {
+    RequestRecord {
+        id: format!("req_{i:020}"),
+        ts_ms: 1_700_000_000_000 + i as i64,
+        api_key: Some("app".into()),
+        deployment: Some("support".into()),
+        variant: Some("v1".into()),
+        provider: Some("openai".into()),
+        model: Some("gpt-4o-mini".into()),
+        status: 200,
+        latency_ms: 412.5,
+        tokens_in: Some(120),
+        tokens_out: Some(48),
+        finish_reason: Some("stop".into()),
+        request_body: Some(r#"{"model":"support","messages":[{"role":"user","content":"Where is my order #1234?"}]}"#.into()),
+        response_body: Some(r#"{"choices":[{"message":{"role":"assistant","content":"It ships tomorrow."}}]}"#.into()),
+        ..Default::default()
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bench.db").to_string_lossy().into_owned();
+    let store = Store::open(StoreLocation::File(path)).expect("store");
+    let writer = rt.block_on(async {
+        store
+            .spawn_writer_with(WriterOptions {
+                capacity: 65_536,
+                batch_max: 1024,
+                backpressure: sluice_core::config::Backpressure::Spill,
+                journal: store.journal_path(),
+                commit_window: Duration::from_millis(50),
+            })
+            .expect("writer")
+    });
+    let tx = writer.sender();
+    let mut next = 0u64;
+    let mut g = c.benchmark_group("record");
+    g.bench_function("batched (committed per record, amortised)", |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            rt.block_on(async {
+                for _ in 0..iters {
+                    next += 1;
+                    tx.record(record(next));
+                }
+                tx.flush().await;
+            });
+            t.elapsed()
+        })
+    });
+    g.bench_function("strict, one request at a time", |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            rt.block_on(async {
+                for _ in 0..iters {
+                    next += 1;
+                    let _ = tx.record_committed(record(next)).await;
+                }
+            });
+            t.elapsed()
+        })
+    });
+    g.bench_function("strict, 64 requests at once", |b| {
+        b.iter_custom(|iters| {
+            let t = Instant::now();
+            rt.block_on(async {
+                let mut left = iters;
+                while left > 0 {
+                    let n = left.min(64);
+                    left -= n;
+                    let acks: Vec<_> = (0..n)
+                        .map(|_| {
+                            next += 1;
+                            tx.record_committed(record(next))
+                        })
+                        .collect();
+                    for a in acks {
+                        let _ = a.await;
+                    }
+                }
+            });
+            t.elapsed()
+        })
+    });
+    g.finish();
+    rt.block_on(writer.shutdown());
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
