@@ -275,7 +275,7 @@ pub async fn run(opts: Options) -> Result<ExitCode> {
     drop(state);
     let _ = stop_tx.send(());
     let report = server.await.context("gateway task failed")??;
-    let lost = report.events.failed + report.events.dropped;
+    let lost = report.events.lost();
     if lost > 0 {
         eprintln!("error: {lost} request record(s) were lost");
         return Ok(ExitCode::FAILURE);

@@ -53,10 +53,14 @@ pub fn requests(rows: &[RequestRecord]) -> Table {
             utc(r.ts_ms),
             r.id.clone(),
             opt(r.deployment.as_deref()),
-            match &r.shadow_of {
+            match (&r.shadow_of, &r.fallback_from) {
                 // A mirrored call of a shadow stage: nobody was served it.
-                Some(_) => format!("{} (shadow)", opt(r.variant.as_deref())),
-                None => opt(r.variant.as_deref()),
+                (Some(_), _) => format!("{} (shadow)", opt(r.variant.as_deref())),
+                // The assigned variant failed; another one served.
+                (None, Some(from)) => {
+                    format!("{} (fallback from {from})", opt(r.variant.as_deref()))
+                }
+                (None, None) => opt(r.variant.as_deref()),
             },
             r.status.to_string(),
             opt(r.error_kind.as_deref()),
