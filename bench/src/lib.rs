@@ -1,4 +1,7 @@
-//! Shared inputs for sluice's benchmarks.
+//! Shared inputs for sluice's benchmarks, and the load harness
+//! (`sluice-load`, in [`load`]).
+
+pub mod load;
 
 use std::sync::Arc;
 

@@ -1,0 +1,230 @@
+//! An open-loop load generator: requests are sent at a constant arrival rate
+//! whatever the target does, and each latency is measured from the request's
+//! *intended* send time, so a stalled target shows as latency instead of
+//! quietly lowering the rate (no coordinated omission). Results go into HDR
+//! histograms (microseconds); requests intended during the warm-up are sent
+//! but not counted.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+
+/// One load run against one URL.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// `http://host:port/v1/chat/completions`.
+    pub url: String,
+    /// `Authorization: Bearer` value, if any.
+    pub bearer: Option<String>,
+    /// Request body.
+    pub body: Bytes,
+    /// Requests per second.
+    pub rate: u32,
+    /// Counted part of the run.
+    pub duration: Duration,
+    /// Uncounted start.
+    pub warmup: Duration,
+    /// Whether responses are SSE streams (time to first token is measured).
+    pub stream: bool,
+    /// Most requests outstanding at once; beyond it, requests are counted
+    /// as errors (`saturated`) instead of piling up.
+    pub max_outstanding: u64,
+    /// Per-request timeout.
+    pub timeout: Duration,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Percentiles {
+    /// Median.
+    pub p50: u64,
+    /// 90th.
+    pub p90: u64,
+    /// 99th.
+    pub p99: u64,
+    /// 99.9th.
+    pub p999: u64,
+    /// Largest.
+    pub max: u64,
+    /// Mean.
+    pub mean: f64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Percentiles::default();
+        }
+        Percentiles {
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+            mean: h.mean(),
+        }
+    }
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoadResult {
+    /// Target rate.
+    pub rate: u32,
+    /// Requests sent (warm-up included).
+    pub sent: u64,
+    /// Counted requests (after warm-up).
+    pub counted: u64,
+    /// Counted requests answered 200 in full.
+    pub ok: u64,
+    /// Counted requests that failed (status, transport, timeout).
+    pub errors: u64,
+    /// Counted requests not sent because too many were outstanding.
+    pub saturated: u64,
+    /// Completed counted requests per second of the counted window.
+    pub throughput: f64,
+    /// Latency from intended send to the last byte.
+    pub latency_us: Percentiles,
+    /// Streams: from intended send to the first content chunk.
+    pub ttft_us: Option<Percentiles>,
+    /// Statuses other than 200 seen, with counts.
+    pub statuses: std::collections::BTreeMap<u16, u64>,
+}
+
+struct Acc {
+    latency: Histogram<u64>,
+    ttft: Histogram<u64>,
+    ok: u64,
+    errors: u64,
+    statuses: std::collections::BTreeMap<u16, u64>,
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds are valid")
+}
+
+/// Runs the load and returns what it measured.
+pub async fn run(spec: LoadSpec) -> LoadResult {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(4096)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build_http();
+    let acc = Arc::new(Mutex::new(Acc {
+        latency: hist(),
+        ttft: hist(),
+        ok: 0,
+        errors: 0,
+        statuses: Default::default(),
+    }));
+    let outstanding = Arc::new(AtomicU64::new(0));
+    let saturated = Arc::new(AtomicU64::new(0));
+    let total = spec.warmup + spec.duration;
+    let n = (total.as_secs_f64() * f64::from(spec.rate)).round() as u64;
+    let warm_n = (spec.warmup.as_secs_f64() * f64::from(spec.rate)).round() as u64;
+    let period = Duration::from_secs_f64(1.0 / f64::from(spec.rate.max(1)));
+    let start = tokio::time::Instant::now() + Duration::from_millis(20);
+    let uri: hyper::Uri = spec.url.parse().expect("a valid URL");
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let intended = start + period.mul_f64(i as f64);
+        tokio::time::sleep_until(intended).await;
+        let counted = i >= warm_n;
+        if outstanding.load(Ordering::Relaxed) >= spec.max_outstanding {
+            if counted {
+                saturated.fetch_add(1, Ordering::Relaxed);
+            }
+            continue;
+        }
+        outstanding.fetch_add(1, Ordering::Relaxed);
+        let mut b = hyper::Request::post(uri.clone()).header("content-type", "application/json");
+        if let Some(t) = &spec.bearer {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        let req = b
+            .body(Full::new(spec.body.clone()))
+            .expect("a valid request");
+        let (client, acc, outstanding) = (client.clone(), acc.clone(), outstanding.clone());
+        let (stream, timeout) = (spec.stream, spec.timeout);
+        let intended = intended.into_std();
+        tasks.spawn(async move {
+            let r = tokio::time::timeout(timeout, one(&client, req, stream, intended)).await;
+            outstanding.fetch_sub(1, Ordering::Relaxed);
+            if !counted {
+                return;
+            }
+            let mut a = acc.lock().unwrap_or_else(|p| p.into_inner());
+            match r {
+                Ok(Ok((200, total, first))) => {
+                    a.ok += 1;
+                    let _ = a.latency.record(total.as_micros().max(1) as u64);
+                    if let Some(f) = first {
+                        let _ = a.ttft.record(f.as_micros().max(1) as u64);
+                    }
+                }
+                Ok(Ok((status, _, _))) => {
+                    a.errors += 1;
+                    *a.statuses.entry(status).or_default() += 1;
+                }
+                Ok(Err(())) => {
+                    a.errors += 1;
+                    *a.statuses.entry(0).or_default() += 1;
+                }
+                Err(_) => {
+                    a.errors += 1;
+                    *a.statuses.entry(1).or_default() += 1;
+                }
+            }
+        });
+        // Reap finished tasks so the set stays small.
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let a = acc.lock().unwrap_or_else(|p| p.into_inner());
+    let counted = n - warm_n;
+    LoadResult {
+        rate: spec.rate,
+        sent: n - saturated.load(Ordering::Relaxed),
+        counted,
+        ok: a.ok,
+        errors: a.errors,
+        saturated: saturated.load(Ordering::Relaxed),
+        throughput: a.ok as f64 / spec.duration.as_secs_f64(),
+        latency_us: Percentiles::of(&a.latency),
+        ttft_us: spec.stream.then(|| Percentiles::of(&a.ttft)),
+        statuses: a.statuses.clone(),
+    }
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// Sends one request; returns (status, time to the last byte, time to the
+/// first content chunk of a stream), all from the intended send time.
+async fn one(
+    client: &HttpClient,
+    req: hyper::Request<Full<Bytes>>,
+    stream: bool,
+    intended: Instant,
+) -> Result<(u16, Duration, Option<Duration>), ()> {
+    let resp = client.request(req).await.map_err(|_| ())?;
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut first = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| ())?;
+        if stream && first.is_none() {
+            if let Some(d) = frame.data_ref() {
+                if d.windows(9).any(|w| w == b"\"content\"") {
+                    first = Some(intended.elapsed());
+                }
+            }
+        }
+    }
+    Ok((status, intended.elapsed(), first))
+}

@@ -1,0 +1,95 @@
+//! Resident memory and CPU time of a process and its children, from /proc.
+
+use std::time::Duration;
+
+/// Pids of `pid` and all its descendants.
+pub fn tree(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Resident set size of the process tree, bytes.
+pub fn rss_bytes(pid: u32) -> u64 {
+    tree(pid)
+        .into_iter()
+        .filter_map(|p| {
+            let s = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
+            let kb: u64 = s
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            Some(kb * 1024)
+        })
+        .sum()
+}
+
+/// User + system CPU time of the process tree so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    // Linux reports in clock ticks; USER_HZ is 100 on every mainstream
+    // architecture.
+    let ticks: u64 = tree(pid)
+        .into_iter()
+        .filter_map(|p| {
+            let s = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            // Fields after the command name (which may contain spaces).
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = f.get(11)?.parse().ok()?;
+            let stime: u64 = f.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
+/// Samples a process tree's RSS every `every` until stopped; keeps the peak.
+pub struct RssSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<(u64, Vec<u64>)>>,
+}
+
+impl RssSampler {
+    /// Starts sampling.
+    pub fn start(pid: u32, every: Duration) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut peak = 0;
+            let mut samples = Vec::new();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = rss_bytes(pid);
+                peak = peak.max(r);
+                samples.push(r);
+                std::thread::sleep(every);
+            }
+            (peak, samples)
+        });
+        RssSampler {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops; returns the peak and every sample.
+    pub fn finish(mut self) -> (u64, Vec<u64>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+    }
+}

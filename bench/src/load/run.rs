@@ -1,0 +1,266 @@
+//! Runs scenarios side by side against one mock and reports added latency
+//! over the floor (`direct`) at the same rate.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::gen::{self, LoadResult, LoadSpec};
+use super::procstat;
+use super::targets::{self, Programs, Scenario};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Systems under test (`direct` is always run first as the floor).
+    pub scenarios: Vec<Scenario>,
+    /// Arrival rates, requests per second.
+    pub rates: Vec<u32>,
+    /// Non-streamed (`false`) and/or streamed (`true`).
+    pub streams: Vec<bool>,
+    /// Counted time per run.
+    pub duration: Duration,
+    /// Uncounted warm-up per run.
+    pub warmup: Duration,
+    /// The programs.
+    pub programs: Programs,
+}
+
+/// One scenario at one rate and mode.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    /// Which system.
+    pub scenario: Scenario,
+    /// Streamed answers?
+    pub stream: bool,
+    /// What the generator measured.
+    pub load: LoadResult,
+    /// Added over `direct` at the same rate and mode, microseconds
+    /// (p50, p99, p99.9).
+    pub added_us: Option<[i64; 3]>,
+    /// Streams: added time to first token, p50 and p99.
+    pub added_ttft_us: Option<[i64; 2]>,
+    /// Peak resident memory of the target's processes, MiB.
+    pub peak_rss_mib: Option<f64>,
+    /// CPU seconds the target used per 1000 requests.
+    pub cpu_s_per_1000: Option<f64>,
+    /// sluice: rows recorded in its store after a graceful stop.
+    pub recorded: Option<u64>,
+    /// sluice: whether every request sent was recorded.
+    pub no_event_lost: Option<bool>,
+    /// Why the run could not happen, if it could not.
+    pub failed: Option<String>,
+}
+
+/// The request body every target gets.
+pub fn body(stream: bool) -> bytes::Bytes {
+    bytes::Bytes::from(format!(
+        r#"{{"model":"support","messages":[{{"role":"user","content":"Where is my order #1234? It has not arrived yet and I would like to know when it will."}}],"stream":{stream}}}"#
+    ))
+}
+
+/// Runs one scenario once at `rate`.
+pub async fn one(
+    scenario: Scenario,
+    mock: SocketAddr,
+    programs: &Programs,
+    rate: u32,
+    stream: bool,
+    duration: Duration,
+    warmup: Duration,
+) -> Run {
+    let mut run = Run {
+        scenario,
+        stream,
+        load: LoadResult::default(),
+        added_us: None,
+        added_ttft_us: None,
+        peak_rss_mib: None,
+        cpu_s_per_1000: None,
+        recorded: None,
+        no_event_lost: None,
+        failed: None,
+    };
+    let p = programs.clone();
+    let target = match tokio::task::spawn_blocking(move || targets::start(scenario, mock, &p)).await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            run.failed = Some(e);
+            return run;
+        }
+        Err(e) => {
+            run.failed = Some(e.to_string());
+            return run;
+        }
+    };
+    let pid = target.pid();
+    let cpu0 = pid.map(procstat::cpu_time);
+    let sampler = pid.map(|p| procstat::RssSampler::start(p, Duration::from_millis(100)));
+    run.load = gen::run(LoadSpec {
+        url: target.url.clone(),
+        bearer: target.bearer.clone(),
+        body: body(stream),
+        rate,
+        duration,
+        warmup,
+        stream,
+        max_outstanding: 20_000,
+        timeout: Duration::from_secs(30),
+    })
+    .await;
+    if let (Some(pid), Some(cpu0)) = (pid, cpu0) {
+        let used = procstat::cpu_time(pid).saturating_sub(cpu0);
+        run.cpu_s_per_1000 = Some(used.as_secs_f64() / run.load.sent.max(1) as f64 * 1000.0);
+    }
+    if let Some(s) = sampler {
+        run.peak_rss_mib = Some(s.finish().0 as f64 / (1024.0 * 1024.0));
+    }
+    let sent = run.load.sent;
+    match tokio::task::spawn_blocking(move || target.stop()).await {
+        Ok(Ok(Some(rows))) => {
+            run.recorded = Some(rows);
+            run.no_event_lost = Some(rows == sent);
+        }
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => run.failed = Some(format!("stopping: {e}")),
+        Err(e) => run.failed = Some(e.to_string()),
+    }
+    run
+}
+
+/// Runs the plan: for each mode and rate, `direct` then every scenario.
+pub async fn run_plan(plan: &Plan, mock: SocketAddr, progress: impl Fn(&Run)) -> Vec<Run> {
+    let mut out = Vec::new();
+    for &stream in &plan.streams {
+        for &rate in &plan.rates {
+            let mut floor: Option<Run> = None;
+            let mut order = vec![Scenario::Direct];
+            order.extend(
+                plan.scenarios
+                    .iter()
+                    .copied()
+                    .filter(|s| *s != Scenario::Direct),
+            );
+            for s in order {
+                let mut r = one(
+                    s,
+                    mock,
+                    &plan.programs,
+                    rate,
+                    stream,
+                    plan.duration,
+                    plan.warmup,
+                )
+                .await;
+                if let Some(f) = &floor {
+                    r.added_us = Some([
+                        r.load.latency_us.p50 as i64 - f.load.latency_us.p50 as i64,
+                        r.load.latency_us.p99 as i64 - f.load.latency_us.p99 as i64,
+                        r.load.latency_us.p999 as i64 - f.load.latency_us.p999 as i64,
+                    ]);
+                    if let (Some(a), Some(b)) = (&r.load.ttft_us, &f.load.ttft_us) {
+                        r.added_ttft_us =
+                            Some([a.p50 as i64 - b.p50 as i64, a.p99 as i64 - b.p99 as i64]);
+                    }
+                }
+                progress(&r);
+                if s == Scenario::Direct {
+                    floor = Some(r.clone());
+                }
+                out.push(r);
+            }
+        }
+    }
+    out
+}
+
+/// Whether a run sustained its rate: p99 under 50 ms, under 1 % errors,
+/// and throughput within 5 % of the rate.
+pub fn sustained(r: &Run) -> bool {
+    let l = &r.load;
+    r.failed.is_none()
+        && l.counted > 0
+        && l.latency_us.p99 < 50_000
+        && (l.errors + l.saturated) as f64 <= 0.01 * l.counted as f64
+        && l.throughput >= 0.95 * f64::from(l.rate)
+}
+
+/// Raises the rate along `ladder` until the scenario stops sustaining it;
+/// returns every run and the highest sustained rate. Each step runs for
+/// (counted duration, warm-up).
+pub async fn find_max(
+    scenario: Scenario,
+    mock: SocketAddr,
+    programs: &Programs,
+    stream: bool,
+    ladder: &[u32],
+    (duration, warmup): (Duration, Duration),
+    progress: impl Fn(&Run),
+) -> (Vec<Run>, u32) {
+    let mut best = 0;
+    let mut runs = Vec::new();
+    for &rate in ladder {
+        let r = one(scenario, mock, programs, rate, stream, duration, warmup).await;
+        progress(&r);
+        let ok = sustained(&r);
+        runs.push(r);
+        if !ok {
+            break;
+        }
+        best = rate;
+    }
+    (runs, best)
+}
+
+/// A Markdown table of runs.
+pub fn table(runs: &[Run]) -> String {
+    let mut s = String::from(
+        "| mode | rate | scenario | ok | errors | p50 ms | p99 ms | p99.9 ms | added p50 / p99 / p99.9 ms | added TTFT p50 / p99 ms | throughput | peak RSS MiB | CPU s / 1k req | recorded |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
+    let add = |v: i64| format!("{:+.2}", v as f64 / 1000.0);
+    for r in runs {
+        let l = &r.load;
+        if let Some(f) = &r.failed {
+            s.push_str(&format!(
+                "| {} | {} | {} | — | — | — | — | — | — | — | — | — | — | failed: {f} |\n",
+                if r.stream { "stream" } else { "non-stream" },
+                l.rate,
+                r.scenario.name()
+            ));
+            continue;
+        }
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}/s | {} | {} | {} |\n",
+            if r.stream { "stream" } else { "non-stream" },
+            l.rate,
+            r.scenario.name(),
+            l.ok,
+            l.errors + l.saturated,
+            ms(l.latency_us.p50),
+            ms(l.latency_us.p99),
+            ms(l.latency_us.p999),
+            r.added_us
+                .map(|a| format!("{} / {} / {}", add(a[0]), add(a[1]), add(a[2])))
+                .unwrap_or_else(|| "(floor)".into()),
+            r.added_ttft_us
+                .map(|a| format!("{} / {}", add(a[0]), add(a[1])))
+                .unwrap_or_else(|| "—".into()),
+            l.throughput,
+            r.peak_rss_mib
+                .map(|m| format!("{m:.1}"))
+                .unwrap_or_else(|| "—".into()),
+            r.cpu_s_per_1000
+                .map(|c| format!("{c:.3}"))
+                .unwrap_or_else(|| "—".into()),
+            match (r.recorded, r.no_event_lost) {
+                (Some(n), Some(true)) => format!("{n} = sent"),
+                (Some(n), _) => format!("{n} ≠ {} sent", l.sent),
+                _ => "—".into(),
+            },
+        ));
+    }
+    s
+}

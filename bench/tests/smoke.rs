@@ -1,0 +1,71 @@
+//! Smoke test of the load harness (the full runs are not part of CI): the
+//! mock, the open-loop generator and the sluice configuration it uses, with
+//! an in-process gateway, at a low rate for a second.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_bench::load::gen::{self, LoadSpec};
+use sluice_bench::load::mock::{self, MockConfig};
+use sluice_bench::load::run;
+use sluice_bench::load::targets::{self, Scenario};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_harness_measures_direct_and_sluice_and_counts_every_record() {
+    let mock = mock::spawn("127.0.0.1:0".parse().expect("addr"), MockConfig::default())
+        .await
+        .expect("mock binds");
+    let spec = |url: String, bearer: Option<String>, stream: bool| LoadSpec {
+        url,
+        bearer,
+        body: run::body(stream),
+        rate: 200,
+        duration: Duration::from_secs(1),
+        warmup: Duration::from_millis(200),
+        stream,
+        max_outstanding: 1000,
+        timeout: Duration::from_secs(5),
+    };
+    let direct = gen::run(spec(
+        format!("http://{mock}/v1/chat/completions"),
+        None,
+        false,
+    ))
+    .await;
+    assert_eq!(direct.counted, 200);
+    assert_eq!(direct.ok, 200, "{direct:?}");
+    assert!(direct.latency_us.p50 > 0 && direct.latency_us.p99 < 1_000_000);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("smoke.db");
+    let text = targets::sluice_config(Scenario::SluicePolicies, 0, mock, &db);
+    let config = sluice_core::Config::parse(&text).expect("the harness config is valid");
+    let gw = sluice_gateway::Gateway::bind(config, Arc::new(sluice_gateway::EnvSecrets))
+        .await
+        .expect("gateway binds");
+    let url = format!("http://{}/v1/chat/completions", gw.local_addr());
+    let store = gw.store();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(gw.run(
+        async move {
+            let _ = rx.await;
+        },
+        Duration::from_secs(5),
+    ));
+    let plain = gen::run(spec(url.clone(), Some(targets::KEY.into()), false)).await;
+    let streamed = gen::run(spec(url, Some(targets::KEY.into()), true)).await;
+    assert_eq!(plain.ok, 200, "{plain:?}");
+    assert_eq!(streamed.ok, 200, "{streamed:?}");
+    let ttft = streamed
+        .ttft_us
+        .expect("streams report time to first token");
+    assert!(ttft.p50 > 0 && ttft.p50 <= streamed.latency_us.p50);
+    let _ = tx.send(());
+    let report = task.await.expect("join").expect("clean stop");
+    assert_eq!(report.events.lost(), 0);
+    assert_eq!(
+        store.count().expect("count"),
+        plain.sent + streamed.sent,
+        "every request sent is recorded"
+    );
+}
