@@ -60,6 +60,35 @@ pub fn body(stream: bool) -> bytes::Bytes {
     ))
 }
 
+/// Waits until `url` answers a chat request with 200.
+pub async fn ready(url: &str, bearer: Option<&str>, within: Duration) -> Result<(), String> {
+    let start = std::time::Instant::now();
+    loop {
+        let r = gen::run(LoadSpec {
+            url: url.to_string(),
+            bearer: bearer.map(str::to_string),
+            body: body(false),
+            rate: 10,
+            duration: Duration::from_millis(300),
+            warmup: Duration::ZERO,
+            stream: false,
+            max_outstanding: 10,
+            timeout: Duration::from_secs(20),
+        })
+        .await;
+        if r.ok > 0 && r.errors == 0 {
+            return Ok(());
+        }
+        if start.elapsed() > within {
+            return Err(format!(
+                "{url} did not answer within {within:?}: {:?}",
+                r.statuses
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Runs one scenario once at `rate`.
 pub async fn one(
     scenario: Scenario,
@@ -95,6 +124,18 @@ pub async fn one(
             return run;
         }
     };
+    // An open port is not a ready server (LiteLLM keeps loading after it
+    // binds): wait for a real answer before measuring anything.
+    if let Err(e) = ready(
+        &target.url,
+        target.bearer.as_deref(),
+        Duration::from_secs(180),
+    )
+    .await
+    {
+        run.failed = Some(e);
+        return run;
+    }
     let pid = target.pid();
     let cpu0 = pid.map(procstat::cpu_time);
     let sampler = pid.map(|p| procstat::RssSampler::start(p, Duration::from_millis(100)));

@@ -150,6 +150,10 @@ impl Drop for Running {
     }
 }
 
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn free_port() -> Result<u16, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
@@ -266,6 +270,8 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
                 .arg("--config")
                 .arg(&cfg)
                 .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                // One worker per core, as LiteLLM recommends for production.
+                .args(["--num_workers", &cores().to_string()])
                 .env("LITELLM_LOG", "ERROR")
                 .env("LITELLM_TELEMETRY", "False")
                 .stdout(Stdio::null())

@@ -25,16 +25,15 @@ use serde_json::{json, Map, Value};
 use sluice_core::chat::{ChatRequest, Content, Role, Usage};
 use sluice_core::config::{AnthropicConfig, ProviderConfig};
 
-use crate::http::{read_json, send, sse_events, status_error};
+use crate::http::{bad_url, read_json, send, sse_events, status_error};
 use crate::{now_secs, BuildError, Chunk, ChunkStream, Completion, ProviderError};
 
 /// A client for Anthropic's Messages API.
 #[derive(Debug, Clone)]
 pub struct AnthropicProvider {
     name: String,
-    url: String,
+    url: reqwest::Url,
     client: reqwest::Client,
-    headers: HeaderMap,
     timeout: Duration,
     stream_timeouts: crate::http::StreamTimeouts,
     default_max_tokens: u32,
@@ -67,9 +66,9 @@ impl AnthropicProvider {
         }
         Ok(AnthropicProvider {
             name: cfg.name.clone(),
-            url: format!("{}/v1/messages", a.base_url),
-            client: crate::http::build_client(cfg)?,
-            headers,
+            url: reqwest::Url::parse(&format!("{}/v1/messages", a.base_url))
+                .map_err(|e| bad_url(&cfg.name, e))?,
+            client: crate::http::build_client(cfg, headers)?,
             timeout: cfg.timeout,
             stream_timeouts: crate::http::StreamTimeouts {
                 first_byte: cfg.first_byte_timeout,
@@ -91,10 +90,7 @@ impl AnthropicProvider {
         let start = Instant::now();
         let resp = send(
             &self.name,
-            self.client
-                .post(&self.url)
-                .headers(self.headers.clone())
-                .json(&body),
+            self.client.post(self.url.clone()).json(&body),
             self.timeout,
             "response",
         )
@@ -120,8 +116,7 @@ impl AnthropicProvider {
         let resp = send(
             &self.name,
             self.client
-                .post(&self.url)
-                .headers(self.headers.clone())
+                .post(self.url.clone())
                 .header(reqwest::header::ACCEPT, "text/event-stream")
                 .json(&body),
             self.stream_timeouts.first_byte,

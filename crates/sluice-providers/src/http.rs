@@ -17,8 +17,14 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 /// Largest non-streamed response accepted from an upstream.
 const MAX_RESPONSE_BODY: usize = 64 * 1024 * 1024;
 
-pub(crate) fn build_client(cfg: &ProviderConfig) -> Result<reqwest::Client, BuildError> {
+/// A client for one provider; `headers` (auth, content type, extras) are
+/// sent with every request without being copied per request.
+pub(crate) fn build_client(
+    cfg: &ProviderConfig,
+    headers: reqwest::header::HeaderMap,
+) -> Result<reqwest::Client, BuildError> {
     reqwest::Client::builder()
+        .default_headers(headers)
         .connect_timeout(cfg.connect_timeout)
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_max_idle_per_host(256)
@@ -29,6 +35,13 @@ pub(crate) fn build_client(cfg: &ProviderConfig) -> Result<reqwest::Client, Buil
             provider: cfg.name.clone(),
             message: format!("cannot build HTTP client: {e}"),
         })
+}
+
+pub(crate) fn bad_url(provider: &str, e: impl std::fmt::Display) -> BuildError {
+    BuildError {
+        provider: provider.to_string(),
+        message: format!("base_url does not make a valid URL: {e}"),
+    }
 }
 
 pub(crate) fn map_send_error(provider: &str, e: &reqwest::Error, after: Duration) -> ProviderError {

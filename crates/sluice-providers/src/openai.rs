@@ -13,16 +13,15 @@ use serde_json::Value;
 use sluice_core::chat::{ChatRequest, StreamOptions, Usage};
 use sluice_core::config::{OpenAiConfig, ProviderConfig};
 
-use crate::http::{read_json, send, sse_events, status_error};
+use crate::http::{bad_url, read_json, send, sse_events, status_error};
 use crate::{BuildError, Chunk, ChunkStream, Completion, ProviderError};
 
 /// A client for one OpenAI-compatible upstream.
 #[derive(Debug, Clone)]
 pub struct OpenAiProvider {
     name: String,
-    url: String,
+    url: reqwest::Url,
     client: reqwest::Client,
-    headers: HeaderMap,
     timeout: Duration,
     stream_timeouts: crate::http::StreamTimeouts,
 }
@@ -56,9 +55,9 @@ impl OpenAiProvider {
         }
         Ok(OpenAiProvider {
             name: cfg.name.clone(),
-            url: format!("{}/chat/completions", o.base_url),
-            client: crate::http::build_client(cfg)?,
-            headers,
+            url: reqwest::Url::parse(&format!("{}/chat/completions", o.base_url))
+                .map_err(|e| bad_url(&cfg.name, e))?,
+            client: crate::http::build_client(cfg, headers)?,
             timeout: cfg.timeout,
             stream_timeouts: crate::http::StreamTimeouts {
                 first_byte: cfg.first_byte_timeout,
@@ -89,10 +88,7 @@ impl OpenAiProvider {
         let start = Instant::now();
         let resp = send(
             &self.name,
-            self.client
-                .post(&self.url)
-                .headers(self.headers.clone())
-                .body(body),
+            self.client.post(self.url.clone()).body(body),
             self.timeout,
             "response",
         )
@@ -123,8 +119,7 @@ impl OpenAiProvider {
         let resp = send(
             &self.name,
             self.client
-                .post(&self.url)
-                .headers(self.headers.clone())
+                .post(self.url.clone())
                 .header(reqwest::header::ACCEPT, "text/event-stream")
                 .body(body),
             self.stream_timeouts.first_byte,

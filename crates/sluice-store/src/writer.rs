@@ -466,6 +466,28 @@ fn replay(conn: &mut Connection, shared: &Shared, batch_max: usize) -> u64 {
     n
 }
 
+/// Sorts one message into the batch, its acks, or the flushes; returns
+/// whether it is the stop marker.
+fn take(
+    m: Msg,
+    batch: &mut Vec<RequestRecord>,
+    acks: &mut Vec<Ack>,
+    flushes: &mut Vec<Ack>,
+) -> bool {
+    match m {
+        Msg::Record(r, ack) => {
+            batch.push(*r);
+            acks.extend(ack);
+            false
+        }
+        Msg::Flush(a) => {
+            flushes.push(a);
+            false
+        }
+        Msg::Stop => true,
+    }
+}
+
 fn run(
     mut conn: Connection,
     mut rx: mpsc::Receiver<Msg>,
@@ -481,24 +503,28 @@ fn run(
         let Some(first) = rx.blocking_recv() else {
             return;
         };
-        let mut stop = false;
-        let mut take = |m: Msg,
-                        batch: &mut Vec<RequestRecord>,
-                        acks: &mut Vec<Ack>,
-                        flushes: &mut Vec<Ack>| match m {
-            Msg::Record(r, ack) => {
-                batch.push(*r);
-                acks.extend(ack);
-            }
-            Msg::Flush(a) => flushes.push(a),
-            Msg::Stop => stop = true,
-        };
-        take(first, &mut batch, &mut acks, &mut flushes);
+        let mut stop = take(first, &mut batch, &mut acks, &mut flushes);
+        // Group commit: gather for up to half the window (the other half is
+        // the commit's own budget), unless someone waits on this batch
+        // (strict durability, a flush, shutdown) or it is full. One commit
+        // per window instead of one per record is most of the writer's CPU.
         let opened = std::time::Instant::now();
-        while batch.len() < batch_max && opened.elapsed() < window {
+        let gather = window / 2;
+        loop {
             match rx.try_recv() {
-                Ok(m) => take(m, &mut batch, &mut acks, &mut flushes),
-                Err(_) => break,
+                Ok(m) => {
+                    stop |= take(m, &mut batch, &mut acks, &mut flushes);
+                    if batch.len() >= batch_max {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    let waited = opened.elapsed();
+                    if stop || !acks.is_empty() || !flushes.is_empty() || waited >= gather {
+                        break;
+                    }
+                    std::thread::sleep((gather - waited).min(Duration::from_millis(2)));
+                }
             }
         }
         if !batch.is_empty() {
