@@ -80,6 +80,10 @@ struct ProgramArgs {
     /// The LiteLLM proxy command (`pip install 'litellm[proxy]==1.101.0'`).
     #[arg(long, default_value = "litellm")]
     litellm_bin: PathBuf,
+    /// Pin the load generator and the mock to CPU 0 and the system under
+    /// test to the other CPUs, so they do not steal each other's time.
+    #[arg(long)]
+    pin: bool,
 }
 
 impl ProgramArgs {
@@ -88,6 +92,10 @@ impl ProgramArgs {
             sluice: self.sluice_bin.clone(),
             nginx: self.nginx_bin.clone(),
             litellm: self.litellm_bin.clone(),
+            target_cpus: self.pin.then(|| {
+                let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+                format!("1-{}", n.saturating_sub(1).max(1))
+            }),
         }
     }
 }
@@ -152,10 +160,32 @@ enum Cmd {
     },
 }
 
-/// Starts the mock as its own process (so its CPU is not the generator's).
-fn spawn_mock(m: &MockArgs) -> Result<(std::process::Child, SocketAddr)> {
+/// Pins this process (every thread) to CPU 0.
+fn pin_self() -> Result<()> {
+    let ok = Command::new("taskset")
+        .args(["-a", "-cp", "0", &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset")?
+        .success();
+    if !ok {
+        bail!("taskset could not pin the load generator");
+    }
+    Ok(())
+}
+
+/// Starts the mock as its own process (so its CPU is not the generator's);
+/// pinned to CPU 0 with the generator when `pin`.
+fn spawn_mock(m: &MockArgs, pin: bool) -> Result<(std::process::Child, SocketAddr)> {
     let exe = std::env::current_exe().context("locating sluice-load")?;
-    let mut child = Command::new(exe)
+    let mut cmd = if pin {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0"]).arg(exe);
+        c
+    } else {
+        Command::new(exe)
+    };
+    let mut child = cmd
         .arg("mock")
         .args(m.args())
         .stdout(Stdio::piped())
@@ -217,7 +247,10 @@ fn main() -> Result<()> {
                     other => bail!("unknown mode {other:?} (non-stream, stream)"),
                 }
             }
-            let (mut mock_child, addr) = spawn_mock(&mock)?;
+            if programs.pin {
+                pin_self()?;
+            }
+            let (mut mock_child, addr) = spawn_mock(&mock, programs.pin)?;
             let plan = Plan {
                 scenarios: scenarios.clone(),
                 rates,
@@ -274,6 +307,7 @@ fn main() -> Result<()> {
                 let doc = serde_json::json!({
                     "date": chrono_date(),
                     "machine": machine(),
+                    "pinned": programs.pin,
                     "mock": {"latency": format!("{:?}", mock.latency), "chunks": mock.chunks, "interval_us": mock.interval.as_micros() as u64},
                     "duration_s": duration.as_secs_f64(),
                     "warmup_s": warmup.as_secs_f64(),
@@ -295,7 +329,10 @@ fn main() -> Result<()> {
             mock,
             programs,
         } => {
-            let (mut mock_child, addr) = spawn_mock(&mock)?;
+            if programs.pin {
+                pin_self()?;
+            }
+            let (mut mock_child, addr) = spawn_mock(&mock, programs.pin)?;
             let p = programs.programs();
             let target = targets::start(scenario, addr, &p).map_err(anyhow::Error::msg)?;
             let pid = target.pid().context("soak needs a target process")?;

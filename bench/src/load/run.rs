@@ -60,9 +60,11 @@ pub fn body(stream: bool) -> bytes::Bytes {
     ))
 }
 
-/// Waits until `url` answers a chat request with 200.
-pub async fn ready(url: &str, bearer: Option<&str>, within: Duration) -> Result<(), String> {
+/// Waits until `url` answers a chat request with 200; returns how many
+/// requests that took (sluice records them too).
+pub async fn ready(url: &str, bearer: Option<&str>, within: Duration) -> Result<u64, String> {
     let start = std::time::Instant::now();
+    let mut sent = 0;
     loop {
         let r = gen::run(LoadSpec {
             url: url.to_string(),
@@ -76,8 +78,9 @@ pub async fn ready(url: &str, bearer: Option<&str>, within: Duration) -> Result<
             timeout: Duration::from_secs(20),
         })
         .await;
+        sent += r.sent;
         if r.ok > 0 && r.errors == 0 {
-            return Ok(());
+            return Ok(sent);
         }
         if start.elapsed() > within {
             return Err(format!(
@@ -126,16 +129,19 @@ pub async fn one(
     };
     // An open port is not a ready server (LiteLLM keeps loading after it
     // binds): wait for a real answer before measuring anything.
-    if let Err(e) = ready(
+    let probes = match ready(
         &target.url,
         target.bearer.as_deref(),
         Duration::from_secs(180),
     )
     .await
     {
-        run.failed = Some(e);
-        return run;
-    }
+        Ok(n) => n,
+        Err(e) => {
+            run.failed = Some(e);
+            return run;
+        }
+    };
     let pid = target.pid();
     let cpu0 = pid.map(procstat::cpu_time);
     let sampler = pid.map(|p| procstat::RssSampler::start(p, Duration::from_millis(100)));
@@ -161,6 +167,8 @@ pub async fn one(
     let sent = run.load.sent;
     match tokio::task::spawn_blocking(move || target.stop()).await {
         Ok(Ok(Some(rows))) => {
+            // The readiness probes are recorded too.
+            let rows = rows.saturating_sub(probes);
             run.recorded = Some(rows);
             run.no_event_lost = Some(rows == sent);
         }

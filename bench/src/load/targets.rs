@@ -83,6 +83,20 @@ pub struct Programs {
     pub nginx: PathBuf,
     /// The `litellm` command.
     pub litellm: PathBuf,
+    /// CPUs the system under test may run on (`taskset -c` list), if pinned.
+    pub target_cpus: Option<String>,
+}
+
+/// A command for `program`, under `taskset -c CPUS` when pinned.
+fn command(program: &Path, cpus: &Option<String>) -> Command {
+    match cpus {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.args(["-c", c]).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
 }
 
 /// The API key the sluice targets accept.
@@ -150,10 +164,6 @@ impl Drop for Running {
     }
 }
 
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 fn free_port() -> Result<u16, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
@@ -201,7 +211,7 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
                 ),
             )
             .map_err(|e| e.to_string())?;
-            let child = Command::new(&p.nginx)
+            let child = command(&p.nginx, &p.target_cpus)
                 .arg("-c")
                 .arg(&conf)
                 .arg("-p")
@@ -226,7 +236,7 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
             let cfg = dir.path().join("sluice.toml");
             std::fs::write(&cfg, sluice_config(scenario, port, mock, &db))
                 .map_err(|e| e.to_string())?;
-            let mut child = Command::new(&p.sluice)
+            let mut child = command(&p.sluice, &p.target_cpus)
                 .args(["serve", "--config"])
                 .arg(&cfg)
                 .env("RUST_LOG", "warn")
@@ -266,12 +276,12 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
                 ),
             )
             .map_err(|e| e.to_string())?;
-            let child = Command::new(&p.litellm)
+            let child = command(&p.litellm, &p.target_cpus)
                 .arg("--config")
                 .arg(&cfg)
                 .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-                // One worker per core, as LiteLLM recommends for production.
-                .args(["--num_workers", &cores().to_string()])
+                // Its cost map is bundled; do not reach for the network.
+                .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
                 .env("LITELLM_LOG", "ERROR")
                 .env("LITELLM_TELEMETRY", "False")
                 .stdout(Stdio::null())

@@ -376,7 +376,10 @@ impl EventWriter {
         let thread_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("sluice-writer".into())
-            .spawn(move || run(conn, rx, batch_max, window, &thread_shared))
+            .spawn(move || {
+                lower_priority();
+                run(conn, rx, batch_max, window, &thread_shared)
+            })
             .expect("spawning the writer thread");
         EventWriter {
             sender: EventSender { tx, shared },
@@ -404,6 +407,21 @@ impl EventWriter {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
         self.sender.stats()
+    }
+}
+
+/// Lowers this thread's scheduling priority (nice 10), so that on a busy
+/// machine a group commit yields the CPU to requests being served instead
+/// of delaying them; the writer has a whole commit window of slack.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority only read their integer arguments;
+    // on Linux a thread id names just this thread for PRIO_PROCESS.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        if libc::setpriority(libc::PRIO_PROCESS, tid, 10) != 0 {
+            tracing::debug!("could not lower the writer thread's priority");
+        }
     }
 }
 
