@@ -280,7 +280,7 @@ fn main() -> Result<()> {
                         &plan.programs,
                         false,
                         &ladder,
-                        (Duration::from_secs(5), Duration::from_secs(1)),
+                        (Duration::from_secs(4), Duration::from_secs(1)),
                         |r| {
                             eprintln!(
                                 "max search {}: {}",

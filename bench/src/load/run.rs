@@ -45,6 +45,10 @@ pub struct Run {
     pub peak_rss_mib: Option<f64>,
     /// CPU seconds the target used per 1000 requests.
     pub cpu_s_per_1000: Option<f64>,
+    /// sluice: its own overhead per request (arrival to answer minus the
+    /// upstream wait), from its histogram: bucket bounds holding p50, p99,
+    /// p99.9, microseconds.
+    pub overhead_us: Option<[u64; 3]>,
     /// sluice: rows recorded in its store after a graceful stop.
     pub recorded: Option<u64>,
     /// sluice: whether every request sent was recorded.
@@ -110,6 +114,7 @@ pub async fn one(
         added_ttft_us: None,
         peak_rss_mib: None,
         cpu_s_per_1000: None,
+        overhead_us: None,
         recorded: None,
         no_event_lost: None,
         failed: None,
@@ -154,7 +159,7 @@ pub async fn one(
         warmup,
         stream,
         max_outstanding: 20_000,
-        timeout: Duration::from_secs(30),
+        timeout: Duration::from_secs(10),
     })
     .await;
     if let (Some(pid), Some(cpu0)) = (pid, cpu0) {
@@ -165,6 +170,7 @@ pub async fn one(
         run.peak_rss_mib = Some(s.finish().0 as f64 / (1024.0 * 1024.0));
     }
     let sent = run.load.sent;
+    run.overhead_us = target.overhead_us();
     match tokio::task::spawn_blocking(move || target.stop()).await {
         Ok(Ok(Some(rows))) => {
             // The readiness probes are recorded too.
@@ -266,7 +272,7 @@ pub async fn find_max(
 /// A Markdown table of runs.
 pub fn table(runs: &[Run]) -> String {
     let mut s = String::from(
-        "| mode | rate | scenario | ok | errors | p50 ms | p99 ms | p99.9 ms | added p50 / p99 / p99.9 ms | added TTFT p50 / p99 ms | throughput | peak RSS MiB | CPU s / 1k req | recorded |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| mode | rate | scenario | ok | errors | p50 ms | p99 ms | p99.9 ms | added p50 / p99 / p99.9 ms | added TTFT p50 / p99 ms | own overhead p50 / p99 / p99.9 | throughput | peak RSS MiB | CPU s / 1k req | recorded |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
     let add = |v: i64| format!("{:+.2}", v as f64 / 1000.0);
@@ -274,7 +280,7 @@ pub fn table(runs: &[Run]) -> String {
         let l = &r.load;
         if let Some(f) = &r.failed {
             s.push_str(&format!(
-                "| {} | {} | {} | — | — | — | — | — | — | — | — | — | — | failed: {f} |\n",
+                "| {} | {} | {} | — | — | — | — | — | — | — | — | — | — | — | failed: {f} |\n",
                 if r.stream { "stream" } else { "non-stream" },
                 l.rate,
                 r.scenario.name()
@@ -282,7 +288,7 @@ pub fn table(runs: &[Run]) -> String {
             continue;
         }
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}/s | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}/s | {} | {} | {} |\n",
             if r.stream { "stream" } else { "non-stream" },
             l.rate,
             r.scenario.name(),
@@ -291,11 +297,28 @@ pub fn table(runs: &[Run]) -> String {
             ms(l.latency_us.p50),
             ms(l.latency_us.p99),
             ms(l.latency_us.p999),
-            r.added_us
-                .map(|a| format!("{} / {} / {}", add(a[0]), add(a[1]), add(a[2])))
-                .unwrap_or_else(|| "(floor)".into()),
-            r.added_ttft_us
-                .map(|a| format!("{} / {}", add(a[0]), add(a[1])))
+            match r.added_us {
+                _ if l.ok == 0 => "—".into(),
+                Some(a) => format!("{} / {} / {}", add(a[0]), add(a[1]), add(a[2])),
+                None => "(floor)".into(),
+            },
+            match r.added_ttft_us {
+                Some(a) if l.ok > 0 => format!("{} / {}", add(a[0]), add(a[1])),
+                _ => "—".into(),
+            },
+            r.overhead_us
+                .map(|o| {
+                    let b = |v: u64| {
+                        if v == u64::MAX {
+                            ">100 ms".to_string()
+                        } else if v < 1000 {
+                            format!("≤{v} µs")
+                        } else {
+                            format!("≤{:.1} ms", v as f64 / 1000.0)
+                        }
+                    };
+                    format!("{} / {} / {}", b(o[0]), b(o[1]), b(o[2]))
+                })
                 .unwrap_or_else(|| "—".into()),
             l.throughput,
             r.peak_rss_mib

@@ -124,6 +124,54 @@ impl Running {
         self.child.as_ref().map(Child::id)
     }
 
+    /// sluice: its own overhead histogram (`sluice_gateway_overhead_seconds`)
+    /// read from `/metrics`, as the bucket bounds holding p50, p99 and
+    /// p99.9, in microseconds.
+    pub fn overhead_us(&self) -> Option<[u64; 3]> {
+        if !self.scenario.is_sluice() {
+            return None;
+        }
+        let port: u16 = self
+            .url
+            .trim_start_matches("http://127.0.0.1:")
+            .split('/')
+            .next()?
+            .parse()
+            .ok()?;
+        let text = http_get(port, "/metrics").ok()?;
+        let mut buckets: Vec<(f64, f64)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("sluice_gateway_overhead_seconds_bucket{le=\""))
+            .filter_map(|rest| {
+                let (le, n) = rest.split_once("\"} ")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, n.trim().parse().ok()?))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let total = buckets.last()?.1;
+        if total <= 0.0 {
+            return None;
+        }
+        let at = |q: f64| {
+            buckets
+                .iter()
+                .find(|(_, n)| *n >= q * total)
+                .map_or(u64::MAX, |(le, _)| {
+                    if le.is_finite() {
+                        (le * 1e6).round() as u64
+                    } else {
+                        u64::MAX
+                    }
+                })
+        };
+        Some([at(0.5), at(0.99), at(0.999)])
+    }
+
     /// Stops it gracefully (SIGTERM, then SIGKILL after 30 s); returns the
     /// recorded row count for sluice.
     pub fn stop(mut self) -> Result<Option<u64>, String> {
@@ -299,6 +347,16 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
             })
         }
     }
+}
+
+fn http_get(port: u16, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    Ok(out)
 }
 
 fn start_rollout(port: u16) -> Result<(), String> {

@@ -92,9 +92,16 @@ pub struct Metrics {
     policy: Family<PolicyLabels, Counter>,
     shadow: Family<ShadowLabels, Counter>,
     fallbacks: Family<FallbackLabels, Counter>,
+    overhead: Histogram,
     in_flight: Arc<AtomicI64>,
     health: HealthBoard,
 }
+
+/// Buckets of the gateway-overhead histogram, seconds (10 µs to 100 ms).
+pub const OVERHEAD_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1,
+];
 
 /// The providers whose health `/metrics` reports; replaced on reload.
 pub type HealthBoard = Arc<std::sync::Mutex<Vec<Arc<crate::upstream::Health>>>>;
@@ -312,6 +319,12 @@ impl Metrics {
             "Requests served by a fallback variant because the assigned one failed, by deployment, assigned variant (from) and serving variant (to).",
             fallbacks.clone(),
         );
+        let overhead = Histogram::new(OVERHEAD_BUCKETS.iter().copied());
+        registry.register(
+            "sluice_gateway_overhead_seconds",
+            "Time sluice itself spent on a chat request: arrival to answer (a stream's headers) minus the time waiting on upstreams.",
+            overhead.clone(),
+        );
         let health: HealthBoard = Arc::default();
         registry.register_collector(Box::new(HealthCollector {
             board: health.clone(),
@@ -366,9 +379,15 @@ impl Metrics {
             policy,
             shadow,
             fallbacks,
+            overhead,
             in_flight,
             health,
         }
+    }
+
+    /// Observes the time sluice itself spent on a request.
+    pub fn overhead(&self, d: std::time::Duration) {
+        self.overhead.observe(d.as_secs_f64());
     }
 
     /// Sets the providers whose health is reported.

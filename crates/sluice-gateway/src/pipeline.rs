@@ -337,6 +337,8 @@ struct Ctx {
     shadow: Option<crate::shadow::PairSender>,
     /// Places held in the global and deployment concurrency limits.
     slots: Vec<Slot>,
+    /// Time spent waiting on upstream calls (for the overhead metric).
+    upstream: std::time::Duration,
 }
 
 fn with_headers(
@@ -476,8 +478,12 @@ pub async fn chat_completions(
         log_full: snap.config.store.log_bodies != LogBodies::Metadata,
         shadow: None,
         slots: Vec::new(),
+        upstream: std::time::Duration::ZERO,
     };
-    match handle(&app, &snap, &headers, body, &mut ctx).await {
+    let out = handle(&app, &snap, &headers, body, &mut ctx).await;
+    app.metrics
+        .overhead(ctx.started.elapsed().saturating_sub(ctx.upstream));
+    match out {
         Ok(resp) => resp,
         Err(e) => {
             let mut rec = std::mem::take(&mut ctx.rec);
@@ -628,6 +634,7 @@ async fn handle(
             Some(up) => up,
             None => prepare(&req, variant)?,
         };
+        let waiting = Instant::now();
         let (r, attempts) = if req.is_stream() {
             let (r, n) = upstream.stream_counted(&up).await;
             (r.map(Answer::Stream), n)
@@ -635,6 +642,7 @@ async fn handle(
             let (r, n) = upstream.complete_counted(&up).await;
             (r.map(Answer::Complete), n)
         };
+        ctx.upstream += waiting.elapsed();
         ctx.rec.attempts = Some(attempts);
         match r {
             Ok(a) => {
@@ -788,9 +796,12 @@ impl StreamRecorder {
     }
 
     /// Passes a chunk's text through the choices' guards. Returns the chunk
-    /// to send and whether a `block` principle ended the stream.
-    fn guard(&mut self, mut v: Value) -> (Value, bool) {
+    /// to send, whether a `block` principle ended the stream, and whether
+    /// the chunk changed (an unchanged chunk goes out as the upstream's own
+    /// bytes, without re-serialising).
+    fn guard(&mut self, mut v: Value) -> (Value, bool, bool) {
         let mut blocked = false;
+        let mut changed = false;
         let started = Instant::now();
         if let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) {
             for c in choices.iter_mut() {
@@ -802,11 +813,12 @@ impl StreamRecorder {
                     .or_insert_with(|| OutputGuard::new(constitution));
                 let mut emitted = String::new();
                 let mut choice_blocked = false;
-                if let Some(t) = c
+                let original = c
                     .get("delta")
                     .and_then(|d| d.get("content"))
                     .and_then(Value::as_str)
-                {
+                    .map(str::to_string);
+                if let Some(t) = original.as_deref() {
                     match guard.push(t) {
                         Step::Emit(e) => emitted = e,
                         Step::Block { emit, .. } => {
@@ -827,10 +839,14 @@ impl StreamRecorder {
                     }
                 }
                 let had_content = c.get("delta").and_then(|d| d.get("content")).is_some();
-                if had_content || !emitted.is_empty() {
+                if (had_content || !emitted.is_empty())
+                    && original.as_deref() != Some(emitted.as_str())
+                {
                     c["delta"]["content"] = json!(emitted);
+                    changed = true;
                 }
                 if choice_blocked {
+                    changed = true;
                     c["finish_reason"] = json!("content_filter");
                     self.finished.insert(idx);
                     blocked = true;
@@ -838,7 +854,7 @@ impl StreamRecorder {
             }
         }
         self.check_us += started.elapsed().as_micros() as u64;
-        (v, blocked)
+        (v, blocked, changed)
     }
 
     /// At the end of a stream: releases what the guards still hold for
@@ -978,8 +994,8 @@ fn stream_response(
                             if template.is_null() {
                                 template = chunk.value.clone();
                             }
-                            let (v, b) = recorder.guard(chunk.value);
-                            (v, None, b)
+                            let (v, b, changed) = recorder.guard(chunk.value);
+                            (v, if changed { None } else { chunk.raw }, b)
                         } else {
                             (chunk.value, chunk.raw, false)
                         };
