@@ -135,6 +135,11 @@ enum Cmd {
         /// < 1 % errors), non-streamed.
         #[arg(long)]
         find_max: bool,
+        /// Repeat the whole sequence this many times at each mode and rate
+        /// and summarise with medians (a virtual machine's scheduling noise
+        /// moves single p99 readings by milliseconds).
+        #[arg(long, default_value_t = 1)]
+        rounds: u32,
         /// Write every result as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -235,6 +240,7 @@ fn main() -> Result<()> {
             duration,
             warmup,
             find_max,
+            rounds,
             out,
             mock,
             programs,
@@ -258,6 +264,7 @@ fn main() -> Result<()> {
                 duration,
                 warmup,
                 programs: programs.programs(),
+                rounds,
             };
             let started = std::time::Instant::now();
             let runs = rt.block_on(run::run_plan(&plan, addr, |r| {
@@ -300,6 +307,7 @@ fn main() -> Result<()> {
             let _ = mock_child.kill();
             let _ = mock_child.wait();
             println!("{}", run::table(&runs));
+            println!("{}", run::summary(&runs));
             for m in &maxima {
                 println!("highest sustained rate (p99 < 50 ms, < 1 % errors): {m}");
             }
@@ -312,6 +320,7 @@ fn main() -> Result<()> {
                     "duration_s": duration.as_secs_f64(),
                     "warmup_s": warmup.as_secs_f64(),
                     "wall_s": started.elapsed().as_secs_f64(),
+                    "rounds": rounds,
                     "runs": runs,
                     "max_sustained": maxima,
                     "max_search_runs": max_runs,

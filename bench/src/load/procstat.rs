@@ -93,3 +93,31 @@ impl RssSampler {
             .unwrap_or_default()
     }
 }
+
+/// The machine's CPU time split from the first line of `/proc/stat`:
+/// (ticks in all states, ticks stolen by the hypervisor).
+pub fn machine_ticks() -> Option<(u64, u64)> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = s.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal [guest guest_nice]
+    // (guest time is already counted in user).
+    let total: u64 = f.iter().take(8).sum();
+    Some((total, *f.get(7)?))
+}
+
+/// Share of the machine's CPU time the hypervisor took between two
+/// readings of [`machine_ticks`], in percent. On a virtual machine this is
+/// time no process could run, which shows up as latency in every scenario.
+pub fn steal_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let total = after.0.saturating_sub(before.0);
+    let stolen = after.1.saturating_sub(before.1);
+    if total == 0 {
+        0.0
+    } else {
+        stolen as f64 * 100.0 / total as f64
+    }
+}

@@ -25,6 +25,9 @@ pub struct Plan {
     pub warmup: Duration,
     /// The programs.
     pub programs: Programs,
+    /// How many times the whole sequence runs at each mode and rate; each
+    /// round has its own floor, and [`summary`] takes medians over rounds.
+    pub rounds: u32,
 }
 
 /// One scenario at one rate and mode.
@@ -55,6 +58,10 @@ pub struct Run {
     pub no_event_lost: Option<bool>,
     /// Why the run could not happen, if it could not.
     pub failed: Option<String>,
+    /// Which repetition of the plan this run belongs to (from 1).
+    pub round: u32,
+    /// Share of the machine's CPU the hypervisor took during the load, %.
+    pub steal_pct: Option<f64>,
 }
 
 /// The request body every target gets.
@@ -118,6 +125,8 @@ pub async fn one(
         recorded: None,
         no_event_lost: None,
         failed: None,
+        round: 1,
+        steal_pct: None,
     };
     let p = programs.clone();
     let target = match tokio::task::spawn_blocking(move || targets::start(scenario, mock, &p)).await
@@ -150,6 +159,7 @@ pub async fn one(
     let pid = target.pid();
     let cpu0 = pid.map(procstat::cpu_time);
     let sampler = pid.map(|p| procstat::RssSampler::start(p, Duration::from_millis(100)));
+    let ticks0 = procstat::machine_ticks();
     run.load = gen::run(LoadSpec {
         url: target.url.clone(),
         bearer: target.bearer.clone(),
@@ -162,6 +172,9 @@ pub async fn one(
         timeout: Duration::from_secs(10),
     })
     .await;
+    if let (Some(a), Some(b)) = (ticks0, procstat::machine_ticks()) {
+        run.steal_pct = Some(procstat::steal_percent(a, b));
+    }
     if let (Some(pid), Some(cpu0)) = (pid, cpu0) {
         let used = procstat::cpu_time(pid).saturating_sub(cpu0);
         run.cpu_s_per_1000 = Some(used.as_secs_f64() / run.load.sent.max(1) as f64 * 1000.0);
@@ -190,45 +203,157 @@ pub async fn run_plan(plan: &Plan, mock: SocketAddr, progress: impl Fn(&Run)) ->
     let mut out = Vec::new();
     for &stream in &plan.streams {
         for &rate in &plan.rates {
-            let mut floor: Option<Run> = None;
-            let mut order = vec![Scenario::Direct];
-            order.extend(
-                plan.scenarios
-                    .iter()
-                    .copied()
-                    .filter(|s| *s != Scenario::Direct),
-            );
-            for s in order {
-                let mut r = one(
-                    s,
-                    mock,
-                    &plan.programs,
-                    rate,
-                    stream,
-                    plan.duration,
-                    plan.warmup,
-                )
-                .await;
-                if let Some(f) = &floor {
-                    r.added_us = Some([
-                        r.load.latency_us.p50 as i64 - f.load.latency_us.p50 as i64,
-                        r.load.latency_us.p99 as i64 - f.load.latency_us.p99 as i64,
-                        r.load.latency_us.p999 as i64 - f.load.latency_us.p999 as i64,
-                    ]);
-                    if let (Some(a), Some(b)) = (&r.load.ttft_us, &f.load.ttft_us) {
-                        r.added_ttft_us =
-                            Some([a.p50 as i64 - b.p50 as i64, a.p99 as i64 - b.p99 as i64]);
-                    }
-                }
-                progress(&r);
-                if s == Scenario::Direct {
-                    floor = Some(r.clone());
-                }
-                out.push(r);
+            for round in 1..=plan.rounds.max(1) {
+                out.extend(run_round(plan, mock, stream, rate, round, &progress).await);
             }
         }
     }
     out
+}
+
+/// One round at one mode and rate: `direct`, then every other scenario,
+/// each compared with this round's floor.
+async fn run_round(
+    plan: &Plan,
+    mock: SocketAddr,
+    stream: bool,
+    rate: u32,
+    round: u32,
+    progress: &impl Fn(&Run),
+) -> Vec<Run> {
+    let mut out = Vec::new();
+    let mut floor: Option<Run> = None;
+    let mut order = vec![Scenario::Direct];
+    order.extend(
+        plan.scenarios
+            .iter()
+            .copied()
+            .filter(|s| *s != Scenario::Direct),
+    );
+    for s in order {
+        let mut r = one(
+            s,
+            mock,
+            &plan.programs,
+            rate,
+            stream,
+            plan.duration,
+            plan.warmup,
+        )
+        .await;
+        r.round = round;
+        if let Some(f) = &floor {
+            r.added_us = Some([
+                r.load.latency_us.p50 as i64 - f.load.latency_us.p50 as i64,
+                r.load.latency_us.p99 as i64 - f.load.latency_us.p99 as i64,
+                r.load.latency_us.p999 as i64 - f.load.latency_us.p999 as i64,
+            ]);
+            if let (Some(a), Some(b)) = (&r.load.ttft_us, &f.load.ttft_us) {
+                r.added_ttft_us = Some([a.p50 as i64 - b.p50 as i64, a.p99 as i64 - b.p99 as i64]);
+            }
+        }
+        progress(&r);
+        if s == Scenario::Direct {
+            floor = Some(r.clone());
+        }
+        out.push(r);
+    }
+    out
+}
+
+/// The middle value (the lower middle for an even count).
+fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v.get(v.len().saturating_sub(1) / 2).copied()
+}
+
+/// Medians over rounds, per mode, rate and scenario: added latency, its
+/// spread, CPU, and the ratio of added p99 to nginx's in the same rounds.
+/// One row per scenario that ran; `direct` shows the floor itself.
+pub fn summary(runs: &[Run]) -> String {
+    let mut s = String::from(
+        "| mode | rate | scenario | rounds | median p99 ms | median added p50 / p99 / p99.9 ms | added p99 range ms | added p99 ÷ nginx's | median CPU s / 1k req | steal % | every event recorded |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut keys: Vec<(bool, u32, Scenario)> = Vec::new();
+    for r in runs {
+        let k = (r.stream, r.load.rate, r.scenario);
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let ms = |us: i64| format!("{:+.2}", us as f64 / 1000.0);
+    for (stream, rate, scenario) in keys {
+        let of = |sc: Scenario| -> Vec<&Run> {
+            runs.iter()
+                .filter(|r| {
+                    r.stream == stream
+                        && r.load.rate == rate
+                        && r.scenario == sc
+                        && r.failed.is_none()
+                        && r.load.ok > 0
+                })
+                .collect()
+        };
+        let mine = of(scenario);
+        if mine.is_empty() {
+            continue;
+        }
+        let p99 = median(mine.iter().map(|r| r.load.latency_us.p99).collect()).unwrap_or(0);
+        let added = |i: usize| {
+            median(
+                mine.iter()
+                    .filter_map(|r| r.added_us.map(|a| a[i]))
+                    .collect(),
+            )
+        };
+        let range = {
+            let v: Vec<i64> = mine
+                .iter()
+                .filter_map(|r| r.added_us.map(|a| a[1]))
+                .collect();
+            match (v.iter().min(), v.iter().max()) {
+                (Some(a), Some(b)) => format!("{} … {}", ms(*a), ms(*b)),
+                _ => "—".into(),
+            }
+        };
+        let nginx = median(
+            of(Scenario::Nginx)
+                .iter()
+                .filter_map(|r| r.added_us.map(|a| a[1]))
+                .collect(),
+        );
+        let ratio = match (added(1), nginx) {
+            _ if scenario == Scenario::Direct || scenario == Scenario::Nginx => "—".into(),
+            (Some(a), Some(n)) if n > 0 => format!("{:.1}×", a as f64 / n as f64),
+            (Some(_), Some(_)) => "nginx added ≤ 0".into(),
+            _ => "—".into(),
+        };
+        let cpu = median(mine.iter().filter_map(|r| r.cpu_s_per_1000).collect())
+            .map(|c| format!("{c:.3}"))
+            .unwrap_or_else(|| "—".into());
+        let steal = median(mine.iter().filter_map(|r| r.steal_pct).collect())
+            .map(|c| format!("{c:.1}"))
+            .unwrap_or_else(|| "—".into());
+        let recorded = if mine.iter().all(|r| r.no_event_lost.is_none()) {
+            "—".to_string()
+        } else if mine.iter().all(|r| r.no_event_lost == Some(true)) {
+            "yes".to_string()
+        } else {
+            "NO".to_string()
+        };
+        s.push_str(&format!(
+            "| {} | {rate} | {} | {} | {:.2} | {} | {range} | {ratio} | {cpu} | {steal} | {recorded} |\n",
+            if stream { "stream" } else { "non-stream" },
+            scenario.name(),
+            mine.len(),
+            p99 as f64 / 1000.0,
+            match (added(0), added(1), added(2)) {
+                (Some(a), Some(b), Some(c)) => format!("{} / {} / {}", ms(a), ms(b), ms(c)),
+                _ => "(floor)".into(),
+            },
+        ));
+    }
+    s
 }
 
 /// Whether a run sustained its rate: p99 under 50 ms, under 1 % errors,
@@ -272,7 +397,7 @@ pub async fn find_max(
 /// A Markdown table of runs.
 pub fn table(runs: &[Run]) -> String {
     let mut s = String::from(
-        "| mode | rate | scenario | ok | errors | p50 ms | p99 ms | p99.9 ms | added p50 / p99 / p99.9 ms | added TTFT p50 / p99 ms | own overhead p50 / p99 / p99.9 | throughput | peak RSS MiB | CPU s / 1k req | recorded |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| round | mode | rate | scenario | ok | errors | p50 ms | p99 ms | p99.9 ms | added p50 / p99 / p99.9 ms | added TTFT p50 / p99 ms | own overhead p50 / p99 / p99.9 | throughput | peak RSS MiB | CPU s / 1k req | recorded | steal % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
     let add = |v: i64| format!("{:+.2}", v as f64 / 1000.0);
@@ -280,7 +405,8 @@ pub fn table(runs: &[Run]) -> String {
         let l = &r.load;
         if let Some(f) = &r.failed {
             s.push_str(&format!(
-                "| {} | {} | {} | — | — | — | — | — | — | — | — | — | — | — | failed: {f} |\n",
+                "| {} | {} | {} | {} | — | — | — | — | — | — | — | — | — | — | — | failed: {f} | — |\n",
+                r.round,
                 if r.stream { "stream" } else { "non-stream" },
                 l.rate,
                 r.scenario.name()
@@ -288,7 +414,8 @@ pub fn table(runs: &[Run]) -> String {
             continue;
         }
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}/s | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}/s | {} | {} | {} | {} |\n",
+            r.round,
             if r.stream { "stream" } else { "non-stream" },
             l.rate,
             r.scenario.name(),
@@ -332,6 +459,9 @@ pub fn table(runs: &[Run]) -> String {
                 (Some(n), _) => format!("{n} ≠ {} sent", l.sent),
                 _ => "—".into(),
             },
+            r.steal_pct
+                .map(|p| format!("{p:.1}"))
+                .unwrap_or_else(|| "—".into()),
         ));
     }
     s

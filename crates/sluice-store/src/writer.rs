@@ -188,9 +188,18 @@ struct Shared {
     journal_pending: AtomicU64,
     parked: AtomicUsize,
     parked_done: Notify,
+    /// The writer thread, woken early when someone waits on a commit.
+    thread: std::sync::OnceLock<std::thread::Thread>,
 }
 
 impl Shared {
+    /// Ends the writer's gathering wait now: a sender waits on the batch.
+    fn wake(&self) {
+        if let Some(t) = self.thread.get() {
+            t.unpark();
+        }
+    }
+
     fn journal(&self) -> Option<std::sync::MutexGuard<'_, Journal>> {
         self.journal
             .as_ref()
@@ -256,7 +265,7 @@ impl EventSender {
         s.stats.enqueued.fetch_add(1, Ordering::Relaxed);
         let (ack, done) = oneshot::channel();
         match self.tx.try_send(Msg::Record(Box::new(rec), Some(ack))) {
-            Ok(()) => {}
+            Ok(()) => s.wake(),
             Err(mpsc::error::TrySendError::Full(msg)) => {
                 s.stats.delayed.fetch_add(1, Ordering::Relaxed);
                 s.parked.fetch_add(1, Ordering::SeqCst);
@@ -267,6 +276,7 @@ impl EventSender {
                         shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
                         tracing::error!("event writer stopped; a request record was dropped");
                     }
+                    shared.wake();
                     shared.parked.fetch_sub(1, Ordering::SeqCst);
                     shared.parked_done.notify_waiters();
                 };
@@ -291,6 +301,7 @@ impl EventSender {
         self.wait_parked().await;
         let (ack, done) = oneshot::channel();
         if self.tx.send(Msg::Flush(ack)).await.is_ok() {
+            self.shared.wake();
             let _ = done.await;
         }
     }
@@ -368,6 +379,7 @@ impl EventWriter {
             journal_pending: AtomicU64::new(0),
             parked: AtomicUsize::new(0),
             parked_done: Notify::new(),
+            thread: std::sync::OnceLock::new(),
         });
         let batch_max = opts.batch_max.max(1);
         let window = opts.commit_window;
@@ -377,6 +389,7 @@ impl EventWriter {
         let thread = std::thread::Builder::new()
             .name("sluice-writer".into())
             .spawn(move || {
+                let _ = thread_shared.thread.set(std::thread::current());
                 lower_priority();
                 run(conn, rx, batch_max, window, &thread_shared)
             })
@@ -403,6 +416,7 @@ impl EventWriter {
     pub async fn shutdown(mut self) -> WriterStatsSnapshot {
         self.sender.wait_parked().await;
         let _ = self.sender.tx.send(Msg::Stop).await;
+        self.sender.shared.wake();
         if let Some(t) = self.thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
@@ -526,6 +540,9 @@ fn run(
         // the commit's own budget), unless someone waits on this batch
         // (strict durability, a flush, shutdown) or it is full. One commit
         // per window instead of one per record is most of the writer's CPU.
+        // The wait is one sleep, not a poll: whoever waits on this batch
+        // wakes the thread, so a busy gateway sees one writer wakeup per
+        // window instead of hundreds.
         let opened = std::time::Instant::now();
         let gather = window / 2;
         loop {
@@ -541,7 +558,7 @@ fn run(
                     if stop || !acks.is_empty() || !flushes.is_empty() || waited >= gather {
                         break;
                     }
-                    std::thread::sleep((gather - waited).min(Duration::from_millis(2)));
+                    std::thread::park_timeout(gather - waited);
                 }
             }
         }
