@@ -325,8 +325,13 @@ pub fn prepare(req: &ChatRequest, variant: &VariantConfig) -> Result<ChatRequest
     Ok(up)
 }
 
-/// Everything known about a request so far; becomes its record.
+/// Everything known about a request so far; becomes its record. Every path
+/// that answers takes `rec` out; if the handler is dropped before that (the
+/// client closed the connection, or a stop ran out of grace), dropping the
+/// context records the request as `client_disconnected` with status 499, so
+/// no request that reached the handler goes unrecorded.
 struct Ctx {
+    app: Arc<AppState>,
     rec: RequestRecord,
     stage_header: Option<String>,
     policy: crate::policy::PolicyLog,
@@ -339,6 +344,24 @@ struct Ctx {
     slots: Vec<Slot>,
     /// Time spent waiting on upstream calls (for the overhead metric).
     upstream: std::time::Duration,
+}
+
+impl Drop for Ctx {
+    fn drop(&mut self) {
+        if self.rec.id.is_empty() {
+            return; // already answered and recorded
+        }
+        let mut rec = std::mem::take(&mut self.rec);
+        rec.status = 499;
+        rec.error_kind = Some("client_disconnected".to_string());
+        rec.error_message =
+            Some("the client closed the connection before the answer was ready".to_string());
+        rec.latency_ms = ms_since(self.started);
+        rec.policy = self.policy.to_record();
+        // No outcome to judge: the request feeds no rollout signal.
+        self.app.metrics.observe(&rec);
+        drop(self.app.record(rec));
+    }
 }
 
 fn with_headers(
@@ -466,6 +489,7 @@ pub async fn chat_completions(
     let _in_flight = app.metrics.in_flight();
     let snap = app.snapshot.load_full();
     let mut ctx = Ctx {
+        app: app.clone(),
         rec: RequestRecord {
             id: new_request_id(),
             ts_ms: now_ms(),

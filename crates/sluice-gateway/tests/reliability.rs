@@ -449,3 +449,51 @@ async fn the_gateway_keeps_serving_after_every_fault() {
     assert_eq!(report.events.written, 5);
     assert!(report.drained);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_before_the_answer_is_still_recorded() {
+    let (h, faults, _) = start().await;
+    let before = h.store.count().expect("count");
+    let body = ask("f-stall").to_string();
+    let mut s = raw(&h).await;
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        common::CLIENT_KEY,
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    // Leave once the upstream is working on it.
+    let t = Instant::now();
+    while faults.calls("f-stall") == 0 && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(faults.calls("f-stall"), 1);
+    drop(s);
+    let t = Instant::now();
+    let rec = loop {
+        h.flush().await;
+        let found = h
+            .store
+            .recent(10)
+            .expect("read")
+            .into_iter()
+            .find(|r| r.deployment.as_deref() == Some("f-stall"));
+        if let Some(r) = found {
+            break r;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no record for the abandoned request"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(rec.status, 499);
+    assert_eq!(rec.error_kind.as_deref(), Some("client_disconnected"));
+    assert!(rec.latency_ms < 5000.0, "{}", rec.latency_ms);
+    assert_eq!(h.store.count().expect("count"), before + 1);
+    // The gateway keeps serving.
+    let r = chat(&h, ask("f-ok")).await;
+    assert_eq!(r.status(), 200);
+    h.stop().await;
+}

@@ -20,20 +20,28 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
+use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use serde_json::{json, Map, Value};
 use sluice_core::chat::{ChatRequest, Content, Role, Usage};
 use sluice_core::config::{AnthropicConfig, ProviderConfig};
 
-use crate::http::{bad_url, read_json, send, sse_events, status_error};
+use crate::http::{read_json, send, sse_events, status_error};
+
+/// The Messages request as JSON bytes.
+fn encode(body: &Value) -> Result<Vec<u8>, ProviderError> {
+    serde_json::to_vec(body).map_err(|e| ProviderError::Unsupported {
+        param: "body".into(),
+        message: format!("cannot encode request: {e}"),
+    })
+}
 use crate::{now_secs, BuildError, Chunk, ChunkStream, Completion, ProviderError};
 
 /// A client for Anthropic's Messages API.
 #[derive(Debug, Clone)]
 pub struct AnthropicProvider {
     name: String,
-    url: reqwest::Url,
-    client: reqwest::Client,
+    url: http::Uri,
+    client: crate::http::HttpClient,
     timeout: Duration,
     stream_timeouts: crate::http::StreamTimeouts,
     default_max_tokens: u32,
@@ -66,8 +74,7 @@ impl AnthropicProvider {
         }
         Ok(AnthropicProvider {
             name: cfg.name.clone(),
-            url: reqwest::Url::parse(&format!("{}/v1/messages", a.base_url))
-                .map_err(|e| bad_url(&cfg.name, e))?,
+            url: crate::http::endpoint(&cfg.name, &a.base_url, "/v1/messages")?,
             client: crate::http::build_client(cfg, headers)?,
             timeout: cfg.timeout,
             stream_timeouts: crate::http::StreamTimeouts {
@@ -87,10 +94,12 @@ impl AnthropicProvider {
     /// A non-streamed completion.
     pub async fn complete(&self, req: &ChatRequest) -> Result<Completion, ProviderError> {
         let body = to_messages_request(req, self.default_max_tokens, false)?;
+        let body = encode(&body)?;
         let start = Instant::now();
         let resp = send(
             &self.name,
-            self.client.post(self.url.clone()).json(&body),
+            &self.client,
+            self.client.post(&self.url, None, body),
             self.timeout,
             "response",
         )
@@ -112,13 +121,12 @@ impl AnthropicProvider {
     /// A streamed completion.
     pub async fn stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
         let body = to_messages_request(req, self.default_max_tokens, true)?;
+        let body = encode(&body)?;
         let sent = Instant::now();
         let resp = send(
             &self.name,
-            self.client
-                .post(self.url.clone())
-                .header(reqwest::header::ACCEPT, "text/event-stream")
-                .json(&body),
+            &self.client,
+            self.client.post(&self.url, Some("text/event-stream"), body),
             self.stream_timeouts.first_byte,
             "first byte",
         )

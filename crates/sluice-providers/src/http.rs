@@ -1,5 +1,9 @@
 //! HTTP plumbing shared by the real-protocol providers: client construction,
 //! timeouts, upstream error extraction and SSE decoding of response bodies.
+//!
+//! Providers talk to upstreams through hyper's pooled client directly (with
+//! rustls for HTTPS): a gateway request costs one pooled HTTP exchange and
+//! nothing else, no per-request URL parsing, redirect or retry layers.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -11,30 +15,101 @@ use sluice_core::config::ProviderConfig;
 use sluice_core::sse::{SseDecoder, SseEvent};
 
 use crate::{BuildError, ProviderError};
+use http::{HeaderMap, HeaderValue, Method, Uri};
+use http_body_util::{BodyDataStream, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 /// Largest error body read from an upstream.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 /// Largest non-streamed response accepted from an upstream.
 const MAX_RESPONSE_BODY: usize = 64 * 1024 * 1024;
 
-/// A client for one provider; `headers` (auth, content type, extras) are
-/// sent with every request without being copied per request.
+/// An upstream's response, its body still to be read.
+pub(crate) type Response = http::Response<hyper::body::Incoming>;
+
+type Inner = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A pooled HTTP/1.1 and HTTP/2 client for one provider, with the headers
+/// (auth, content type, user agent, extras) it sends on every request.
+#[derive(Clone)]
+pub(crate) struct HttpClient {
+    inner: Inner,
+    headers: HeaderMap,
+}
+
+impl std::fmt::Debug for HttpClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Headers hold the API key: never printed.
+        f.write_str("HttpClient")
+    }
+}
+
+impl HttpClient {
+    /// A `POST uri` carrying `body`, the provider's headers and `accept`.
+    pub(crate) fn post(
+        &self,
+        uri: &Uri,
+        accept: Option<&'static str>,
+        body: Vec<u8>,
+    ) -> http::Request<Full<Bytes>> {
+        let mut req = http::Request::new(Full::new(Bytes::from(body)));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = uri.clone();
+        *req.headers_mut() = self.headers.clone();
+        if let Some(a) = accept {
+            req.headers_mut()
+                .insert(http::header::ACCEPT, HeaderValue::from_static(a));
+        }
+        req
+    }
+}
+
+/// A client for one provider; `headers` (auth, content type, extras) go
+/// with every request.
 pub(crate) fn build_client(
     cfg: &ProviderConfig,
-    headers: reqwest::header::HeaderMap,
-) -> Result<reqwest::Client, BuildError> {
-    reqwest::Client::builder()
-        .default_headers(headers)
-        .connect_timeout(cfg.connect_timeout)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .tcp_nodelay(true)
-        .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
-        .build()
+    mut headers: HeaderMap,
+) -> Result<HttpClient, BuildError> {
+    headers.insert(
+        http::header::USER_AGENT,
+        HeaderValue::from_static(concat!("sluice/", env!("CARGO_PKG_VERSION"))),
+    );
+    let mut tcp = HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_nodelay(true);
+    tcp.set_connect_timeout(Some(cfg.connect_timeout));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
         .map_err(|e| BuildError {
             provider: cfg.name.clone(),
-            message: format!("cannot build HTTP client: {e}"),
-        })
+            message: format!("cannot set up TLS: {e}"),
+        })?
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(tcp);
+    let inner = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .pool_timer(TokioTimer::new())
+        .build(https);
+    Ok(HttpClient { inner, headers })
+}
+
+/// The endpoint `base_url` + `path`, checked to be an absolute http(s) URL.
+pub(crate) fn endpoint(provider: &str, base_url: &str, path: &str) -> Result<Uri, BuildError> {
+    let uri: Uri = format!("{base_url}{path}")
+        .parse()
+        .map_err(|e| bad_url(provider, e))?;
+    match (uri.scheme_str(), uri.authority()) {
+        (Some("http" | "https"), Some(_)) => Ok(uri),
+        _ => Err(bad_url(
+            provider,
+            format!("{base_url:?} needs http:// or https:// and a host"),
+        )),
+    }
 }
 
 pub(crate) fn bad_url(provider: &str, e: impl std::fmt::Display) -> BuildError {
@@ -44,8 +119,26 @@ pub(crate) fn bad_url(provider: &str, e: impl std::fmt::Display) -> BuildError {
     }
 }
 
-pub(crate) fn map_send_error(provider: &str, e: &reqwest::Error, after: Duration) -> ProviderError {
-    if e.is_timeout() {
+/// Whether an I/O timeout sits anywhere in the error's causes.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
+}
+
+pub(crate) fn map_send_error(
+    provider: &str,
+    e: &hyper_util::client::legacy::Error,
+    after: Duration,
+) -> ProviderError {
+    if timed_out(e) {
         ProviderError::Timeout {
             provider: provider.to_string(),
             after,
@@ -61,7 +154,7 @@ pub(crate) fn map_send_error(provider: &str, e: &reqwest::Error, after: Duration
     }
 }
 
-/// The error and its causes, joined (reqwest's top-level message alone is
+/// The error and its causes, joined (a client error's top-level message is
 /// rarely actionable).
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -80,11 +173,12 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 /// Sends a request, allowing `timeout` until the response headers arrive.
 pub(crate) async fn send(
     provider: &str,
-    req: reqwest::RequestBuilder,
+    client: &HttpClient,
+    req: http::Request<Full<Bytes>>,
     timeout: Duration,
     phase: &'static str,
-) -> Result<reqwest::Response, ProviderError> {
-    match tokio::time::timeout(timeout, req.send()).await {
+) -> Result<Response, ProviderError> {
+    match tokio::time::timeout(timeout, client.inner.request(req)).await {
         Err(_) => Err(ProviderError::Timeout {
             provider: provider.to_string(),
             after: timeout,
@@ -98,13 +192,13 @@ pub(crate) async fn send(
 /// Reads a body up to `limit` bytes before `deadline`.
 pub(crate) async fn read_body(
     provider: &str,
-    resp: reqwest::Response,
+    resp: Response,
     limit: usize,
     timeout: Duration,
 ) -> Result<Bytes, ProviderError> {
     let read = async {
         let mut out = Vec::new();
-        let mut stream = resp.bytes_stream();
+        let mut stream = BodyDataStream::new(resp.into_body());
         while let Some(piece) = stream.next().await {
             let piece = piece.map_err(|e| ProviderError::Stream {
                 provider: provider.to_string(),
@@ -133,7 +227,7 @@ pub(crate) async fn read_body(
 /// Reads a successful JSON response.
 pub(crate) async fn read_json(
     provider: &str,
-    resp: reqwest::Response,
+    resp: Response,
     timeout: Duration,
 ) -> Result<(Value, Bytes), ProviderError> {
     let body = read_body(provider, resp, MAX_RESPONSE_BODY, timeout).await?;
@@ -159,11 +253,11 @@ pub(crate) fn snippet(body: &[u8]) -> String {
 
 /// Turns a non-2xx response into a [`ProviderError::Status`], extracting the
 /// upstream's own message from OpenAI- or Anthropic-shaped error bodies.
-pub(crate) async fn status_error(provider: &str, resp: reqwest::Response) -> ProviderError {
+pub(crate) async fn status_error(provider: &str, resp: Response) -> ProviderError {
     let status = resp.status().as_u16();
     let retry_after = resp
         .headers()
-        .get(reqwest::header::RETRY_AFTER)
+        .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     let body = read_body(provider, resp, MAX_ERROR_BODY, Duration::from_secs(5))
@@ -215,13 +309,13 @@ pub(crate) struct StreamTimeouts {
 /// breaks off is an error item; a clean end of body ends the stream.
 pub(crate) fn sse_events(
     provider: &str,
-    resp: reqwest::Response,
+    resp: Response,
     timeouts: StreamTimeouts,
     sent: std::time::Instant,
 ) -> impl Stream<Item = Result<SseEvent, ProviderError>> + Send + 'static {
     let sent = tokio::time::Instant::from_std(sent);
     let state = SseState {
-        body: resp.bytes_stream().boxed(),
+        body: BodyDataStream::new(resp.into_body()).boxed(),
         decoder: SseDecoder::default(),
         ready: VecDeque::new(),
         done: false,

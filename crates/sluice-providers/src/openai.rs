@@ -8,20 +8,20 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::Value;
 use sluice_core::chat::{ChatRequest, StreamOptions, Usage};
 use sluice_core::config::{OpenAiConfig, ProviderConfig};
 
-use crate::http::{bad_url, read_json, send, sse_events, status_error};
+use crate::http::{read_json, send, sse_events, status_error};
 use crate::{BuildError, Chunk, ChunkStream, Completion, ProviderError};
 
 /// A client for one OpenAI-compatible upstream.
 #[derive(Debug, Clone)]
 pub struct OpenAiProvider {
     name: String,
-    url: reqwest::Url,
-    client: reqwest::Client,
+    url: http::Uri,
+    client: crate::http::HttpClient,
     timeout: Duration,
     stream_timeouts: crate::http::StreamTimeouts,
 }
@@ -55,8 +55,7 @@ impl OpenAiProvider {
         }
         Ok(OpenAiProvider {
             name: cfg.name.clone(),
-            url: reqwest::Url::parse(&format!("{}/chat/completions", o.base_url))
-                .map_err(|e| bad_url(&cfg.name, e))?,
+            url: crate::http::endpoint(&cfg.name, &o.base_url, "/chat/completions")?,
             client: crate::http::build_client(cfg, headers)?,
             timeout: cfg.timeout,
             stream_timeouts: crate::http::StreamTimeouts {
@@ -88,7 +87,8 @@ impl OpenAiProvider {
         let start = Instant::now();
         let resp = send(
             &self.name,
-            self.client.post(self.url.clone()).body(body),
+            &self.client,
+            self.client.post(&self.url, None, body),
             self.timeout,
             "response",
         )
@@ -118,10 +118,8 @@ impl OpenAiProvider {
         let sent = Instant::now();
         let resp = send(
             &self.name,
-            self.client
-                .post(self.url.clone())
-                .header(reqwest::header::ACCEPT, "text/event-stream")
-                .body(body),
+            &self.client,
+            self.client.post(&self.url, Some("text/event-stream"), body),
             self.stream_timeouts.first_byte,
             "first byte",
         )
