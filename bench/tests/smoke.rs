@@ -69,3 +69,55 @@ async fn the_harness_measures_direct_and_sluice_and_counts_every_record() {
         "every request sent is recorded"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_targets_take_turns_and_each_gets_the_whole_count() {
+    let fast = mock::spawn("127.0.0.1:0".parse().expect("addr"), MockConfig::default())
+        .await
+        .expect("mock binds");
+    let slow_cfg = MockConfig {
+        latency: mock::Latency::Fixed(Duration::from_millis(5)),
+        ..MockConfig::default()
+    };
+    let slow = mock::spawn("127.0.0.1:0".parse().expect("addr"), slow_cfg)
+        .await
+        .expect("mock binds");
+    let spec = LoadSpec {
+        url: String::new(),
+        bearer: None,
+        body: run::body(false),
+        rate: 200,
+        duration: Duration::from_millis(500),
+        warmup: Duration::from_millis(200),
+        stream: false,
+        max_outstanding: 1000,
+        timeout: Duration::from_secs(5),
+    };
+    let target = |addr| gen::Target {
+        url: format!("http://{addr}/v1/chat/completions"),
+        bearer: None,
+    };
+    let out = gen::run_interleaved(
+        &spec,
+        &[target(fast), target(slow)],
+        Duration::from_millis(100),
+    )
+    .await;
+    assert_eq!(out.len(), 2);
+    for r in &out {
+        // 20 requests per slice; 2 warm-up rounds, then 5 counted ones.
+        assert_eq!(r.counted, 100, "{r:?}");
+        assert_eq!(r.ok, 100, "{r:?}");
+        assert_eq!(r.sent, 140, "{r:?}");
+        assert_eq!(r.errors + r.saturated, 0);
+    }
+    // Each target's latency is its own: the slow mock's 5 ms shows on it
+    // alone.
+    assert!(out[1].latency_us.p50 >= 5_000, "{:?}", out[1].latency_us);
+    assert!(
+        out[0].latency_us.p50 < out[1].latency_us.p50,
+        "{:?} vs {:?}",
+        out[0].latency_us,
+        out[1].latency_us
+    );
+}

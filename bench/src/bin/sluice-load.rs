@@ -140,6 +140,12 @@ enum Cmd {
         /// moves single p99 readings by milliseconds).
         #[arg(long, default_value_t = 1)]
         rounds: u32,
+        /// Start every scenario of a round together and send to each in
+        /// turn for this long at a time (e.g. 500ms) within one arrival
+        /// process, so the floor and every scenario share the machine's good
+        /// and bad moments; without it they run one after another.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interleave: Option<Duration>,
         /// Write every result as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -241,6 +247,7 @@ fn main() -> Result<()> {
             warmup,
             find_max,
             rounds,
+            interleave,
             out,
             mock,
             programs,
@@ -265,6 +272,7 @@ fn main() -> Result<()> {
                 warmup,
                 programs: programs.programs(),
                 rounds,
+                interleave,
             };
             let started = std::time::Instant::now();
             let runs = rt.block_on(run::run_plan(&plan, addr, |r| {
@@ -321,6 +329,7 @@ fn main() -> Result<()> {
                     "warmup_s": warmup.as_secs_f64(),
                     "wall_s": started.elapsed().as_secs_f64(),
                     "rounds": rounds,
+                    "interleave_ms": interleave.map(|d| d.as_millis() as u64),
                     "runs": runs,
                     "max_sustained": maxima,
                     "max_search_runs": max_runs,

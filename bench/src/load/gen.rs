@@ -112,45 +112,97 @@ fn hist() -> Histogram<u64> {
 
 /// Runs the load and returns what it measured.
 pub async fn run(spec: LoadSpec) -> LoadResult {
+    let target = Target {
+        url: spec.url.clone(),
+        bearer: spec.bearer.clone(),
+    };
+    // One target, one request per slice: the warm-up and the counted part
+    // are exact request counts.
+    let slice = Duration::from_secs_f64(1.0 / f64::from(spec.rate.max(1)));
+    run_interleaved(&spec, &[target], slice)
+        .await
+        .pop()
+        .unwrap_or_default()
+}
+
+/// Where an interleaved run sends its requests.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// `http://host:port/v1/chat/completions`.
+    pub url: String,
+    /// `Authorization: Bearer` value, if any.
+    pub bearer: Option<String>,
+}
+
+/// One arrival process at `spec.rate` whose requests go to each target in
+/// turn for `slice` at a time: target 0 for a slice, then target 1, and so
+/// on, round after round. Every target sees the same rate, and whatever the
+/// machine does meanwhile (a noisy neighbour, the hypervisor taking the CPU
+/// for a while) falls on all of them alike instead of on whichever ran at
+/// that moment. The first rounds that cover `spec.warmup` per target are
+/// sent but not counted; then rounds continue until each target has had
+/// `spec.duration` counted. `spec.url` and `spec.bearer` are ignored.
+pub async fn run_interleaved(
+    spec: &LoadSpec,
+    targets: &[Target],
+    slice: Duration,
+) -> Vec<LoadResult> {
+    let k = targets.len().max(1) as u64;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(4096)
         .pool_idle_timeout(Duration::from_secs(30))
         .build_http();
-    let acc = Arc::new(Mutex::new(Acc {
-        latency: hist(),
-        ttft: hist(),
-        ok: 0,
-        errors: 0,
-        statuses: Default::default(),
-    }));
+    let accs: Vec<Arc<Mutex<Acc>>> = targets
+        .iter()
+        .map(|_| {
+            Arc::new(Mutex::new(Acc {
+                latency: hist(),
+                ttft: hist(),
+                ok: 0,
+                errors: 0,
+                statuses: Default::default(),
+            }))
+        })
+        .collect();
+    let sent: Vec<AtomicU64> = targets.iter().map(|_| AtomicU64::new(0)).collect();
+    let saturated: Vec<AtomicU64> = targets.iter().map(|_| AtomicU64::new(0)).collect();
     let outstanding = Arc::new(AtomicU64::new(0));
-    let saturated = Arc::new(AtomicU64::new(0));
-    let total = spec.warmup + spec.duration;
-    let n = (total.as_secs_f64() * f64::from(spec.rate)).round() as u64;
-    let warm_n = (spec.warmup.as_secs_f64() * f64::from(spec.rate)).round() as u64;
-    let period = Duration::from_secs_f64(1.0 / f64::from(spec.rate.max(1)));
+    let rate = f64::from(spec.rate.max(1));
+    let per_slice = ((slice.as_secs_f64() * rate).round() as u64).max(1);
+    let slices_for = |d: Duration| (d.as_secs_f64() * rate / per_slice as f64).ceil() as u64;
+    let warm_rounds = slices_for(spec.warmup);
+    let rounds = warm_rounds + slices_for(spec.duration).max(1);
+    let n = rounds * k * per_slice;
+    let period = Duration::from_secs_f64(1.0 / rate);
     let start = tokio::time::Instant::now() + Duration::from_millis(20);
-    let uri: hyper::Uri = spec.url.parse().expect("a valid URL");
+    let uris: Vec<hyper::Uri> = targets
+        .iter()
+        .map(|t| t.url.parse().expect("a valid URL"))
+        .collect();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         let intended = start + period.mul_f64(i as f64);
         tokio::time::sleep_until(intended).await;
-        let counted = i >= warm_n;
+        let slot = i / per_slice;
+        let t = (slot % k) as usize;
+        let counted = slot / k >= warm_rounds;
         if outstanding.load(Ordering::Relaxed) >= spec.max_outstanding {
             if counted {
-                saturated.fetch_add(1, Ordering::Relaxed);
+                saturated[t].fetch_add(1, Ordering::Relaxed);
             }
             continue;
         }
         outstanding.fetch_add(1, Ordering::Relaxed);
-        let mut b = hyper::Request::post(uri.clone()).header("content-type", "application/json");
-        if let Some(t) = &spec.bearer {
-            b = b.header("authorization", format!("Bearer {t}"));
+        sent[t].fetch_add(1, Ordering::Relaxed);
+        let mut b =
+            hyper::Request::post(uris[t].clone()).header("content-type", "application/json");
+        if let Some(token) = &targets[t].bearer {
+            b = b.header("authorization", format!("Bearer {token}"));
         }
         let req = b
             .body(Full::new(spec.body.clone()))
             .expect("a valid request");
-        let (client, acc, outstanding) = (client.clone(), acc.clone(), outstanding.clone());
+        let (client, acc, outstanding) = (client.clone(), accs[t].clone(), outstanding.clone());
         let (stream, timeout) = (spec.stream, spec.timeout);
         let intended = intended.into_std();
         tasks.spawn(async move {
@@ -186,20 +238,26 @@ pub async fn run(spec: LoadSpec) -> LoadResult {
         while tasks.try_join_next().is_some() {}
     }
     while tasks.join_next().await.is_some() {}
-    let a = acc.lock().unwrap_or_else(|p| p.into_inner());
-    let counted = n - warm_n;
-    LoadResult {
-        rate: spec.rate,
-        sent: n - saturated.load(Ordering::Relaxed),
-        counted,
-        ok: a.ok,
-        errors: a.errors,
-        saturated: saturated.load(Ordering::Relaxed),
-        throughput: a.ok as f64 / spec.duration.as_secs_f64(),
-        latency_us: Percentiles::of(&a.latency),
-        ttft_us: spec.stream.then(|| Percentiles::of(&a.ttft)),
-        statuses: a.statuses.clone(),
-    }
+    let counted = (rounds - warm_rounds) * per_slice;
+    let counted_secs = counted as f64 / rate;
+    accs.iter()
+        .enumerate()
+        .map(|(t, acc)| {
+            let a = acc.lock().unwrap_or_else(|p| p.into_inner());
+            LoadResult {
+                rate: spec.rate,
+                sent: sent[t].load(Ordering::Relaxed),
+                counted,
+                ok: a.ok,
+                errors: a.errors,
+                saturated: saturated[t].load(Ordering::Relaxed),
+                throughput: a.ok as f64 / counted_secs,
+                latency_us: Percentiles::of(&a.latency),
+                ttft_us: spec.stream.then(|| Percentiles::of(&a.ttft)),
+                statuses: a.statuses.clone(),
+            }
+        })
+        .collect()
 }
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;

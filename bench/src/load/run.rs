@@ -28,6 +28,9 @@ pub struct Plan {
     /// How many times the whole sequence runs at each mode and rate; each
     /// round has its own floor, and [`summary`] takes medians over rounds.
     pub rounds: u32,
+    /// Run every scenario of a round at once, taking turns in slices of
+    /// this length within one arrival process, instead of one after another.
+    pub interleave: Option<Duration>,
 }
 
 /// One scenario at one rate and mode.
@@ -113,21 +116,7 @@ pub async fn one(
     duration: Duration,
     warmup: Duration,
 ) -> Run {
-    let mut run = Run {
-        scenario,
-        stream,
-        load: LoadResult::default(),
-        added_us: None,
-        added_ttft_us: None,
-        peak_rss_mib: None,
-        cpu_s_per_1000: None,
-        overhead_us: None,
-        recorded: None,
-        no_event_lost: None,
-        failed: None,
-        round: 1,
-        steal_pct: None,
-    };
+    let mut run = blank(scenario, stream, rate, 1);
     let p = programs.clone();
     let target = match tokio::task::spawn_blocking(move || targets::start(scenario, mock, &p)).await
     {
@@ -204,7 +193,13 @@ pub async fn run_plan(plan: &Plan, mock: SocketAddr, progress: impl Fn(&Run)) ->
     for &stream in &plan.streams {
         for &rate in &plan.rates {
             for round in 1..=plan.rounds.max(1) {
-                out.extend(run_round(plan, mock, stream, rate, round, &progress).await);
+                let runs = match plan.interleave {
+                    Some(slice) => {
+                        interleaved_round(plan, mock, stream, rate, round, slice, &progress).await
+                    }
+                    None => run_round(plan, mock, stream, rate, round, &progress).await,
+                };
+                out.extend(runs);
             }
         }
     }
@@ -243,14 +238,7 @@ async fn run_round(
         .await;
         r.round = round;
         if let Some(f) = &floor {
-            r.added_us = Some([
-                r.load.latency_us.p50 as i64 - f.load.latency_us.p50 as i64,
-                r.load.latency_us.p99 as i64 - f.load.latency_us.p99 as i64,
-                r.load.latency_us.p999 as i64 - f.load.latency_us.p999 as i64,
-            ]);
-            if let (Some(a), Some(b)) = (&r.load.ttft_us, &f.load.ttft_us) {
-                r.added_ttft_us = Some([a.p50 as i64 - b.p50 as i64, a.p99 as i64 - b.p99 as i64]);
-            }
+            compare(&mut r, f);
         }
         progress(&r);
         if s == Scenario::Direct {
@@ -259,6 +247,169 @@ async fn run_round(
         out.push(r);
     }
     out
+}
+
+/// Fills in `added_us` and `added_ttft_us` of `r` against the floor `f`.
+fn compare(r: &mut Run, f: &Run) {
+    r.added_us = Some([
+        r.load.latency_us.p50 as i64 - f.load.latency_us.p50 as i64,
+        r.load.latency_us.p99 as i64 - f.load.latency_us.p99 as i64,
+        r.load.latency_us.p999 as i64 - f.load.latency_us.p999 as i64,
+    ]);
+    if let (Some(a), Some(b)) = (&r.load.ttft_us, &f.load.ttft_us) {
+        r.added_ttft_us = Some([a.p50 as i64 - b.p50 as i64, a.p99 as i64 - b.p99 as i64]);
+    }
+}
+
+/// A run that has not happened yet.
+fn blank(scenario: Scenario, stream: bool, rate: u32, round: u32) -> Run {
+    Run {
+        scenario,
+        stream,
+        load: LoadResult {
+            rate,
+            ..LoadResult::default()
+        },
+        added_us: None,
+        added_ttft_us: None,
+        peak_rss_mib: None,
+        cpu_s_per_1000: None,
+        overhead_us: None,
+        recorded: None,
+        no_event_lost: None,
+        failed: None,
+        round,
+        steal_pct: None,
+    }
+}
+
+/// One round at one mode and rate with every scenario running at once:
+/// all targets are started and checked first, then one arrival process
+/// sends to each in turn for `slice` at a time (see
+/// [`gen::run_interleaved`]), so every scenario and the floor share the
+/// same moments of the machine. CPU and memory are each target's own;
+/// steal is the whole round's.
+async fn interleaved_round(
+    plan: &Plan,
+    mock: SocketAddr,
+    stream: bool,
+    rate: u32,
+    round: u32,
+    slice: Duration,
+    progress: &impl Fn(&Run),
+) -> Vec<Run> {
+    let mut order = vec![Scenario::Direct];
+    order.extend(
+        plan.scenarios
+            .iter()
+            .copied()
+            .filter(|s| *s != Scenario::Direct),
+    );
+    let mut runs: Vec<Run> = order
+        .iter()
+        .map(|s| blank(*s, stream, rate, round))
+        .collect();
+    // Start everything; a target that cannot start or answer is reported
+    // and left out of the load.
+    let mut live: Vec<(usize, targets::Running, u64)> = Vec::new();
+    for (i, s) in order.iter().copied().enumerate() {
+        let p = plan.programs.clone();
+        let target = match tokio::task::spawn_blocking(move || targets::start(s, mock, &p)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                runs[i].failed = Some(e);
+                continue;
+            }
+            Err(e) => {
+                runs[i].failed = Some(e.to_string());
+                continue;
+            }
+        };
+        match ready(
+            &target.url,
+            target.bearer.as_deref(),
+            Duration::from_secs(180),
+        )
+        .await
+        {
+            Ok(probes) => live.push((i, target, probes)),
+            Err(e) => runs[i].failed = Some(e),
+        }
+    }
+    let cpu0: Vec<Option<Duration>> = live
+        .iter()
+        .map(|(_, t, _)| t.pid().map(procstat::cpu_time))
+        .collect();
+    let samplers: Vec<Option<procstat::RssSampler>> = live
+        .iter()
+        .map(|(_, t, _)| {
+            t.pid()
+                .map(|p| procstat::RssSampler::start(p, Duration::from_millis(100)))
+        })
+        .collect();
+    let ticks0 = procstat::machine_ticks();
+    let spec = LoadSpec {
+        url: String::new(),
+        bearer: None,
+        body: body(stream),
+        rate,
+        duration: plan.duration,
+        warmup: plan.warmup,
+        stream,
+        max_outstanding: 20_000,
+        timeout: Duration::from_secs(10),
+    };
+    let goals: Vec<gen::Target> = live
+        .iter()
+        .map(|(_, t, _)| gen::Target {
+            url: t.url.clone(),
+            bearer: t.bearer.clone(),
+        })
+        .collect();
+    let results = gen::run_interleaved(&spec, &goals, slice).await;
+    let steal = match (ticks0, procstat::machine_ticks()) {
+        (Some(a), Some(b)) => Some(procstat::steal_percent(a, b)),
+        _ => None,
+    };
+    for ((((i, target, probes), load), cpu0), sampler) in
+        live.into_iter().zip(results).zip(cpu0).zip(samplers)
+    {
+        let run = &mut runs[i];
+        run.load = load;
+        run.steal_pct = steal;
+        if let (Some(pid), Some(cpu0)) = (target.pid(), cpu0) {
+            let used = procstat::cpu_time(pid).saturating_sub(cpu0);
+            run.cpu_s_per_1000 = Some(used.as_secs_f64() / run.load.sent.max(1) as f64 * 1000.0);
+        }
+        if let Some(s) = sampler {
+            run.peak_rss_mib = Some(s.finish().0 as f64 / (1024.0 * 1024.0));
+        }
+        run.overhead_us = target.overhead_us();
+        let sent = run.load.sent;
+        match tokio::task::spawn_blocking(move || target.stop()).await {
+            Ok(Ok(Some(rows))) => {
+                let rows = rows.saturating_sub(probes);
+                run.recorded = Some(rows);
+                run.no_event_lost = Some(rows == sent);
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => run.failed = Some(format!("stopping: {e}")),
+            Err(e) => run.failed = Some(e.to_string()),
+        }
+    }
+    let floor = runs
+        .first()
+        .filter(|f| f.failed.is_none() && f.load.ok > 0)
+        .cloned();
+    for r in runs.iter_mut().skip(1) {
+        if let Some(f) = &floor {
+            compare(r, f);
+        }
+    }
+    for r in &runs {
+        progress(r);
+    }
+    runs
 }
 
 /// The middle value (the lower middle for an even count).
