@@ -84,6 +84,9 @@ struct ProgramArgs {
     /// test to the other CPUs, so they do not steal each other's time.
     #[arg(long)]
     pin: bool,
+    /// Keep each sluice target's log (at `info`) in this directory.
+    #[arg(long)]
+    logs: Option<PathBuf>,
 }
 
 impl ProgramArgs {
@@ -92,6 +95,7 @@ impl ProgramArgs {
             sluice: self.sluice_bin.clone(),
             nginx: self.nginx_bin.clone(),
             litellm: self.litellm_bin.clone(),
+            logs: self.logs.clone(),
             target_cpus: self.pin.then(|| {
                 let n = std::thread::available_parallelism().map_or(2, |n| n.get());
                 format!("1-{}", n.saturating_sub(1).max(1))

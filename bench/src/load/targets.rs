@@ -85,6 +85,8 @@ pub struct Programs {
     pub litellm: PathBuf,
     /// CPUs the system under test may run on (`taskset -c` list), if pinned.
     pub target_cpus: Option<String>,
+    /// Where sluice targets write their logs, if kept.
+    pub logs: Option<PathBuf>,
 }
 
 /// A command for `program`, under `taskset -c CPUS` when pinned.
@@ -284,12 +286,21 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
             let cfg = dir.path().join("sluice.toml");
             std::fs::write(&cfg, sluice_config(scenario, port, mock, &db))
                 .map_err(|e| e.to_string())?;
+            let (level, stderr) = match &p.logs {
+                Some(d) => {
+                    let path = d.join(format!("{}-{port}.log", scenario.name()));
+                    let f = std::fs::File::create(&path)
+                        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+                    ("info", Stdio::from(f))
+                }
+                None => ("warn", Stdio::null()),
+            };
             let mut child = command(&p.sluice, &p.target_cpus)
                 .args(["serve", "--config"])
                 .arg(&cfg)
-                .env("RUST_LOG", "warn")
+                .env("RUST_LOG", level)
                 .stdout(Stdio::piped())
-                .stderr(Stdio::null())
+                .stderr(stderr)
                 .spawn()
                 .map_err(|e| format!("cannot start sluice ({}): {e}", p.sluice.display()))?;
             let out = child.stdout.take().ok_or("no stdout")?;

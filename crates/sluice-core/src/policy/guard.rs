@@ -13,7 +13,8 @@ use std::collections::HashSet;
 
 use crate::config::{Applies, PolicyAction};
 use crate::policy::detectors::Span;
-use crate::policy::{Constitution, Finding};
+use crate::policy::{Constitution, Finding, Principle};
+use std::sync::Arc;
 
 /// Context re-scanned before the released point (bytes).
 const CONTEXT: usize = 512;
@@ -36,7 +37,8 @@ pub enum Step {
 
 /// Guards one streamed answer (one choice).
 pub struct OutputGuard {
-    constitution: Constitution,
+    /// The output principles, with their index in the constitution.
+    principles: Vec<(usize, Arc<Principle>)>,
     text: String,
     emitted: usize,
     seen: HashSet<(usize, usize, usize, Span)>,
@@ -60,7 +62,13 @@ impl OutputGuard {
     /// A guard for the output principles of `constitution`.
     pub fn new(constitution: &Constitution) -> Self {
         OutputGuard {
-            constitution: constitution.clone(),
+            principles: constitution
+                .principles
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.applies(Applies::Output))
+                .map(|(i, p)| (i, p.clone()))
+                .collect(),
             text: String::new(),
             emitted: 0,
             seen: HashSet::new(),
@@ -114,15 +122,14 @@ impl OutputGuard {
         if self.blocked {
             return Step::Emit(String::new());
         }
+        let principles = std::mem::take(&mut self.principles);
+        let step = self.step_with(&principles, done);
+        self.principles = principles;
+        step
+    }
+
+    fn step_with(&mut self, principles: &[(usize, Arc<Principle>)], done: bool) -> Step {
         let len = self.text.len();
-        let principles: Vec<_> = self
-            .constitution
-            .principles
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.applies(Applies::Output))
-            .map(|(i, p)| (i, p.clone()))
-            .collect();
         let hold = if done {
             0
         } else {
@@ -147,7 +154,7 @@ impl OutputGuard {
         // Earliest start of a block/redact match that may still grow: nothing
         // from there on may be released yet.
         let mut pending = usize::MAX;
-        for (pi, p) in &principles {
+        for (pi, p) in principles {
             for (di, d) in p.detectors.iter().enumerate() {
                 if d.needs_whole_text() && !done {
                     continue;
