@@ -57,6 +57,7 @@ fn pii() -> &'static Pii {
 struct Features {
     digits: usize,
     colons: usize,
+    at_signs: usize,
     iban_prefix: bool,
     longest_key_run: usize,
 }
@@ -71,6 +72,8 @@ impl Features {
                 f.digits += 1;
             } else if *c == b':' {
                 f.colons += 1;
+            } else if *c == b'@' {
+                f.at_signs += 1;
             }
             if c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'_' | b'-') {
                 run += 1;
@@ -163,7 +166,9 @@ pub fn find_pii(text: &str, entities: &[String], allow: &[String], out: &mut Vec
             label: l.to_string(),
         })
     };
-    if want("email") {
+    // Each pattern below needs ASCII digits (or an `@`) that the byte pass
+    // already counted: text without enough of them skips the search.
+    if want("email") && f.at_signs > 0 {
         for m in p.email.find_iter(text) {
             let lower = m.as_str().to_ascii_lowercase();
             let allowed = allow.iter().any(|a| {
@@ -179,7 +184,7 @@ pub fn find_pii(text: &str, entities: &[String], allow: &[String], out: &mut Vec
             }
         }
     }
-    if want("credit_card") {
+    if want("credit_card") && f.digits >= 13 {
         for m in p.card.find_iter(text) {
             let d: Vec<u8> = m
                 .as_str()
@@ -192,7 +197,7 @@ pub fn find_pii(text: &str, entities: &[String], allow: &[String], out: &mut Vec
             }
         }
     }
-    if want("ssn") {
+    if want("ssn") && f.digits >= 9 {
         for c in p.ssn.captures_iter(text) {
             if let (Some(m), Some(a), Some(g), Some(s)) = (c.get(0), c.get(1), c.get(2), c.get(3)) {
                 if ssn_valid(a.as_str(), g.as_str(), s.as_str()) {
@@ -202,7 +207,10 @@ pub fn find_pii(text: &str, entities: &[String], allow: &[String], out: &mut Vec
         }
     }
     if want("phone") {
-        for m in p.phone_intl.find_iter(text) {
+        for m in p
+            .phone_intl
+            .find_iter(if f.digits >= 8 { text } else { "" })
+        {
             let n = m.as_str().bytes().filter(u8::is_ascii_digit).count();
             if (8..=15).contains(&n) {
                 push(m.start(), m.end(), "phone");
@@ -239,7 +247,7 @@ pub fn find_pii(text: &str, entities: &[String], allow: &[String], out: &mut Vec
         }
     }
     if want("ip") {
-        for m in p.ipv4.find_iter(text) {
+        for m in p.ipv4.find_iter(if f.digits >= 4 { text } else { "" }) {
             if m.as_str().parse::<Ipv4Addr>().is_ok() {
                 out.push(Span {
                     start: m.start(),
