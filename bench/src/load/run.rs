@@ -106,6 +106,102 @@ pub async fn ready(url: &str, bearer: Option<&str>, within: Duration) -> Result<
     }
 }
 
+/// Starts `scenario` and waits until it answers a real request (an open
+/// port is not a ready server: LiteLLM keeps loading after it binds);
+/// returns it and how many requests that took (sluice records them too).
+async fn launch(
+    scenario: Scenario,
+    mock: SocketAddr,
+    programs: &Programs,
+) -> Result<(targets::Running, u64), String> {
+    let p = programs.clone();
+    let target = tokio::task::spawn_blocking(move || targets::start(scenario, mock, &p))
+        .await
+        .map_err(|e| e.to_string())??;
+    let probes = ready(
+        &target.url,
+        target.bearer.as_deref(),
+        Duration::from_secs(180),
+    )
+    .await?;
+    Ok((target, probes))
+}
+
+/// A ready target whose CPU time and memory are being watched.
+struct Watched {
+    target: targets::Running,
+    probes: u64,
+    cpu0: Option<Duration>,
+    rss: Option<procstat::RssSampler>,
+}
+
+impl Watched {
+    fn start((target, probes): (targets::Running, u64)) -> Watched {
+        let pid = target.pid();
+        Watched {
+            cpu0: pid.map(procstat::cpu_time),
+            rss: pid.map(|p| procstat::RssSampler::start(p, Duration::from_millis(100))),
+            target,
+            probes,
+        }
+    }
+
+    /// After the load (already in `run.load`): fills in CPU per request,
+    /// peak memory and sluice's own overhead, stops the target and checks
+    /// its rows against the requests sent.
+    async fn settle(self, run: &mut Run) {
+        let Watched {
+            target,
+            probes,
+            cpu0,
+            rss,
+        } = self;
+        if let (Some(pid), Some(cpu0)) = (target.pid(), cpu0) {
+            let used = procstat::cpu_time(pid).saturating_sub(cpu0);
+            run.cpu_s_per_1000 = Some(used.as_secs_f64() / run.load.sent.max(1) as f64 * 1000.0);
+        }
+        if let Some(s) = rss {
+            run.peak_rss_mib = Some(s.finish().0 as f64 / (1024.0 * 1024.0));
+        }
+        run.overhead_us = target.overhead_us();
+        let sent = run.load.sent;
+        match tokio::task::spawn_blocking(move || target.stop()).await {
+            Ok(Ok(Some(rows))) => {
+                // The readiness probes are recorded too.
+                let rows = rows.saturating_sub(probes);
+                run.recorded = Some(rows);
+                run.no_event_lost = Some(rows == sent);
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => run.failed = Some(format!("stopping: {e}")),
+            Err(e) => run.failed = Some(e.to_string()),
+        }
+    }
+}
+
+/// The load every target gets (`url` and `bearer` filled in per target).
+fn load_spec(stream: bool, rate: u32, duration: Duration, warmup: Duration) -> LoadSpec {
+    LoadSpec {
+        url: String::new(),
+        bearer: None,
+        body: body(stream),
+        rate,
+        duration,
+        warmup,
+        stream,
+        max_outstanding: 20_000,
+        timeout: Duration::from_secs(10),
+    }
+}
+
+/// The hypervisor's share of the machine since `ticks0`, %.
+fn steal_since(ticks0: Option<(u64, u64)>) -> Option<f64> {
+    match (ticks0, procstat::machine_ticks()) {
+        (Some(a), Some(b)) => Some(procstat::steal_percent(a, b)),
+        _ => None,
+    }
+}
+
 /// Runs one scenario once at `rate`.
 pub async fn one(
     scenario: Scenario,
@@ -117,73 +213,22 @@ pub async fn one(
     warmup: Duration,
 ) -> Run {
     let mut run = blank(scenario, stream, rate, 1);
-    let p = programs.clone();
-    let target = match tokio::task::spawn_blocking(move || targets::start(scenario, mock, &p)).await
-    {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            run.failed = Some(e);
-            return run;
-        }
-        Err(e) => {
-            run.failed = Some(e.to_string());
-            return run;
-        }
-    };
-    // An open port is not a ready server (LiteLLM keeps loading after it
-    // binds): wait for a real answer before measuring anything.
-    let probes = match ready(
-        &target.url,
-        target.bearer.as_deref(),
-        Duration::from_secs(180),
-    )
-    .await
-    {
-        Ok(n) => n,
+    let watched = match launch(scenario, mock, programs).await {
+        Ok(t) => Watched::start(t),
         Err(e) => {
             run.failed = Some(e);
             return run;
         }
     };
-    let pid = target.pid();
-    let cpu0 = pid.map(procstat::cpu_time);
-    let sampler = pid.map(|p| procstat::RssSampler::start(p, Duration::from_millis(100)));
     let ticks0 = procstat::machine_ticks();
     run.load = gen::run(LoadSpec {
-        url: target.url.clone(),
-        bearer: target.bearer.clone(),
-        body: body(stream),
-        rate,
-        duration,
-        warmup,
-        stream,
-        max_outstanding: 20_000,
-        timeout: Duration::from_secs(10),
+        url: watched.target.url.clone(),
+        bearer: watched.target.bearer.clone(),
+        ..load_spec(stream, rate, duration, warmup)
     })
     .await;
-    if let (Some(a), Some(b)) = (ticks0, procstat::machine_ticks()) {
-        run.steal_pct = Some(procstat::steal_percent(a, b));
-    }
-    if let (Some(pid), Some(cpu0)) = (pid, cpu0) {
-        let used = procstat::cpu_time(pid).saturating_sub(cpu0);
-        run.cpu_s_per_1000 = Some(used.as_secs_f64() / run.load.sent.max(1) as f64 * 1000.0);
-    }
-    if let Some(s) = sampler {
-        run.peak_rss_mib = Some(s.finish().0 as f64 / (1024.0 * 1024.0));
-    }
-    let sent = run.load.sent;
-    run.overhead_us = target.overhead_us();
-    match tokio::task::spawn_blocking(move || target.stop()).await {
-        Ok(Ok(Some(rows))) => {
-            // The readiness probes are recorded too.
-            let rows = rows.saturating_sub(probes);
-            run.recorded = Some(rows);
-            run.no_event_lost = Some(rows == sent);
-        }
-        Ok(Ok(None)) => {}
-        Ok(Err(e)) => run.failed = Some(format!("stopping: {e}")),
-        Err(e) => run.failed = Some(e.to_string()),
-    }
+    run.steal_pct = steal_since(ticks0);
+    watched.settle(&mut run).await;
     run
 }
 
@@ -313,52 +358,11 @@ async fn interleaved_round(
     // and left out of the load.
     let mut live: Vec<(usize, targets::Running, u64)> = Vec::new();
     for (i, s) in order.iter().copied().enumerate() {
-        let p = plan.programs.clone();
-        let target = match tokio::task::spawn_blocking(move || targets::start(s, mock, &p)).await {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                runs[i].failed = Some(e);
-                continue;
-            }
-            Err(e) => {
-                runs[i].failed = Some(e.to_string());
-                continue;
-            }
-        };
-        match ready(
-            &target.url,
-            target.bearer.as_deref(),
-            Duration::from_secs(180),
-        )
-        .await
-        {
-            Ok(probes) => live.push((i, target, probes)),
+        match launch(s, mock, &plan.programs).await {
+            Ok((target, probes)) => live.push((i, target, probes)),
             Err(e) => runs[i].failed = Some(e),
         }
     }
-    let cpu0: Vec<Option<Duration>> = live
-        .iter()
-        .map(|(_, t, _)| t.pid().map(procstat::cpu_time))
-        .collect();
-    let samplers: Vec<Option<procstat::RssSampler>> = live
-        .iter()
-        .map(|(_, t, _)| {
-            t.pid()
-                .map(|p| procstat::RssSampler::start(p, Duration::from_millis(100)))
-        })
-        .collect();
-    let ticks0 = procstat::machine_ticks();
-    let spec = LoadSpec {
-        url: String::new(),
-        bearer: None,
-        body: body(stream),
-        rate,
-        duration: plan.duration,
-        warmup: plan.warmup,
-        stream,
-        max_outstanding: 20_000,
-        timeout: Duration::from_secs(10),
-    };
     let goals: Vec<gen::Target> = live
         .iter()
         .map(|(_, t, _)| gen::Target {
@@ -366,36 +370,19 @@ async fn interleaved_round(
             bearer: t.bearer.clone(),
         })
         .collect();
+    let watched: Vec<(usize, Watched)> = live
+        .into_iter()
+        .map(|(i, t, probes)| (i, Watched::start((t, probes))))
+        .collect();
+    let ticks0 = procstat::machine_ticks();
+    let spec = load_spec(stream, rate, plan.duration, plan.warmup);
     let results = gen::run_interleaved(&spec, &goals, slice).await;
-    let steal = match (ticks0, procstat::machine_ticks()) {
-        (Some(a), Some(b)) => Some(procstat::steal_percent(a, b)),
-        _ => None,
-    };
-    for ((((i, target, probes), load), cpu0), sampler) in
-        live.into_iter().zip(results).zip(cpu0).zip(samplers)
-    {
+    let steal = steal_since(ticks0);
+    for ((i, w), load) in watched.into_iter().zip(results) {
         let run = &mut runs[i];
         run.load = load;
         run.steal_pct = steal;
-        if let (Some(pid), Some(cpu0)) = (target.pid(), cpu0) {
-            let used = procstat::cpu_time(pid).saturating_sub(cpu0);
-            run.cpu_s_per_1000 = Some(used.as_secs_f64() / run.load.sent.max(1) as f64 * 1000.0);
-        }
-        if let Some(s) = sampler {
-            run.peak_rss_mib = Some(s.finish().0 as f64 / (1024.0 * 1024.0));
-        }
-        run.overhead_us = target.overhead_us();
-        let sent = run.load.sent;
-        match tokio::task::spawn_blocking(move || target.stop()).await {
-            Ok(Ok(Some(rows))) => {
-                let rows = rows.saturating_sub(probes);
-                run.recorded = Some(rows);
-                run.no_event_lost = Some(rows == sent);
-            }
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) => run.failed = Some(format!("stopping: {e}")),
-            Err(e) => run.failed = Some(e.to_string()),
-        }
+        w.settle(run).await;
     }
     let floor = runs
         .first()

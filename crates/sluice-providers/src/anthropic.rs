@@ -28,12 +28,6 @@ use sluice_core::config::{AnthropicConfig, ProviderConfig};
 use crate::http::{read_json, send, sse_events, status_error};
 
 /// The Messages request as JSON bytes.
-fn encode(body: &Value) -> Result<Vec<u8>, ProviderError> {
-    serde_json::to_vec(body).map_err(|e| ProviderError::Unsupported {
-        param: "body".into(),
-        message: format!("cannot encode request: {e}"),
-    })
-}
 use crate::{now_secs, BuildError, Chunk, ChunkStream, Completion, ProviderError};
 
 /// A client for Anthropic's Messages API.
@@ -94,7 +88,7 @@ impl AnthropicProvider {
     /// A non-streamed completion.
     pub async fn complete(&self, req: &ChatRequest) -> Result<Completion, ProviderError> {
         let body = to_messages_request(req, self.default_max_tokens, false)?;
-        let body = encode(&body)?;
+        let body = crate::http::encode(&body)?;
         let start = Instant::now();
         let resp = send(
             &self.name,
@@ -121,7 +115,7 @@ impl AnthropicProvider {
     /// A streamed completion.
     pub async fn stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
         let body = to_messages_request(req, self.default_max_tokens, true)?;
-        let body = encode(&body)?;
+        let body = crate::http::encode(&body)?;
         let sent = Instant::now();
         let resp = send(
             &self.name,

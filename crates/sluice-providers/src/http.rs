@@ -98,6 +98,14 @@ pub(crate) fn build_client(
     Ok(HttpClient { inner, headers })
 }
 
+/// A request body as JSON bytes.
+pub(crate) fn encode(body: &impl serde::Serialize) -> Result<Vec<u8>, ProviderError> {
+    serde_json::to_vec(body).map_err(|e| ProviderError::Unsupported {
+        param: "body".into(),
+        message: format!("cannot encode request: {e}"),
+    })
+}
+
 /// The endpoint `base_url` + `path`, checked to be an absolute http(s) URL.
 pub(crate) fn endpoint(provider: &str, base_url: &str, path: &str) -> Result<Uri, BuildError> {
     let uri: Uri = format!("{base_url}{path}")

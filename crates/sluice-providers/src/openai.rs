@@ -71,19 +71,12 @@ impl OpenAiProvider {
         &self.name
     }
 
-    fn encode(&self, req: &ChatRequest) -> Result<Vec<u8>, ProviderError> {
-        serde_json::to_vec(req).map_err(|e| ProviderError::Unsupported {
-            param: "body".into(),
-            message: format!("cannot encode request: {e}"),
-        })
-    }
-
     /// A non-streamed completion.
     pub async fn complete(&self, req: &ChatRequest) -> Result<Completion, ProviderError> {
         let mut req = req.clone();
         req.stream = None;
         req.stream_options = None;
-        let body = self.encode(&req)?;
+        let body = crate::http::encode(&req)?;
         let start = Instant::now();
         let resp = send(
             &self.name,
@@ -114,7 +107,7 @@ impl OpenAiProvider {
         let mut opts = req.stream_options.take().unwrap_or_default();
         opts.include_usage = Some(true);
         req.stream_options = Some(StreamOptions { ..opts });
-        let body = self.encode(&req)?;
+        let body = crate::http::encode(&req)?;
         let sent = Instant::now();
         let resp = send(
             &self.name,

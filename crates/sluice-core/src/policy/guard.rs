@@ -38,7 +38,7 @@ pub enum Step {
 /// Guards one streamed answer (one choice).
 pub struct OutputGuard {
     /// The output principles, with their index in the constitution.
-    principles: Vec<(usize, Arc<Principle>)>,
+    principles: Arc<[(usize, Arc<Principle>)]>,
     text: String,
     emitted: usize,
     seen: HashSet<(usize, usize, usize, Span)>,
@@ -122,13 +122,7 @@ impl OutputGuard {
         if self.blocked {
             return Step::Emit(String::new());
         }
-        let principles = std::mem::take(&mut self.principles);
-        let step = self.step_with(&principles, done);
-        self.principles = principles;
-        step
-    }
-
-    fn step_with(&mut self, principles: &[(usize, Arc<Principle>)], done: bool) -> Step {
+        let principles = self.principles.clone();
         let len = self.text.len();
         let hold = if done {
             0
@@ -154,7 +148,7 @@ impl OutputGuard {
         // Earliest start of a block/redact match that may still grow: nothing
         // from there on may be released yet.
         let mut pending = usize::MAX;
-        for (pi, p) in principles {
+        for (pi, p) in principles.iter() {
             for (di, d) in p.detectors.iter().enumerate() {
                 if d.needs_whole_text() && !done {
                     continue;
