@@ -238,7 +238,7 @@ fn main() -> Result<()> {
         .build()?;
     match cli.cmd {
         Cmd::Mock { listen, mock } => rt.block_on(async {
-            let l = tokio::net::TcpListener::bind(listen).await?;
+            let l = mock::listen(listen)?;
             println!("mock listening on {}", l.local_addr()?);
             mock::serve(l, mock.config()).await;
             Ok(())

@@ -200,9 +200,23 @@ pub async fn serve(listener: TcpListener, cfg: MockConfig) {
     }
 }
 
+/// Binds `addr` with a 4096-connection accept queue, as every target in a
+/// run gets: the usual 128 drops connections in a burst of new ones, and
+/// each dropped connection waits out a one-second SYN retransmit.
+pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// Binds `addr` and serves the mock on a task; returns the bound address.
 pub async fn spawn(addr: SocketAddr, cfg: MockConfig) -> std::io::Result<SocketAddr> {
-    let l = TcpListener::bind(addr).await?;
+    let l = listen(addr)?;
     let a = l.local_addr()?;
     tokio::spawn(serve(l, cfg));
     Ok(a)

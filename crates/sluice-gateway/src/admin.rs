@@ -576,6 +576,9 @@ pub async fn reload(app: &Arc<AppState>) -> Result<(), Vec<String>> {
         notes
             .push("max_header_bytes / header_timeout changed (take effect on restart)".to_string());
     }
+    if config.limits.listen_backlog != old.config.limits.listen_backlog {
+        notes.push("listen_backlog changed (takes effect on restart)".to_string());
+    }
     let store = app.store.clone();
     let prev = app.rollouts.load_full();
     let cfg = config.clone();

@@ -156,6 +156,21 @@ pub struct RecoveryReport {
     pub replayed: u64,
 }
 
+/// Binds `addr` with an accept queue of `backlog` connections (the kernel
+/// caps it at `net.core.somaxconn`). The usual default of 128 overflows in a
+/// burst of new connections, and every connection it drops waits out a
+/// one-second SYN retransmit.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// A bound, ready-to-serve gateway.
 pub struct Gateway {
     listener: TcpListener,
@@ -204,6 +219,7 @@ impl Gateway {
         );
         let addr = config.listen;
         let admin_addr = config.admin_listen;
+        let backlog = config.limits.listen_backlog;
         let base = path
             .as_deref()
             .and_then(|p| p.parent())
@@ -212,19 +228,14 @@ impl Gateway {
             rollouts::Rollouts::load(&config, &store, None).map_err(GatewayError::Config)?;
         let snapshot = Snapshot::build(config, secrets.as_ref(), base.as_deref())
             .map_err(GatewayError::Config)?;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| GatewayError::Bind { addr, source })?;
+        let listener =
+            listen(addr, backlog).map_err(|source| GatewayError::Bind { addr, source })?;
         let admin_listener = match admin_addr {
             Some(addr) => {
                 if !addr.ip().is_loopback() {
                     tracing::warn!(%addr, "the admin API listens beyond loopback; keep it behind a firewall");
                 }
-                Some(
-                    TcpListener::bind(addr)
-                        .await
-                        .map_err(|source| GatewayError::Bind { addr, source })?,
-                )
+                Some(listen(addr, backlog).map_err(|source| GatewayError::Bind { addr, source })?)
             }
             None => None,
         };
@@ -531,5 +542,43 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    /// With the default `listen_backlog`, a burst of connections larger than
+    /// the usual 128-connection accept queue is held by the kernel until
+    /// accepted, instead of having its
+    /// SYNs dropped (a one-second stall for every dropped client).
+    #[tokio::test]
+    async fn the_accept_queue_holds_a_burst_larger_than_128() {
+        let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        if somaxconn.is_some_and(|m| m < 512) {
+            eprintln!("skipped: net.core.somaxconn is below 512 on this machine");
+            return;
+        }
+        let backlog = sluice_core::config::ServerLimits::default().listen_backlog;
+        let listener = super::listen("127.0.0.1:0".parse().unwrap(), backlog).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Nothing accepts: every connection waits in the kernel's queue.
+        let held = tokio::task::spawn_blocking(move || {
+            let mut held = Vec::new();
+            for i in 0..400 {
+                match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                    Ok(s) => held.push(s),
+                    Err(e) => return Err(format!("connection {i} was not queued: {e}")),
+                }
+            }
+            Ok(held.len())
+        })
+        .await
+        .unwrap();
+        assert_eq!(held, Ok(400));
+        drop(listener);
     }
 }

@@ -118,6 +118,11 @@ pub struct ServerLimits {
     pub max_header_bytes: usize,
     /// How long a stopping server lets in-flight requests and streams finish.
     pub shutdown_grace: Duration,
+    /// Connections the kernel may hold waiting to be accepted (the `listen`
+    /// backlog; the kernel caps it at `net.core.somaxconn`). A short queue
+    /// drops connection attempts in a burst, and a dropped SYN costs its
+    /// client a one-second retransmit.
+    pub listen_backlog: u32,
 }
 
 impl Default for ServerLimits {
@@ -128,6 +133,7 @@ impl Default for ServerLimits {
             body_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
             shutdown_grace: Duration::from_secs(30),
+            listen_backlog: 4096,
         }
     }
 }
@@ -147,6 +153,13 @@ pub(super) fn server_limits(cx: &mut Cx, t: &mut toml::Table) -> ServerLimits {
             format!("must be between 8192 and 1048576, got {max_header_bytes}"),
         );
     }
+    let listen_backlog: u32 = super::take(cx, t, "", "listen_backlog").unwrap_or(d.listen_backlog);
+    if !(1..=65535).contains(&listen_backlog) {
+        cx.err(
+            "listen_backlog",
+            format!("must be between 1 and 65535, got {listen_backlog}"),
+        );
+    }
     let header_timeout = super::take::<String>(cx, t, "", "header_timeout");
     let body_timeout = super::take::<String>(cx, t, "", "body_timeout");
     let grace = super::take::<String>(cx, t, "", "shutdown_grace");
@@ -156,5 +169,6 @@ pub(super) fn server_limits(cx: &mut Cx, t: &mut toml::Table) -> ServerLimits {
         body_timeout: dur(cx, "", "body_timeout", body_timeout, d.body_timeout),
         max_header_bytes,
         shutdown_grace: dur(cx, "", "shutdown_grace", grace, d.shutdown_grace),
+        listen_backlog,
     }
 }
