@@ -92,7 +92,7 @@ pub(crate) fn build_client(
         .wrap_connector(tcp);
     let inner = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
+        .pool_max_idle_per_host(cfg.max_idle_connections)
         .pool_timer(TokioTimer::new())
         .build(https);
     Ok(HttpClient { inner, headers })

@@ -287,6 +287,10 @@ pub struct ProviderConfig {
     pub idle_timeout: Duration,
     /// Streams: longest a whole stream may last.
     pub stream_timeout: Duration,
+    /// Idle connections kept open to the provider for reuse; a connection
+    /// finishing beyond it is closed, and the next burst pays new
+    /// connections (and TLS handshakes) again.
+    pub max_idle_connections: usize,
     /// When and how failed calls are retried.
     pub retry: RetryConfig,
     /// The endpoint's circuit breaker.
@@ -1000,6 +1004,8 @@ fn build_providers(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, Prov
         let first_byte_s: Option<String> = take(cx, &mut pt, &path, "first_byte_timeout");
         let idle_s: Option<String> = take(cx, &mut pt, &path, "idle_timeout");
         let stream_s: Option<String> = take(cx, &mut pt, &path, "stream_timeout");
+        let max_idle_connections: usize =
+            take(cx, &mut pt, &path, "max_idle_connections").unwrap_or(1024);
         let retry = resilience::retry(cx, &path, pt.remove("retry"));
         let breaker = resilience::breaker(cx, &path, pt.remove("breaker"));
         let timeout = match timeout_s {
@@ -1134,6 +1140,7 @@ fn build_providers(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, Prov
                     first_byte_timeout,
                     idle_timeout,
                     stream_timeout,
+                    max_idle_connections,
                     retry,
                     breaker,
                 },
@@ -1162,6 +1169,7 @@ fn build_providers(cx: &mut Cx, v: Option<toml::Value>) -> BTreeMap<String, Prov
                     first_byte_timeout: Duration::from_secs(1),
                     idle_timeout: Duration::from_secs(1),
                     stream_timeout: Duration::from_secs(1),
+                    max_idle_connections,
                     retry,
                     breaker,
                 },
@@ -1425,6 +1433,7 @@ variants.v2 = { provider = "sim", model = "sim-1" }
         assert_eq!(p.first_byte_timeout, Duration::from_secs(60));
         assert_eq!(p.idle_timeout, Duration::from_secs(60));
         assert_eq!(p.stream_timeout, Duration::from_secs(600));
+        assert_eq!(p.max_idle_connections, 1024);
         assert_eq!(p.retry, RetryConfig::default());
         assert_eq!(p.breaker, BreakerConfig::default());
         assert_eq!(c.limits, ServerLimits::default());
@@ -1435,7 +1444,7 @@ variants.v2 = { provider = "sim", model = "sim-1" }
 
         let text = GOOD.replace(
             "timeout = \"60s\"\n",
-            "timeout = \"60s\"\nfirst_byte_timeout = \"5s\"\nidle_timeout = \"2s\"\n\
+            "timeout = \"60s\"\nfirst_byte_timeout = \"5s\"\nidle_timeout = \"2s\"\nmax_idle_connections = 4096\n\
              retry = { attempts = 3, backoff = \"50ms\", max_backoff = \"1s\", budget = 0.1 }\n\
              breaker = { failure_rate = 0.3, min_requests = 5, cooldown = \"3s\", probes = 1 }\n",
         ) + "fallbacks = [\"v2\"]\nmax_in_flight = 10\n";
@@ -1447,6 +1456,7 @@ variants.v2 = { provider = "sim", model = "sim-1" }
         let p = &c.providers["openai-main"];
         assert_eq!(p.first_byte_timeout, Duration::from_secs(5));
         assert_eq!(p.idle_timeout, Duration::from_secs(2));
+        assert_eq!(p.max_idle_connections, 4096);
         assert_eq!(p.retry.attempts, 3);
         assert_eq!(p.retry.budget, 0.1);
         assert_eq!(p.breaker.failure_rate, 0.3);
