@@ -132,7 +132,9 @@ enum Cmd {
         /// Counted time per run.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
-        /// Uncounted warm-up per run.
+        /// Uncounted warm-up per run: as many requests as this long at the
+        /// full rate, sent with the rate climbing from a tenth of it to all
+        /// of it (so it lasts about 1.8 times as long).
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         warmup: Duration,
         /// Also find the highest rate each scenario sustains (p99 < 50 ms,

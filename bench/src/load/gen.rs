@@ -140,7 +140,7 @@ pub struct Target {
 /// machine does meanwhile (a noisy neighbour, the hypervisor taking the CPU
 /// for a while) falls on all of them alike instead of on whichever ran at
 /// that moment. The first rounds that cover `spec.warmup` per target are
-/// sent but not counted; then rounds continue until each target has had
+/// sent but not counted, with the rate ramping up from a tenth of `spec.rate`; then rounds continue until each target has had
 /// `spec.duration` counted. `spec.url` and `spec.bearer` are ignored.
 pub async fn run_interleaved(
     spec: &LoadSpec,
@@ -173,7 +173,7 @@ pub async fn run_interleaved(
     let warm_rounds = slices_for(spec.warmup);
     let rounds = warm_rounds + slices_for(spec.duration).max(1);
     let n = rounds * k * per_slice;
-    let period = Duration::from_secs_f64(1.0 / rate);
+    let ramp = Ramp::new(warm_rounds * k * per_slice, rate);
     let start = tokio::time::Instant::now() + Duration::from_millis(20);
     let uris: Vec<hyper::Uri> = targets
         .iter()
@@ -181,7 +181,7 @@ pub async fn run_interleaved(
         .collect();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
-        let intended = start + period.mul_f64(i as f64);
+        let intended = start + ramp.at(i);
         tokio::time::sleep_until(intended).await;
         let slot = i / per_slice;
         let t = (slot % k) as usize;
@@ -260,6 +260,47 @@ pub async fn run_interleaved(
         .collect()
 }
 
+/// The arrival schedule: during the warm-up the rate climbs linearly from a
+/// tenth of the target rate to the full rate, then stays there. A process
+/// that starts cold (empty connection pools, caches not yet built) is
+/// brought up to speed the way traffic reaches a new instance behind a load
+/// balancer, instead of taking the full rate from its first millisecond;
+/// the counted part is a constant rate either way.
+#[derive(Debug, Clone, Copy)]
+struct Ramp {
+    /// Requests sent during the warm-up.
+    warm: u64,
+    /// The full rate, per second.
+    rate: f64,
+    /// The starting rate, per second.
+    from: f64,
+    /// The warm-up's length in seconds.
+    secs: f64,
+}
+
+impl Ramp {
+    fn new(warm: u64, rate: f64) -> Ramp {
+        let from = rate / 10.0;
+        Ramp {
+            warm,
+            rate,
+            from,
+            secs: 2.0 * warm as f64 / (from + rate),
+        }
+    }
+
+    /// When request `i` is due, from the start.
+    fn at(&self, i: u64) -> Duration {
+        if i >= self.warm {
+            return Duration::from_secs_f64(self.secs + (i - self.warm) as f64 / self.rate);
+        }
+        // n(t) = from·t + (rate − from)·t² / (2·secs), solved for t.
+        let a = (self.rate - self.from) / (2.0 * self.secs);
+        let t = (-self.from + (self.from * self.from + 4.0 * a * i as f64).sqrt()) / (2.0 * a);
+        Duration::from_secs_f64(t)
+    }
+}
+
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 /// Sends one request; returns (status, time to the last byte, time to the
@@ -285,4 +326,40 @@ async fn one(
         }
     }
     Ok((status, intended.elapsed(), first))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_warm_up_ramps_from_a_tenth_to_the_full_rate_then_holds_it() {
+        let (rate, warm) = (5000.0, 5000);
+        let r = Ramp::new(warm, rate);
+        let gap = |i: u64| (r.at(i) - r.at(i - 1)).as_secs_f64();
+        // Starts near a tenth of the rate, ends near the full rate.
+        assert!((gap(1) - 10.0 / rate).abs() < 1e-3, "{}", gap(1));
+        assert!(
+            (gap(warm - 1) - 1.0 / rate).abs() < 2e-6,
+            "{}",
+            gap(warm - 1)
+        );
+        // Never goes back in time.
+        for i in 1..warm + 100 {
+            assert!(r.at(i) >= r.at(i - 1), "request {i} due before {}", i - 1);
+        }
+        // The warm-up lasts warm / mean rate: 5000 / 2750 s.
+        assert!((r.at(warm).as_secs_f64() - 5000.0 / 2750.0).abs() < 1e-6);
+        // After it, exactly the rate.
+        for i in [warm + 1, warm + 1000, warm + 123_456] {
+            assert!((gap(i) - 1.0 / rate).abs() < 1e-9);
+        }
+    }
+
+    #[test]
+    fn without_a_warm_up_the_rate_is_constant_from_the_start() {
+        let r = Ramp::new(0, 2000.0);
+        assert_eq!(r.at(0), Duration::ZERO);
+        assert!((r.at(2000).as_secs_f64() - 1.0).abs() < 1e-9);
+    }
 }
