@@ -140,7 +140,8 @@ pub struct Target {
 /// machine does meanwhile (a noisy neighbour, the hypervisor taking the CPU
 /// for a while) falls on all of them alike instead of on whichever ran at
 /// that moment. The first rounds that cover `spec.warmup` per target are
-/// sent but not counted, with the rate ramping up from a tenth of `spec.rate`; then rounds continue until each target has had
+/// sent but not counted, with the rate ramping up from a tenth of
+/// `spec.rate`; then rounds continue until each target has had
 /// `spec.duration` counted. `spec.url` and `spec.bearer` are ignored.
 pub async fn run_interleaved(
     spec: &LoadSpec,

@@ -200,18 +200,10 @@ pub async fn serve(listener: TcpListener, cfg: MockConfig) {
     }
 }
 
-/// Binds `addr` with a 4096-connection accept queue, as every target in a
-/// run gets: the usual 128 drops connections in a burst of new ones, and
-/// each dropped connection waits out a one-second SYN retransmit.
+/// Binds `addr` with the 4096-connection accept queue every target in a run
+/// gets (sluice's default `listen_backlog`).
 pub fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
+    sluice_gateway::listen(addr, 4096)
 }
 
 /// Binds `addr` and serves the mock on a task; returns the bound address.

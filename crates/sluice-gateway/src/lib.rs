@@ -160,7 +160,7 @@ pub struct RecoveryReport {
 /// caps it at `net.core.somaxconn`). The usual default of 128 overflows in a
 /// burst of new connections, and every connection it drops waits out a
 /// one-second SYN retransmit.
-fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -551,8 +551,8 @@ mod tests {
 
     /// With the default `listen_backlog`, a burst of connections larger than
     /// the usual 128-connection accept queue is held by the kernel until
-    /// accepted, instead of having its
-    /// SYNs dropped (a one-second stall for every dropped client).
+    /// accepted, instead of having its SYNs dropped (a one-second stall for
+    /// every dropped client).
     #[tokio::test]
     async fn the_accept_queue_holds_a_burst_larger_than_128() {
         let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
