@@ -337,29 +337,34 @@ impl Gateway {
             })
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let threads = match limits.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         let mut servers = Vec::new();
-        match admin_listener {
+        let client_router = match admin_listener {
             Some(admin) => {
-                servers.push(tokio::spawn(server::serve(
-                    listener,
-                    public_router(app.clone()),
-                    limits.clone(),
-                    stop_rx.clone(),
-                )));
+                // The admin API is light: it shares the caller's runtime.
                 servers.push(tokio::spawn(server::serve(
                     admin,
                     admin_router(app.clone()),
                     limits.clone(),
                     stop_rx.clone(),
                 )));
+                public_router(app.clone())
             }
-            None => servers.push(tokio::spawn(server::serve(
-                listener,
-                router(app.clone()),
-                limits.clone(),
-                stop_rx.clone(),
-            ))),
-        }
+            None => router(app.clone()),
+        };
+        let serving = server::serve_on_threads(
+            listener,
+            client_router,
+            limits.clone(),
+            stop_rx.clone(),
+            grace,
+            threads,
+        )
+        .map_err(GatewayError::Serve)?;
+        tracing::debug!(threads, "serving client connections");
         shutdown.await;
         let _ = stop_tx.send(true);
         tracing::info!(
@@ -383,6 +388,17 @@ impl Gateway {
                     while d.tasks.join_next().await.is_some() {}
                 }
                 Err(e) => return Err(GatewayError::Serve(std::io::Error::other(e))),
+            }
+        }
+        for done in serving {
+            match done.await {
+                Ok(Ok(d)) => drained &= d,
+                Ok(Err(e)) => return Err(GatewayError::Serve(e)),
+                Err(_) => {
+                    return Err(GatewayError::Serve(std::io::Error::other(
+                        "a serving thread ended without reporting (it panicked)",
+                    )))
+                }
             }
         }
         if !drained {

@@ -18,7 +18,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use sluice_core::config::ServerLimits;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 
 /// The connections still open after the listener stopped.
@@ -28,6 +28,71 @@ pub(crate) struct Draining {
     /// The connection tasks, to abort when the grace period runs out (which
     /// drops their streams, so each still records its request).
     pub tasks: JoinSet<()>,
+}
+
+/// Serves `listener` on `threads` threads, each running its own
+/// single-threaded event loop over a handle to the same accept queue, with
+/// its own upstream connection pools (`sluice_providers::use_thread_pool`).
+/// A request is then parsed, judged, forwarded and answered on one thread:
+/// no task migrates and no wake-up crosses threads on the request path.
+///
+/// Each thread stops accepting when `stop` turns true, lets its in-flight
+/// requests and streams finish for up to `grace`, cuts the rest (a cut
+/// stream still records itself) and ends its runtime with every task the
+/// requests left behind. Each receiver resolves with whether its thread
+/// drained within `grace`.
+pub(crate) fn serve_on_threads(
+    listener: TcpListener,
+    router: Router,
+    limits: ServerLimits,
+    stop: watch::Receiver<bool>,
+    grace: Duration,
+    threads: usize,
+) -> std::io::Result<Vec<oneshot::Receiver<std::io::Result<bool>>>> {
+    let shared = listener.into_std()?;
+    let mut done = Vec::with_capacity(threads);
+    for i in 0..threads.max(1) {
+        let handle = shared.try_clone()?;
+        let (tx, rx) = oneshot::channel();
+        let (router, limits, stop) = (router.clone(), limits.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name(format!("sluice-serve-{i}"))
+            .spawn(move || {
+                sluice_providers::use_thread_pool(i + 1);
+                let _ = tx.send(serve_thread(handle, router, limits, stop, grace));
+            })?;
+        done.push(rx);
+    }
+    Ok(done)
+}
+
+/// One serving thread: see [`serve_on_threads`].
+fn serve_thread(
+    handle: std::net::TcpListener,
+    router: Router,
+    limits: ServerLimits,
+    stop: watch::Receiver<bool>,
+    grace: Duration,
+) -> std::io::Result<bool> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let drained = rt.block_on(async move {
+        let listener = TcpListener::from_std(handle)?;
+        let mut d = serve(listener, router, limits, stop).await;
+        let drained = tokio::time::timeout(grace, d.graceful.shutdown())
+            .await
+            .is_ok();
+        // Past the deadline: cut what is left; dropped streams record
+        // themselves as cut.
+        d.tasks.abort_all();
+        while d.tasks.join_next().await.is_some() {}
+        Ok::<_, std::io::Error>(drained)
+    })?;
+    // Tasks requests spawned (mirrors, background records) end here, before
+    // the caller flushes the store.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(drained)
 }
 
 /// Accepts and serves connections until `stop` turns true.

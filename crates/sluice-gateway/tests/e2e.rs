@@ -620,7 +620,15 @@ async fn models_metrics_and_health() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_event_is_lost_under_concurrency() {
-    let h = Harness::start().await;
+    // Three serving threads on two cores: connections land on every one,
+    // each with its own upstream pool, and every record reaches the store.
+    let h = Harness::start_with(|c| {
+        c.replace(
+            "max_body_bytes = 65536",
+            "max_body_bytes = 65536\nworkers = 3",
+        )
+    })
+    .await;
     const N: usize = 400;
     let c = client();
     let url = h.url("/v1/chat/completions");

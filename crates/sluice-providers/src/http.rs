@@ -31,12 +31,60 @@ pub(crate) type Response = http::Response<hyper::body::Incoming>;
 
 type Inner = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// Most connection pools one client keeps: one per serving thread, plus one
+/// shared by every other thread.
+const MAX_POOLS: usize = 257;
+
+thread_local! {
+    /// The pool the current thread uses (0: the shared one).
+    static POOL_SLOT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Gives the calling thread its own upstream connection pools: every client
+/// then hands it connections whose I/O runs on that thread's runtime, so an
+/// exchange never wakes another thread. `slot` 0 (the default) is the pool
+/// shared by all threads without one; slots past the last wrap around.
+pub fn use_thread_pool(slot: usize) {
+    let slot = if slot == 0 {
+        0
+    } else {
+        1 + (slot - 1) % (MAX_POOLS - 1)
+    };
+    POOL_SLOT.with(|s| s.set(slot));
+}
+
 /// A pooled HTTP/1.1 and HTTP/2 client for one provider, with the headers
 /// (auth, content type, user agent, extras) it sends on every request.
+///
+/// It keeps one connection pool per serving thread (see
+/// [`use_thread_pool`]), built on the thread's first request: a pooled
+/// connection's I/O task lives on the runtime that opened it, and sharing
+/// it across threads costs a cross-thread wake-up on every read and write.
 #[derive(Clone)]
 pub(crate) struct HttpClient {
-    inner: Inner,
+    pools: std::sync::Arc<Pools>,
     headers: HeaderMap,
+}
+
+/// The per-thread pools of one client and what builds a new one.
+struct Pools {
+    slots: [std::sync::OnceLock<Inner>; MAX_POOLS],
+    connector: hyper_rustls::HttpsConnector<HttpConnector>,
+    max_idle: usize,
+}
+
+impl Pools {
+    /// The calling thread's pool.
+    fn current(&self) -> &Inner {
+        let slot = POOL_SLOT.with(|s| s.get());
+        self.slots[slot].get_or_init(|| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(self.max_idle)
+                .pool_timer(TokioTimer::new())
+                .build(self.connector.clone())
+        })
+    }
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -90,12 +138,15 @@ pub(crate) fn build_client(
         .enable_http1()
         .enable_http2()
         .wrap_connector(tcp);
-    let inner = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(cfg.max_idle_connections)
-        .pool_timer(TokioTimer::new())
-        .build(https);
-    Ok(HttpClient { inner, headers })
+    let pools = Pools {
+        slots: std::array::from_fn(|_| std::sync::OnceLock::new()),
+        connector: https,
+        max_idle: cfg.max_idle_connections,
+    };
+    Ok(HttpClient {
+        pools: std::sync::Arc::new(pools),
+        headers,
+    })
 }
 
 /// A request body as JSON bytes.
@@ -186,7 +237,7 @@ pub(crate) async fn send(
     timeout: Duration,
     phase: &'static str,
 ) -> Result<Response, ProviderError> {
-    match tokio::time::timeout(timeout, client.inner.request(req)).await {
+    match tokio::time::timeout(timeout, client.pools.current().request(req)).await {
         Err(_) => Err(ProviderError::Timeout {
             provider: provider.to_string(),
             after: timeout,
@@ -401,4 +452,151 @@ pub(crate) fn sse_events(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Barrier};
+
+    /// A loopback HTTP/1.1 server answering `ok` on keep-alive connections;
+    /// counts the connections it accepted. It stops accepting once `stop` is
+    /// set and one more connection arrives.
+    fn counting_server() -> (std::net::SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicUsize::new(0));
+        let (a, st) = (accepted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if st.load(Ordering::SeqCst) != 0 {
+                    break;
+                }
+                let Ok(mut conn) = conn else { break };
+                a.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        // One request: a head and a Content-Length body.
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match conn.read(&mut chunk) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < end + 4 + len {
+                            match conn.read(&mut chunk) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..end + 4 + len);
+                        if conn
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted, stop)
+    }
+
+    fn client() -> HttpClient {
+        let c = sluice_core::Config::parse(
+            r#"
+allow_anonymous = true
+[providers.o]
+kind = "openai"
+base_url = "http://127.0.0.1:9/v1"
+api_key_env = "K"
+[deployments.d]
+stable = "v1"
+variants.v1 = { provider = "o", model = "m" }
+"#,
+        )
+        .expect("config");
+        build_client(&c.providers["o"], HeaderMap::new()).expect("client")
+    }
+
+    /// `n` sequential requests from the calling thread's runtime, each read
+    /// to the end so its connection goes back to the pool.
+    async fn exchange(client: &HttpClient, uri: &Uri, n: usize) -> Result<(), ProviderError> {
+        for _ in 0..n {
+            let req = client.post(uri, None, b"{}".to_vec());
+            let resp = send("o", client, req, Duration::from_secs(2), "test").await?;
+            let body = read_body("o", resp, 1024, Duration::from_secs(2)).await?;
+            assert_eq!(&body[..], b"ok");
+        }
+        Ok(())
+    }
+
+    /// Every serving thread gets its own pool: it reuses its own connection
+    /// across requests and never borrows one whose I/O runs on another
+    /// thread's event loop (which would hang while that thread is busy).
+    #[test]
+    fn each_serving_thread_keeps_its_own_connections() {
+        let (addr, accepted, stop) = counting_server();
+        let uri: Uri = format!("http://{addr}/v1/chat/completions")
+            .parse()
+            .expect("uri");
+        let client = client();
+        let a_done = Arc::new(Barrier::new(2));
+        let b_done = Arc::new(Barrier::new(2));
+        let thread_a = {
+            let (client, uri, a_done, b_done) =
+                (client.clone(), uri.clone(), a_done.clone(), b_done.clone());
+            std::thread::spawn(move || {
+                use_thread_pool(1);
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                let r = rt.block_on(exchange(&client, &uri, 3));
+                a_done.wait();
+                // Thread A's event loop is not driven until B is done: a
+                // connection B borrowed from it could not make progress.
+                b_done.wait();
+                r
+            })
+        };
+        let thread_b = {
+            let (client, uri) = (client.clone(), uri.clone());
+            std::thread::spawn(move || {
+                use_thread_pool(2);
+                a_done.wait();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                let r = rt.block_on(exchange(&client, &uri, 3));
+                b_done.wait();
+                r
+            })
+        };
+        let b = thread_b.join().expect("thread B");
+        let a = thread_a.join().expect("thread A");
+        a.expect("thread A's requests are answered");
+        b.expect("thread B's requests are answered while thread A is busy");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "one connection per thread, reused for its three requests"
+        );
+        stop.store(1, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(addr);
+    }
 }

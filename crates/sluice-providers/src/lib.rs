@@ -18,6 +18,8 @@ mod http;
 pub mod openai;
 pub mod simulated;
 
+pub use http::use_thread_pool;
+
 use std::pin::Pin;
 use std::time::Duration;
 

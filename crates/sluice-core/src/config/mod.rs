@@ -859,6 +859,7 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
         "max_header_bytes",
         "shutdown_grace",
         "listen_backlog",
+        "workers",
         "max_body_bytes",
         "allow_anonymous",
         "store",
@@ -1517,13 +1518,14 @@ variants.v2 = { provider = "sim", model = "sim-1" }
         }
         let e = errors(&GOOD.replace(
             "max_body_bytes = 4194304",
-            "max_body_bytes = 4194304\nadmin_listen = \"localhost\"\nmax_header_bytes = 10\nmax_in_flight = 0\nlisten_backlog = 0",
+            "max_body_bytes = 4194304\nadmin_listen = \"localhost\"\nmax_header_bytes = 10\nmax_in_flight = 0\nlisten_backlog = 0\nworkers = 1000",
         ));
         for want in [
             "admin_listen: invalid address \"localhost\"",
             "max_header_bytes: must be between 8192 and 1048576, got 10",
             "max_in_flight: must be at least 1",
             "listen_backlog: must be between 1 and 65535, got 0",
+            "workers: must be between 0 (one per CPU core) and 256, got 1000",
         ] {
             assert!(
                 e.iter().any(|m| m.starts_with(want)),

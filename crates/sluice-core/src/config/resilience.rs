@@ -123,6 +123,9 @@ pub struct ServerLimits {
     /// drops connection attempts in a burst, and a dropped SYN costs its
     /// client a one-second retransmit.
     pub listen_backlog: u32,
+    /// Threads serving client connections, each with its own event loop and
+    /// upstream connection pools; 0 means one per CPU core.
+    pub workers: usize,
 }
 
 impl Default for ServerLimits {
@@ -134,6 +137,7 @@ impl Default for ServerLimits {
             max_header_bytes: 64 * 1024,
             shutdown_grace: Duration::from_secs(30),
             listen_backlog: 4096,
+            workers: 0,
         }
     }
 }
@@ -160,6 +164,13 @@ pub(super) fn server_limits(cx: &mut Cx, t: &mut toml::Table) -> ServerLimits {
             format!("must be between 1 and 65535, got {listen_backlog}"),
         );
     }
+    let workers: usize = super::take(cx, t, "", "workers").unwrap_or(d.workers);
+    if workers > 256 {
+        cx.err(
+            "workers",
+            format!("must be between 0 (one per CPU core) and 256, got {workers}"),
+        );
+    }
     let header_timeout = super::take::<String>(cx, t, "", "header_timeout");
     let body_timeout = super::take::<String>(cx, t, "", "body_timeout");
     let grace = super::take::<String>(cx, t, "", "shutdown_grace");
@@ -170,5 +181,6 @@ pub(super) fn server_limits(cx: &mut Cx, t: &mut toml::Table) -> ServerLimits {
         max_header_bytes,
         shutdown_grace: dur(cx, "", "shutdown_grace", grace, d.shutdown_grace),
         listen_backlog,
+        workers,
     }
 }
