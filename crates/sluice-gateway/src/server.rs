@@ -9,7 +9,14 @@
 //! - on stop, the listener closes at once, idle connections close, and
 //!   in-flight requests and streams run to their end (the caller bounds the
 //!   wait).
+//!
+//! Client connections are served by [`serve_on_threads`]: one acceptor hands
+//! each new connection to the serving thread with the fewest open ones, and
+//! every serving thread runs its own single-threaded event loop with its own
+//! upstream connection pools, so a request never changes thread.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -18,7 +25,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use sluice_core::config::ServerLimits;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 /// The connections still open after the listener stopped.
@@ -30,15 +38,115 @@ pub(crate) struct Draining {
     pub tasks: JoinSet<()>,
 }
 
-/// Serves `listener` on `threads` threads, each running its own
-/// single-threaded event loop over a handle to the same accept queue, with
-/// its own upstream connection pools (`sluice_providers::use_thread_pool`).
-/// A request is then parsed, judged, forwarded and answered on one thread:
-/// no task migrates and no wake-up crosses threads on the request path.
+/// Starts hyper on accepted connections, with the limits applied, and keeps
+/// what a stop needs to drain them.
+struct Connections {
+    builder: hyper::server::conn::http1::Builder,
+    router: Router,
+    graceful: GracefulShutdown,
+    tasks: JoinSet<()>,
+    /// Connections handed to this set and not yet closed (counted up by
+    /// whoever hands one over, down when it closes), read by the acceptor to
+    /// balance load.
+    open: Arc<AtomicUsize>,
+}
+
+impl Connections {
+    fn new(router: Router, limits: &ServerLimits, open: Arc<AtomicUsize>) -> Connections {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(limits.max_header_bytes.max(8192))
+            .keep_alive(true);
+        Connections {
+            builder,
+            router,
+            graceful: GracefulShutdown::new(),
+            tasks: JoinSet::new(),
+            open,
+        }
+    }
+
+    /// Serves one connection (already counted in `open`) on the current
+    /// runtime.
+    fn start(&mut self, stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let svc = TowerToHyperService::new(self.router.clone());
+        let conn = self.builder.serve_connection(TokioIo::new(stream), svc);
+        let conn = self.graceful.watch(conn);
+        while self.tasks.try_join_next().is_some() {}
+        let open = self.open.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("connection ended with an error: {e}");
+            }
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+
+    fn draining(self) -> Draining {
+        Draining {
+            graceful: self.graceful,
+            tasks: self.tasks,
+        }
+    }
+}
+
+/// Accepts the next connection, backing off briefly on errors such as
+/// running out of file descriptors instead of spinning; `None` once `stop`
+/// turns true.
+async fn accept(listener: &TcpListener, stop: &mut watch::Receiver<bool>) -> Option<TcpStream> {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return None,
+        };
+        match accepted {
+            Ok((s, _)) => return Some(s),
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Accepts and serves connections on the current runtime until `stop` turns
+/// true.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ServerLimits,
+    mut stop: watch::Receiver<bool>,
+) -> Draining {
+    let mut conns = Connections::new(router, &limits, Arc::default());
+    while let Some(stream) = accept(&listener, &mut stop).await {
+        conns.open.fetch_add(1, Ordering::Relaxed);
+        conns.start(stream);
+    }
+    conns.draining()
+}
+
+/// One serving thread as the acceptor sees it.
+struct ServingThread {
+    /// New connections for it.
+    handoff: mpsc::UnboundedSender<std::net::TcpStream>,
+    /// Connections it has open.
+    open: Arc<AtomicUsize>,
+}
+
+/// Serves `listener` on `threads` serving threads, each running its own
+/// single-threaded event loop with its own upstream connection pools
+/// (`sluice_providers::use_thread_pool`). An acceptor on the calling runtime
+/// hands every new connection to the thread with the fewest open (a shared
+/// accept queue would let whichever thread wakes first take nearly all of
+/// them). A request is then parsed, judged, forwarded and answered on one
+/// thread: no task migrates and no wake-up crosses threads on its path.
 ///
-/// Each thread stops accepting when `stop` turns true, lets its in-flight
+/// On stop the acceptor closes the listener; each thread lets its in-flight
 /// requests and streams finish for up to `grace`, cuts the rest (a cut
-/// stream still records itself) and ends its runtime with every task the
+/// stream still records itself) and ends its runtime with every task its
 /// requests left behind. Each receiver resolves with whether its thread
 /// drained within `grace`.
 pub(crate) fn serve_on_threads(
@@ -49,37 +157,98 @@ pub(crate) fn serve_on_threads(
     grace: Duration,
     threads: usize,
 ) -> std::io::Result<Vec<oneshot::Receiver<std::io::Result<bool>>>> {
-    let shared = listener.into_std()?;
+    let mut serving = Vec::with_capacity(threads);
     let mut done = Vec::with_capacity(threads);
     for i in 0..threads.max(1) {
-        let handle = shared.try_clone()?;
+        let (handoff, incoming) = mpsc::unbounded_channel();
         let (tx, rx) = oneshot::channel();
-        let (router, limits, stop) = (router.clone(), limits.clone(), stop.clone());
+        let open = Arc::new(AtomicUsize::new(0));
+        let (router, limits, stop, count) =
+            (router.clone(), limits.clone(), stop.clone(), open.clone());
         std::thread::Builder::new()
             .name(format!("sluice-serve-{i}"))
             .spawn(move || {
                 sluice_providers::use_thread_pool(i + 1);
-                let _ = tx.send(serve_thread(handle, router, limits, stop, grace));
+                let _ = tx.send(serve_thread(incoming, router, limits, stop, grace, count));
             })?;
+        serving.push(ServingThread { handoff, open });
         done.push(rx);
     }
+    tokio::spawn(hand_out(listener, serving, stop));
     Ok(done)
+}
+
+/// The acceptor: every new connection goes to the serving thread with the
+/// fewest open, ties broken in turn.
+async fn hand_out(
+    listener: TcpListener,
+    mut serving: Vec<ServingThread>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut turn = 0usize;
+    while let Some(stream) = accept(&listener, &mut stop).await {
+        let mut stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot hand a connection over: {e}");
+                continue;
+            }
+        };
+        turn = turn.wrapping_add(1);
+        loop {
+            let n = serving.len();
+            if n == 0 {
+                tracing::error!("no serving thread is running; stopped accepting");
+                return;
+            }
+            let pick = (0..n)
+                .map(|k| (turn + k) % n)
+                .min_by_key(|&i| serving[i].open.load(Ordering::Relaxed))
+                .unwrap_or(0);
+            serving[pick].open.fetch_add(1, Ordering::Relaxed);
+            match serving[pick].handoff.send(stream) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(back)) => {
+                    // That thread is gone (it failed to start): give the
+                    // connection to another and stop giving it work.
+                    tracing::error!("a serving thread is not running");
+                    serving.remove(pick);
+                    stream = back;
+                }
+            }
+        }
+    }
 }
 
 /// One serving thread: see [`serve_on_threads`].
 fn serve_thread(
-    handle: std::net::TcpListener,
+    mut incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
     router: Router,
     limits: ServerLimits,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
     grace: Duration,
+    open: Arc<AtomicUsize>,
 ) -> std::io::Result<bool> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let drained = rt.block_on(async move {
-        let listener = TcpListener::from_std(handle)?;
-        let mut d = serve(listener, router, limits, stop).await;
+        let mut conns = Connections::new(router, &limits, open.clone());
+        loop {
+            let next = tokio::select! {
+                n = incoming.recv() => n,
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            let Some(stream) = next else { break };
+            match TcpStream::from_std(stream) {
+                Ok(s) => conns.start(s),
+                Err(e) => {
+                    open.fetch_sub(1, Ordering::Relaxed);
+                    tracing::warn!("cannot serve a handed-over connection: {e}");
+                }
+            }
+        }
+        let mut d = conns.draining();
         let drained = tokio::time::timeout(grace, d.graceful.shutdown())
             .await
             .is_ok();
@@ -87,54 +256,109 @@ fn serve_thread(
         // themselves as cut.
         d.tasks.abort_all();
         while d.tasks.join_next().await.is_some() {}
-        Ok::<_, std::io::Error>(drained)
-    })?;
+        drained
+    });
     // Tasks requests spawned (mirrors, background records) end here, before
     // the caller flushes the store.
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(drained)
 }
 
-/// Accepts and serves connections until `stop` turns true.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    router: Router,
-    limits: ServerLimits,
-    mut stop: watch::Receiver<bool>,
-) -> Draining {
-    let graceful = GracefulShutdown::new();
-    let mut tasks = JoinSet::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        let stream = match accepted {
-            Ok((s, _)) => s,
-            Err(e) => {
-                // Out of file descriptors and the like: back off briefly
-                // instead of spinning.
-                tracing::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Sends one keep-alive request on `conn` and returns the body (the
+    /// name of the thread that answered).
+    async fn ask(conn: &mut TcpStream) -> String {
+        conn.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = conn.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "connection closed early");
+            buf.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&buf);
+            if let Some(i) = text.find("\r\n\r\n") {
+                let len: usize = text[..i]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_string())
+                    })
+                    .and_then(|v| v.parse().ok())
+                    .expect("content-length");
+                if buf.len() >= i + 4 + len {
+                    return text[i + 4..i + 4 + len].to_string();
+                }
             }
-        };
-        let _ = stream.set_nodelay(true);
-        let svc = TowerToHyperService::new(router.clone());
-        let conn = builder.serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
-        while tasks.try_join_next().is_some() {}
-        tasks.spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("connection ended with an error: {e}");
-            }
-        });
+        }
     }
-    Draining { graceful, tasks }
+
+    /// New connections go to the serving thread with the fewest open, each
+    /// request is answered on its connection's thread, and a stop drains
+    /// every thread.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_are_spread_over_the_serving_threads() {
+        let router = Router::new().route(
+            "/",
+            axum::routing::get(|| async {
+                std::thread::current().name().unwrap_or("?").to_string()
+            }),
+        );
+        let listener = crate::listen("127.0.0.1:0".parse().expect("addr"), 128).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let done = serve_on_threads(
+            listener,
+            router,
+            ServerLimits::default(),
+            stop_rx,
+            Duration::from_secs(5),
+            3,
+        )
+        .expect("threads start");
+        let mut conns = Vec::new();
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..6 {
+            let mut c = TcpStream::connect(addr).await.expect("connect");
+            let first = ask(&mut c).await;
+            // Every request on one connection is answered by the same thread.
+            for _ in 0..3 {
+                assert_eq!(ask(&mut c).await, first);
+            }
+            *seen.entry(first.clone()).or_default() += 1;
+            conns.push((first, c));
+        }
+        assert_eq!(
+            seen,
+            std::collections::BTreeMap::from([
+                ("sluice-serve-0".to_string(), 2),
+                ("sluice-serve-1".to_string(), 2),
+                ("sluice-serve-2".to_string(), 2),
+            ]),
+            "six open connections, two per thread"
+        );
+        // Once a thread's connections close, new ones go there.
+        conns.retain(|(t, _)| t != "sluice-serve-1");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for _ in 0..2 {
+            let mut c = TcpStream::connect(addr).await.expect("connect");
+            assert_eq!(ask(&mut c).await, "sluice-serve-1");
+            conns.push((String::new(), c));
+        }
+        drop(conns);
+        stop_tx.send(true).expect("stop");
+        for d in done {
+            assert!(
+                d.await.expect("thread reports").expect("thread ran"),
+                "drained"
+            );
+        }
+        assert!(TcpStream::connect(addr).await.is_err(), "listener closed");
+    }
 }
