@@ -84,9 +84,14 @@ struct ProgramArgs {
     /// test to the other CPUs, so they do not steal each other's time.
     #[arg(long)]
     pin: bool,
-    /// Keep each sluice target's log (at `info`) in this directory.
+    /// Keep each sluice target's log (at `info`) and a copy of its store
+    /// (every request record) in this directory.
     #[arg(long)]
     logs: Option<PathBuf>,
+    /// sluice's `workers` setting: 0 serves on its shared work-stealing
+    /// runtime, N on N dedicated threads.
+    #[arg(long, default_value_t = 0)]
+    sluice_workers: usize,
 }
 
 impl ProgramArgs {
@@ -96,6 +101,7 @@ impl ProgramArgs {
             nginx: self.nginx_bin.clone(),
             litellm: self.litellm_bin.clone(),
             logs: self.logs.clone(),
+            sluice_workers: self.sluice_workers,
             target_cpus: self.pin.then(|| {
                 let n = std::thread::available_parallelism().map_or(2, |n| n.get());
                 format!("1-{}", n.saturating_sub(1).max(1))

@@ -87,6 +87,8 @@ pub struct Programs {
     pub target_cpus: Option<String>,
     /// Where sluice targets write their logs, if kept.
     pub logs: Option<PathBuf>,
+    /// sluice's `workers` setting.
+    pub sluice_workers: usize,
 }
 
 /// A command for `program`, under `taskset -c CPUS` when pinned.
@@ -117,6 +119,8 @@ pub struct Running {
     pub child: Option<Child>,
     /// sluice's store.
     pub db: Option<PathBuf>,
+    /// Where to keep a copy of the store after the stop (with `--logs`).
+    keep_db: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
 
@@ -194,6 +198,17 @@ impl Running {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        if let (Some(db), Some(keep)) = (&self.db, &self.keep_db) {
+            // The store and its write-ahead log, for reading the records.
+            for suffix in ["", "-wal", "-shm"] {
+                let from = PathBuf::from(format!("{}{suffix}", db.display()));
+                if from.exists() {
+                    let to = PathBuf::from(format!("{}{suffix}", keep.display()));
+                    std::fs::copy(&from, &to)
+                        .map_err(|e| format!("cannot keep {}: {e}", from.display()))?;
+                }
+            }
+        }
         match &self.db {
             Some(db) => {
                 let store = sluice_store::Store::open_existing(&db.to_string_lossy())
@@ -242,6 +257,7 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
             bearer: None,
             child: None,
             db: None,
+            keep_db: None,
             _dir: dir,
         }),
         Scenario::Nginx => {
@@ -278,13 +294,16 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
                 bearer: None,
                 child: Some(child),
                 db: None,
+                keep_db: None,
                 _dir: dir,
             })
         }
         Scenario::Sluice | Scenario::SluicePolicies | Scenario::SluiceRollout => {
             let db = dir.path().join("load.db");
             let cfg = dir.path().join("sluice.toml");
-            std::fs::write(&cfg, sluice_config(scenario, port, mock, &db))
+            let text = sluice_config(scenario, port, mock, &db)
+                .replacen("\n", &format!("\nworkers = {}\n", p.sluice_workers), 1);
+            std::fs::write(&cfg, text)
                 .map_err(|e| e.to_string())?;
             let (level, stderr) = match &p.logs {
                 Some(d) => {
@@ -322,6 +341,10 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
                 bearer: Some(KEY.to_string()),
                 child: Some(child),
                 db: Some(db),
+                keep_db: p
+                    .logs
+                    .as_ref()
+                    .map(|d| d.join(format!("{}-{port}.db", scenario.name()))),
                 _dir: dir,
             })
         }
@@ -354,6 +377,7 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
                 bearer: Some("sk-anything".to_string()),
                 child: Some(child),
                 db: None,
+                keep_db: None,
                 _dir: dir,
             })
         }

@@ -337,10 +337,6 @@ impl Gateway {
             })
         };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        let threads = match limits.workers {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
         let mut servers = Vec::new();
         let client_router = match admin_listener {
             Some(admin) => {
@@ -355,16 +351,31 @@ impl Gateway {
             }
             None => router(app.clone()),
         };
-        let serving = server::serve_on_threads(
-            listener,
-            client_router,
-            limits.clone(),
-            stop_rx.clone(),
-            grace,
-            threads,
-        )
-        .map_err(GatewayError::Serve)?;
-        tracing::debug!(threads, "serving client connections");
+        let serving = match limits.workers {
+            // The caller's work-stealing runtime: a thread that falls behind
+            // has its work taken by the others.
+            0 => {
+                servers.push(tokio::spawn(server::serve(
+                    listener,
+                    client_router,
+                    limits.clone(),
+                    stop_rx.clone(),
+                )));
+                Vec::new()
+            }
+            threads => {
+                tracing::info!(threads, "serving client connections on dedicated threads");
+                server::serve_on_threads(
+                    listener,
+                    client_router,
+                    limits.clone(),
+                    stop_rx.clone(),
+                    grace,
+                    threads,
+                )
+                .map_err(GatewayError::Serve)?
+            }
+        };
         shutdown.await;
         let _ = stop_tx.send(true);
         tracing::info!(

@@ -10,10 +10,12 @@
 //!   in-flight requests and streams run to their end (the caller bounds the
 //!   wait).
 //!
-//! Client connections are served by [`serve_on_threads`]: one acceptor hands
-//! each new connection to the serving thread with the fewest open ones, and
-//! every serving thread runs its own single-threaded event loop with its own
-//! upstream connection pools, so a request never changes thread.
+//! With `workers = N`, client connections are served by [`serve_on_threads`]:
+//! one acceptor hands each new connection to the serving thread with the
+//! fewest open ones, and every serving thread runs its own single-threaded
+//! event loop with its own upstream connection pools, so a request never
+//! changes thread. With `workers = 0`, [`serve`] runs them on the caller's
+//! work-stealing runtime.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1525,7 +1525,7 @@ variants.v2 = { provider = "sim", model = "sim-1" }
             "max_header_bytes: must be between 8192 and 1048576, got 10",
             "max_in_flight: must be at least 1",
             "listen_backlog: must be between 1 and 65535, got 0",
-            "workers: must be between 0 (one per CPU core) and 256, got 1000",
+            "workers: must be between 0 (the shared runtime) and 256, got 1000",
         ] {
             assert!(
                 e.iter().any(|m| m.starts_with(want)),

@@ -123,8 +123,10 @@ pub struct ServerLimits {
     /// drops connection attempts in a burst, and a dropped SYN costs its
     /// client a one-second retransmit.
     pub listen_backlog: u32,
-    /// Threads serving client connections, each with its own event loop and
-    /// upstream connection pools; 0 means one per CPU core.
+    /// 0: client connections are served on the shared work-stealing runtime.
+    /// N: on N dedicated threads, each with its own event loop and upstream
+    /// connection pools (less CPU per request; a burst on one thread cannot
+    /// borrow another's core).
     pub workers: usize,
 }
 
@@ -168,7 +170,7 @@ pub(super) fn server_limits(cx: &mut Cx, t: &mut toml::Table) -> ServerLimits {
     if workers > 256 {
         cx.err(
             "workers",
-            format!("must be between 0 (one per CPU core) and 256, got {workers}"),
+            format!("must be between 0 (the shared runtime) and 256, got {workers}"),
         );
     }
     let header_timeout = super::take::<String>(cx, t, "", "header_timeout");
