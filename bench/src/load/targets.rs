@@ -301,10 +301,12 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
         Scenario::Sluice | Scenario::SluicePolicies | Scenario::SluiceRollout => {
             let db = dir.path().join("load.db");
             let cfg = dir.path().join("sluice.toml");
-            let text = sluice_config(scenario, port, mock, &db)
-                .replacen("\n", &format!("\nworkers = {}\n", p.sluice_workers), 1);
-            std::fs::write(&cfg, text)
-                .map_err(|e| e.to_string())?;
+            let text = sluice_config(scenario, port, mock, &db).replacen(
+                "\n",
+                &format!("\nworkers = {}\n", p.sluice_workers),
+                1,
+            );
+            std::fs::write(&cfg, text).map_err(|e| e.to_string())?;
             let (level, stderr) = match &p.logs {
                 Some(d) => {
                     let path = d.join(format!("{}-{port}.log", scenario.name()));
