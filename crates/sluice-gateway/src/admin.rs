@@ -572,9 +572,12 @@ pub async fn reload(app: &Arc<AppState>) -> Result<(), Vec<String>> {
     }
     if config.limits.max_header_bytes != old.config.limits.max_header_bytes
         || config.limits.header_timeout != old.config.limits.header_timeout
+        || config.limits.keep_alive_timeout != old.config.limits.keep_alive_timeout
     {
-        notes
-            .push("max_header_bytes / header_timeout changed (take effect on restart)".to_string());
+        notes.push(
+            "max_header_bytes / header_timeout / keep_alive_timeout changed (take effect on restart)"
+                .to_string(),
+        );
     }
     if config.limits.listen_backlog != old.config.limits.listen_backlog {
         notes.push("listen_backlog changed (takes effect on restart)".to_string());

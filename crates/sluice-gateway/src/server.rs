@@ -3,8 +3,11 @@
 //! stop can drain it.
 //!
 //! - `header_timeout`: a client that does not finish sending its request
-//!   head in time is disconnected (slowloris); idle keep-alive connections
-//!   are closed after the same time;
+//!   head in time (from connecting, or from the first byte of a later
+//!   request) is disconnected (slowloris);
+//! - `keep_alive_timeout`: a kept-alive connection idle between requests
+//!   for longer is closed. It is longer than client pools keep idle
+//!   connections, so a client rarely sends on a connection being closed;
 //! - `max_header_bytes`: a larger request head gets `431`;
 //! - on stop, the listener closes at once, idle connections close, and
 //!   in-flight requests and streams run to their end (the caller bounds the
@@ -17,9 +20,12 @@
 //! changes thread. With `workers = 0`, [`serve`] runs them on the caller's
 //! work-stealing runtime.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -44,6 +50,8 @@ pub(crate) struct Draining {
 /// what a stop needs to drain them.
 struct Connections {
     builder: hyper::server::conn::http1::Builder,
+    header_timeout: Duration,
+    keep_alive_timeout: Duration,
     router: Router,
     graceful: GracefulShutdown,
     tasks: JoinSet<()>,
@@ -56,13 +64,18 @@ struct Connections {
 impl Connections {
     fn new(router: Router, limits: &ServerLimits, open: Arc<AtomicUsize>) -> Connections {
         let mut builder = hyper::server::conn::http1::Builder::new();
+        // hyper's own header-read timer also runs while a kept-alive
+        // connection waits for its next request; each connection's watchdog
+        // (below) times heads and idleness separately instead.
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
+            .header_read_timeout(None)
             .max_buf_size(limits.max_header_bytes.max(8192))
             .keep_alive(true);
         Connections {
             builder,
+            header_timeout: limits.header_timeout,
+            keep_alive_timeout: limits.keep_alive_timeout,
             router,
             graceful: GracefulShutdown::new(),
             tasks: JoinSet::new(),
@@ -74,14 +87,30 @@ impl Connections {
     /// runtime.
     fn start(&mut self, stream: TcpStream) {
         let _ = stream.set_nodelay(true);
-        let svc = TowerToHyperService::new(self.router.clone());
-        let conn = self.builder.serve_connection(TokioIo::new(stream), svc);
+        let activity = Arc::new(Activity::new());
+        let svc = Tracked {
+            inner: TowerToHyperService::new(self.router.clone()),
+            activity: activity.clone(),
+        };
+        let io = Watched {
+            io: stream,
+            activity: activity.clone(),
+        };
+        let conn = self.builder.serve_connection(TokioIo::new(io), svc);
         let conn = self.graceful.watch(conn);
         while self.tasks.try_join_next().is_some() {}
         let open = self.open.clone();
+        let (head, idle) = (self.header_timeout, self.keep_alive_timeout);
         self.tasks.spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("connection ended with an error: {e}");
+            tokio::select! {
+                r = conn => {
+                    if let Err(e) = r {
+                        tracing::debug!("connection ended with an error: {e}");
+                    }
+                }
+                why = watchdog(&activity, head, idle) => {
+                    tracing::debug!("connection closed: {why}");
+                }
             }
             open.fetch_sub(1, Ordering::Relaxed);
         });
@@ -92,6 +121,198 @@ impl Connections {
             graceful: self.graceful,
             tasks: self.tasks,
         }
+    }
+}
+
+/// What one connection is doing, for its watchdog: written by the I/O
+/// wrapper (bytes of a new request head), the service wrapper (requests
+/// dispatched) and response bodies (finished). Times are milliseconds since
+/// the connection was accepted, plus one (0: not set).
+struct Activity {
+    origin: Instant,
+    /// Requests dispatched whose response body has not finished.
+    busy: AtomicUsize,
+    /// When the first byte of a request head not yet dispatched arrived.
+    head_since: AtomicU64,
+    /// When the last response finished (0: none yet).
+    idle_since: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            origin: Instant::now(),
+            busy: AtomicUsize::new(0),
+            head_since: AtomicU64::new(0),
+            idle_since: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// A request head was parsed and handed to the router.
+    fn dispatched(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        self.head_since.store(0, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+}
+
+/// One request in progress; dropping it (the response body finished, or the
+/// request was abandoned) makes the connection idle again.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let now = self.0.now();
+        self.0.idle_since.store(now, Ordering::Relaxed);
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Resolves when the connection should be closed: a request head not
+/// received within `header_timeout` of its first byte (or of connecting),
+/// or no request for `keep_alive_timeout` after the last answer.
+async fn watchdog(
+    activity: &Activity,
+    header_timeout: Duration,
+    keep_alive: Duration,
+) -> &'static str {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4);
+    let (head_ms, idle_ms) = (ms(header_timeout), ms(keep_alive));
+    loop {
+        let now = activity.now();
+        let wait = if activity.busy.load(Ordering::Relaxed) > 0 {
+            head_ms.min(idle_ms)
+        } else {
+            let head = activity.head_since.load(Ordering::Relaxed);
+            let idle = activity.idle_since.load(Ordering::Relaxed);
+            let (deadline, why) = if head != 0 {
+                (
+                    head + head_ms,
+                    "request head not received within header_timeout",
+                )
+            } else if idle == 0 {
+                (
+                    1 + head_ms,
+                    "no request within header_timeout of connecting",
+                )
+            } else {
+                (idle + idle_ms, "idle for keep_alive_timeout")
+            };
+            if now >= deadline {
+                return why;
+            }
+            deadline - now
+        };
+        tokio::time::sleep(Duration::from_millis(wait.max(1))).await;
+    }
+}
+
+/// The client socket, noting when bytes of a new request head arrive.
+struct Watched {
+    io: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let a = &self.activity;
+            if a.busy.load(Ordering::Relaxed) == 0 && a.head_since.load(Ordering::Relaxed) == 0 {
+                a.head_since.store(a.now(), Ordering::Relaxed);
+            }
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The router as hyper's service, marking each request busy until its
+/// response body has been sent.
+#[derive(Clone)]
+struct Tracked {
+    inner: TowerToHyperService<Router>,
+    activity: Arc<Activity>,
+}
+
+type RouterResponse = axum::http::Response<axum::body::Body>;
+
+impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Tracked {
+    type Response = axum::http::Response<TrackedBody>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn call(&self, req: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
+        let busy = self.activity.dispatched();
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let resp: RouterResponse = answer.await?;
+            Ok(resp.map(|body| TrackedBody { body, _busy: busy }))
+        })
+    }
+}
+
+/// A response body that keeps its request busy until it is dropped.
+struct TrackedBody {
+    body: axum::body::Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

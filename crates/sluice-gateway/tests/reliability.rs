@@ -435,6 +435,89 @@ async fn slow_and_oversized_clients_are_cut_off() {
     h.stop().await;
 }
 
+/// Reads one HTTP/1.1 response (head and Content-Length body) off a
+/// kept-alive connection; "" if the connection closed first.
+async fn read_one(s: &mut tokio::net::TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some(i) = text.find("\r\n\r\n") {
+            let len: usize = text[..i]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= i + 4 + len {
+                return text;
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return String::from_utf8_lossy(&buf).into_owned(),
+        }
+    }
+}
+
+/// Idle kept-alive connections stay open for keep_alive_timeout, well past
+/// header_timeout (so a client pool does not send on a connection being
+/// closed), and are closed after it; a connection that never sends a
+/// request is still cut off after header_timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_wait_for_keep_alive_timeout() {
+    let (fault, _) = fault_upstream().await;
+    let (reset, _) = reset_upstream().await;
+    let edit = faulty(fault, reset);
+    let h = Harness::start_with(move |c| {
+        edit(c).replace(
+            "header_timeout = \"300ms\"",
+            "header_timeout = \"300ms\"\nkeep_alive_timeout = \"1500ms\"",
+        )
+    })
+    .await;
+    let ask_health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut s = raw(&h).await;
+    s.write_all(ask_health).await.expect("write");
+    assert!(read_one(&mut s).await.starts_with("HTTP/1.1 200"));
+    // Idle for twice header_timeout: still open and answering.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    s.write_all(ask_health).await.expect("write");
+    let again = read_one(&mut s).await;
+    assert!(
+        again.starts_with("HTTP/1.1 200"),
+        "after 700 ms idle: {again:?}"
+    );
+    // Past keep_alive_timeout: closed by the gateway.
+    let t = Instant::now();
+    let rest = read_all(&mut s, Duration::from_secs(5)).await;
+    assert_eq!(rest, "");
+    let waited = t.elapsed();
+    assert!(
+        waited > Duration::from_millis(1200) && waited < Duration::from_secs(3),
+        "closed after {waited:?} idle"
+    );
+    // Connected, silent: cut off after header_timeout.
+    let mut s = raw(&h).await;
+    let t = Instant::now();
+    let _ = read_all(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        t.elapsed() < Duration::from_millis(1200),
+        "silent connection held for {:?}",
+        t.elapsed()
+    );
+    // A streamed answer longer than header_timeout is not cut.
+    // (f-drip sends a chunk every 100 ms until stream_timeout ends it at 1 s.)
+    let r = chat(&h, ask_stream("f-drip")).await;
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.expect("the stream runs to its end");
+    assert!(body.matches("data:").count() >= 6, "{body}");
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_keeps_serving_after_every_fault() {
     let (h, _, _) = start().await;

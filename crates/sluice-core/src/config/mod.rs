@@ -855,6 +855,7 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
         "admin_listen",
         "max_in_flight",
         "header_timeout",
+        "keep_alive_timeout",
         "body_timeout",
         "max_header_bytes",
         "shutdown_grace",
@@ -1451,7 +1452,7 @@ variants.v2 = { provider = "sim", model = "sim-1" }
         ) + "fallbacks = [\"v2\"]\nmax_in_flight = 10\n";
         let text = text.replace(
             "max_body_bytes = 4194304",
-            "max_body_bytes = 4194304\nadmin_listen = \"127.0.0.1:9090\"\nmax_in_flight = 100\nheader_timeout = \"2s\"",
+            "max_body_bytes = 4194304\nadmin_listen = \"127.0.0.1:9090\"\nmax_in_flight = 100\nheader_timeout = \"2s\"\nkeep_alive_timeout = \"90s\"",
         ).replace("log_bodies = \"full\"", "log_bodies = \"redacted\"\non_backpressure = \"shed\"\ndurability = \"strict\"");
         let c = Config::parse(&text).expect("parses");
         let p = &c.providers["openai-main"];
@@ -1471,6 +1472,7 @@ variants.v2 = { provider = "sim", model = "sim-1" }
         );
         assert_eq!(c.limits.max_in_flight, 100);
         assert_eq!(c.limits.header_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.keep_alive_timeout, Duration::from_secs(90));
         assert_eq!(c.store.log_bodies, LogBodies::Redacted);
         assert_eq!(c.store.on_backpressure, Backpressure::Shed);
         assert_eq!(c.store.durability, Durability::Strict);

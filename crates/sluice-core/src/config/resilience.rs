@@ -110,8 +110,13 @@ pub(super) fn breaker(cx: &mut Cx, path: &str, v: Option<toml::Value>) -> Breake
 pub struct ServerLimits {
     /// Most requests handled at once; beyond it requests get 503 at once.
     pub max_in_flight: usize,
-    /// Time a client has to send its request headers.
+    /// Time a client has to send its request headers (from connecting, or
+    /// from the first byte of a later request on a kept-alive connection).
     pub header_timeout: Duration,
+    /// How long a kept-alive connection may sit idle between requests
+    /// before sluice closes it. Longer than client pools keep idle
+    /// connections, so a client does not reuse one that is being closed.
+    pub keep_alive_timeout: Duration,
     /// Time a client has to send its request body.
     pub body_timeout: Duration,
     /// Largest request head (request line + headers) in bytes.
@@ -135,6 +140,7 @@ impl Default for ServerLimits {
         ServerLimits {
             max_in_flight: 4096,
             header_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(75),
             body_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
             shutdown_grace: Duration::from_secs(30),
@@ -174,11 +180,19 @@ pub(super) fn server_limits(cx: &mut Cx, t: &mut toml::Table) -> ServerLimits {
         );
     }
     let header_timeout = super::take::<String>(cx, t, "", "header_timeout");
+    let keep_alive = super::take::<String>(cx, t, "", "keep_alive_timeout");
     let body_timeout = super::take::<String>(cx, t, "", "body_timeout");
     let grace = super::take::<String>(cx, t, "", "shutdown_grace");
     ServerLimits {
         max_in_flight,
         header_timeout: dur(cx, "", "header_timeout", header_timeout, d.header_timeout),
+        keep_alive_timeout: dur(
+            cx,
+            "",
+            "keep_alive_timeout",
+            keep_alive,
+            d.keep_alive_timeout,
+        ),
         body_timeout: dur(cx, "", "body_timeout", body_timeout, d.body_timeout),
         max_header_bytes,
         shutdown_grace: dur(cx, "", "shutdown_grace", grace, d.shutdown_grace),
