@@ -386,18 +386,7 @@ impl Gateway {
         let deadline = tokio::time::Instant::now() + grace;
         for s in servers {
             match s.await {
-                Ok(mut d) => {
-                    if tokio::time::timeout_at(deadline, d.graceful.shutdown())
-                        .await
-                        .is_err()
-                    {
-                        drained = false;
-                    }
-                    // Past the deadline: cut what is left; dropped streams
-                    // record themselves as cut.
-                    d.tasks.abort_all();
-                    while d.tasks.join_next().await.is_some() {}
-                }
+                Ok(d) => drained &= d.finish(deadline).await,
                 Err(e) => return Err(GatewayError::Serve(std::io::Error::other(e))),
             }
         }

@@ -40,10 +40,24 @@ use tokio::task::JoinSet;
 /// The connections still open after the listener stopped.
 pub(crate) struct Draining {
     /// Resolves once every connection finished gracefully.
-    pub graceful: GracefulShutdown,
+    graceful: GracefulShutdown,
     /// The connection tasks, to abort when the grace period runs out (which
     /// drops their streams, so each still records its request).
-    pub tasks: JoinSet<()>,
+    tasks: JoinSet<()>,
+}
+
+impl Draining {
+    /// Lets in-flight requests and streams finish until `deadline`, then
+    /// cuts what is left (a cut stream still records itself); whether all
+    /// finished in time.
+    pub(crate) async fn finish(mut self, deadline: tokio::time::Instant) -> bool {
+        let drained = tokio::time::timeout_at(deadline, self.graceful.shutdown())
+            .await
+            .is_ok();
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        drained
+    }
 }
 
 /// Starts hyper on accepted connections, with the limits applied, and keeps
@@ -471,15 +485,10 @@ fn serve_thread(
                 }
             }
         }
-        let mut d = conns.draining();
-        let drained = tokio::time::timeout(grace, d.graceful.shutdown())
+        conns
+            .draining()
+            .finish(tokio::time::Instant::now() + grace)
             .await
-            .is_ok();
-        // Past the deadline: cut what is left; dropped streams record
-        // themselves as cut.
-        d.tasks.abort_all();
-        while d.tasks.join_next().await.is_some() {}
-        drained
     });
     // Tasks requests spawned (mirrors, background records) end here, before
     // the caller flushes the store.

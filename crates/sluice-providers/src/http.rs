@@ -516,20 +516,7 @@ mod tests {
     }
 
     fn client() -> HttpClient {
-        let c = sluice_core::Config::parse(
-            r#"
-allow_anonymous = true
-[providers.o]
-kind = "openai"
-base_url = "http://127.0.0.1:9/v1"
-api_key_env = "K"
-[deployments.d]
-stable = "v1"
-variants.v1 = { provider = "o", model = "m" }
-"#,
-        )
-        .expect("config");
-        build_client(&c.providers["o"], HeaderMap::new()).expect("client")
+        build_client(&crate::test_config().providers["o"], HeaderMap::new()).expect("client")
     }
 
     /// `n` sequential requests from the calling thread's runtime, each read

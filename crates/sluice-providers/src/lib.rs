@@ -234,17 +234,12 @@ impl Provider {
     }
 }
 
+/// A config with an OpenAI-compatible provider `o` and an Anthropic one `a`,
+/// both pointing at a closed loopback port, for unit tests.
 #[cfg(test)]
-mod tests {
-    use super::Provider;
-    use sluice_core::Config;
-
-    /// A provider's key never shows in its debug output (which is what ends
-    /// up in logs and panics).
-    #[test]
-    fn provider_keys_are_not_printed() {
-        let c = Config::parse(
-            r#"
+pub(crate) fn test_config() -> sluice_core::Config {
+    sluice_core::Config::parse(
+        r#"
 allow_anonymous = true
 [providers.o]
 kind = "openai"
@@ -258,8 +253,19 @@ api_key_env = "K"
 stable = "v1"
 variants.v1 = { provider = "o", model = "m" }
 "#,
-        )
-        .expect("config");
+    )
+    .expect("config")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Provider;
+
+    /// A provider's key never shows in its debug output (which is what ends
+    /// up in logs and panics).
+    #[test]
+    fn provider_keys_are_not_printed() {
+        let c = super::test_config();
         for name in ["o", "a"] {
             let p = Provider::build(&c.providers[name], Some("sk-very-secret-123".into()))
                 .expect("builds");
