@@ -51,48 +51,94 @@ fn pii() -> &'static Pii {
     })
 }
 
-/// Cheap facts about a text, from one byte pass, that rule out the
-/// detectors whose patterns have no literal to search for.
+/// Cheap facts about a text, from counting passes the compiler vectorises,
+/// that rule out the PII patterns that have no literal to search for.
 #[derive(Debug, Default, Clone, Copy)]
 struct Features {
     digits: usize,
     colons: usize,
     at_signs: usize,
     iban_prefix: bool,
-    longest_key_run: usize,
 }
 
 impl Features {
     fn of(text: &str) -> Features {
         let b = text.as_bytes();
-        let mut f = Features::default();
-        let mut run = 0usize;
-        for (i, c) in b.iter().enumerate() {
-            if c.is_ascii_digit() {
-                f.digits += 1;
-            } else if *c == b':' {
-                f.colons += 1;
-            } else if *c == b'@' {
-                f.at_signs += 1;
-            }
-            if c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'_' | b'-') {
-                run += 1;
-                f.longest_key_run = f.longest_key_run.max(run);
-            } else {
-                run = 0;
-            }
-            if !f.iban_prefix
-                && c.is_ascii_uppercase()
-                && i + 3 < b.len()
-                && b[i + 1].is_ascii_uppercase()
-                && b[i + 2].is_ascii_digit()
-                && b[i + 3].is_ascii_digit()
-            {
-                f.iban_prefix = true;
-            }
+        // Branch-free counts in one pass, so the loop vectorises.
+        let (mut digits, mut colons, mut at_signs) = (0usize, 0usize, 0usize);
+        for &c in b {
+            digits += usize::from(c.wrapping_sub(b'0') < 10);
+            colons += usize::from(c == b':');
+            at_signs += usize::from(c == b'@');
         }
-        f
+        // An IBAN starts with two capitals and two digits.
+        let iban_prefix = digits >= 2
+            && b.windows(4).any(|w| {
+                w[0].is_ascii_uppercase()
+                    && w[1].is_ascii_uppercase()
+                    && w[2].is_ascii_digit()
+                    && w[3].is_ascii_digit()
+            });
+        Features {
+            digits,
+            colons,
+            at_signs,
+            iban_prefix,
+        }
     }
+}
+
+/// A byte that can be part of a key-like run (the generic secret pattern).
+fn key_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'_' | b'-')
+}
+
+/// Whether `text` has a run of at least `n` key-like bytes. Looks at every
+/// `n`-th byte and measures a run only around a key-like one, so ordinary
+/// prose (short words) costs a few comparisons per `n` bytes.
+fn has_key_run(text: &str, n: usize) -> bool {
+    let b = text.as_bytes();
+    if n == 0 {
+        return true;
+    }
+    // Any run of n bytes covers one of the positions n-1, 2n-1, ...
+    let mut probe = n - 1;
+    while probe < b.len() {
+        if key_byte(b[probe]) {
+            let mut lo = probe;
+            while lo > 0 && key_byte(b[lo - 1]) {
+                lo -= 1;
+            }
+            let mut hi = probe + 1;
+            while hi < b.len() && key_byte(b[hi]) && hi - lo < n {
+                hi += 1;
+            }
+            if hi - lo >= n {
+                return true;
+            }
+            // No run of n reaches past `hi`'s non-key byte from the left.
+            probe = hi + n;
+        } else {
+            probe += n;
+        }
+    }
+    false
+}
+
+fn key_header() -> &'static (
+    memchr::memmem::Finder<'static>,
+    memchr::memmem::Finder<'static>,
+) {
+    static F: OnceLock<(
+        memchr::memmem::Finder<'static>,
+        memchr::memmem::Finder<'static>,
+    )> = OnceLock::new();
+    F.get_or_init(|| {
+        (
+            memchr::memmem::Finder::new("-----BEGIN"),
+            memchr::memmem::Finder::new("-----END"),
+        )
+    })
 }
 
 /// Luhn checksum.
@@ -323,7 +369,7 @@ pub fn find_secrets(text: &str, out: &mut Vec<Span>) {
             });
         }
     }
-    let long_run = Features::of(text).longest_key_run >= 32;
+    let long_run = has_key_run(text, 32);
     for m in s.generic.find_iter(if long_run { text } else { "" }) {
         let t = m.as_str();
         let classes = [
@@ -530,6 +576,9 @@ pub fn pii_holdback(text: &str, entities: &[String]) -> usize {
     h
 }
 
+/// Longest key block body the private-key pattern spans (bytes).
+const KEY_BODY: usize = 8192;
+
 /// How many trailing bytes could still grow into a credential.
 pub fn secrets_holdback(text: &str) -> usize {
     let word = trailing_run(text, 512, |c| {
@@ -540,17 +589,27 @@ pub fn secrets_holdback(text: &str) -> usize {
     while !text.is_char_boundary(from) {
         from -= 1;
     }
-    let lower_tail = text[from..].to_ascii_lowercase();
-    let bearer = if lower_tail.trim_end().ends_with("bearer") {
-        trailing_run(text, 40, |c| c.is_ascii_alphabetic() || c == ' ')
-    } else {
-        0
-    };
-    let header = text.rfind("-----BEGIN").map_or(0, |p| {
-        if text[p..].contains("-----END") {
+    let trimmed = text[from..].trim_end().as_bytes();
+    let bearer =
+        if trimmed.len() >= 6 && trimmed[trimmed.len() - 6..].eq_ignore_ascii_case(b"bearer") {
+            trailing_run(text, 40, |c| c.is_ascii_alphabetic() || c == ' ')
+        } else {
+            0
+        };
+    // A key block's body reaches at most KEY_BODY bytes past its header (the
+    // pattern's bound), so only that tail can hold an open header: searching
+    // it alone keeps a long stream's cost per piece flat.
+    let mut from = text.len().saturating_sub(KEY_BODY + "-----BEGIN".len());
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    let tail = &text[from..];
+    let (begin, end) = key_header();
+    let header = begin.find_iter(tail.as_bytes()).last().map_or(0, |p| {
+        if end.find(&tail.as_bytes()[p..]).is_some() {
             0
         } else {
-            (text.len() - p).min(8192)
+            (tail.len() - p).min(KEY_BODY)
         }
     });
     word.max(bearer).max(header)
@@ -667,5 +726,37 @@ mod tests {
         assert_eq!(pii_holdback("Hello there, ", &e), 1);
         assert_eq!(pii_holdback("write to bob@exam", &e), "bob@exam".len());
         assert_eq!(pii_holdback("card 4111 1111 11", &e), " 4111 1111 11".len());
+    }
+
+    #[test]
+    fn an_open_key_header_holds_back_until_its_block_ends() {
+        let open = "here: -----BEGIN RSA PRIVATE KEY-----\nMIIE";
+        assert_eq!(secrets_holdback(open), open.len() - "here: ".len());
+        let closed = format!("{open}\n-----END RSA PRIVATE KEY-----\nthanks ");
+        assert_eq!(secrets_holdback(&closed), 0);
+        // Past the longest body the pattern spans, the header alone is the
+        // match: nothing after it needs holding.
+        let long = format!("{open}{} ", "a ".repeat(KEY_BODY));
+        assert_eq!(secrets_holdback(&long), 0);
+        assert_eq!(secrets_holdback("Authorization: Bearer "), " Bearer ".len());
+    }
+
+    fn longest_key_run(t: &str) -> usize {
+        let (mut best, mut run) = (0, 0);
+        for c in t.bytes() {
+            run = if key_byte(c) { run + 1 } else { 0 };
+            best = best.max(run);
+        }
+        best
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn sampled_key_run_check_agrees_with_a_full_pass(
+            t in "[a-zA-Z0-9+/_ .-]{0,200}",
+            n in 1usize..40,
+        ) {
+            proptest::prop_assert_eq!(has_key_run(&t, n), longest_key_run(&t) >= n);
+        }
     }
 }
