@@ -837,12 +837,9 @@ impl StreamRecorder {
                     .or_insert_with(|| OutputGuard::new(constitution));
                 let mut emitted = String::new();
                 let mut choice_blocked = false;
-                let original = c
-                    .get("delta")
-                    .and_then(|d| d.get("content"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string);
-                if let Some(t) = original.as_deref() {
+                let content = c.get("delta").and_then(|d| d.get("content"));
+                let had_content = content.is_some();
+                if let Some(t) = content.and_then(Value::as_str) {
                     match guard.push(t) {
                         Step::Emit(e) => emitted = e,
                         Step::Block { emit, .. } => {
@@ -862,10 +859,11 @@ impl StreamRecorder {
                         }
                     }
                 }
-                let had_content = c.get("delta").and_then(|d| d.get("content")).is_some();
-                if (had_content || !emitted.is_empty())
-                    && original.as_deref() != Some(emitted.as_str())
-                {
+                let original = c
+                    .get("delta")
+                    .and_then(|d| d.get("content"))
+                    .and_then(Value::as_str);
+                if (had_content || !emitted.is_empty()) && original != Some(emitted.as_str()) {
                     c["delta"]["content"] = json!(emitted);
                     changed = true;
                 }
@@ -936,6 +934,14 @@ fn sse_error(e: &ProviderError) -> Bytes {
         "code": e.kind(),
     }});
     Bytes::from(format!("data: {body}\n\n"))
+}
+
+/// Appends `v` as one server-sent event, serialised straight into `out`.
+fn push_event(out: &mut Vec<u8>, v: &Value) {
+    out.extend_from_slice(b"data: ");
+    // Serialising a `Value` into memory cannot fail.
+    let _ = serde_json::to_writer(&mut *out, v);
+    out.extend_from_slice(b"\n\n");
 }
 
 fn sse_data(text: &str) -> Bytes {
@@ -1047,10 +1053,10 @@ fn stream_response(
                                 (upstream, recorder, Phase::Closing(None), template),
                             ));
                         }
-                        let mut out = String::new();
+                        let mut out = Vec::new();
                         if let Some((fv, fb)) = flushed {
                             recorder.acc.push(&fv);
-                            out.push_str(&format!("data: {fv}\n\n"));
+                            push_event(&mut out, &fv);
                             if fb {
                                 recorder.finish(None);
                                 recorder.settle().await;
@@ -1069,11 +1075,15 @@ fn stream_response(
                                 (upstream, recorder, Phase::Streaming, template),
                             ));
                         }
-                        let text = match raw {
-                            Some(raw) => raw,
-                            None => value.to_string(),
-                        };
-                        out.push_str(&format!("data: {text}\n\n"));
+                        match raw {
+                            Some(raw) => {
+                                out.reserve(raw.len() + 8);
+                                out.extend_from_slice(b"data: ");
+                                out.extend_from_slice(raw.as_bytes());
+                                out.extend_from_slice(b"\n\n");
+                            }
+                            None => push_event(&mut out, &value),
+                        }
                         return Some((
                             Ok(Bytes::from(out)),
                             (upstream, recorder, Phase::Streaming, template),
