@@ -290,12 +290,6 @@ pub struct ChatRequest {
 impl ChatRequest {
     /// Parses and validates a request body.
     pub fn parse(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
-        // A well-formed body decodes in one pass, without a `Value` tree;
-        // anything else takes the slower path that names what is wrong.
-        if let Ok(req) = serde_json::from_slice::<ChatRequest>(body) {
-            req.validate()?;
-            return Ok(req);
-        }
         let value: Value = serde_json::from_slice(body).map_err(|e| InvalidRequest {
             param: None,
             message: format!(
@@ -629,6 +623,28 @@ pub fn finish_reason(v: &Value) -> Option<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn malformed_json_is_rejected_even_inside_fields_sluice_ignores() {
+        // Nested objects tolerate unknown keys, but their values must still
+        // be valid JSON: a decoder that skips them unchecked would let these
+        // through.
+        let body = |extra: &[u8]| {
+            let mut b = br#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"},"x":"#.to_vec();
+            b.extend_from_slice(extra);
+            b.extend_from_slice(b"}]}]}");
+            b
+        };
+        assert!(ChatRequest::parse(&body(b"1")).is_ok());
+        for bad in [&b"1e400"[..], b"-1e999", br#""\ud800""#, b"\"\x80\""] {
+            let e = ChatRequest::parse(&body(bad)).expect_err("malformed JSON");
+            assert!(
+                e.message.contains("could not parse the JSON body"),
+                "{}",
+                e.message
+            );
+        }
+    }
 
     fn parse(v: Value) -> Result<ChatRequest, InvalidRequest> {
         ChatRequest::from_value(v)

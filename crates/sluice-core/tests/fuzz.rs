@@ -99,19 +99,8 @@ fn request_parser() {
     let mut r = runner(10_000);
     r.run(&edits(), |ed| {
         let bytes = mutate(REQUEST.as_bytes(), &ed);
-        let parsed = ChatRequest::parse(&bytes);
-        if let Err(e) = &parsed {
+        if let Err(e) = ChatRequest::parse(&bytes) {
             prop_assert!(!e.message.is_empty());
-        }
-        // The one-pass decoder and the `Value` path agree on every body.
-        let via_value = serde_json::from_slice::<serde_json::Value>(&bytes)
-            .ok()
-            .map(ChatRequest::from_value);
-        match (&parsed, via_value) {
-            (Ok(a), Some(Ok(b))) => prop_assert_eq!(a, &b),
-            (Err(a), Some(Err(b))) => prop_assert_eq!(&a.message, &b.message),
-            (Err(_), None) => {}
-            (a, b) => prop_assert!(false, "parse {:?} against the Value path {:?}", a, b),
         }
         Ok(())
     })
