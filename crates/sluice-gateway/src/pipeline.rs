@@ -838,8 +838,8 @@ impl StreamRecorder {
                 let mut emitted = String::new();
                 let mut choice_blocked = false;
                 let content = c.get("delta").and_then(|d| d.get("content"));
-                let had_content = content.is_some();
-                if let Some(t) = content.and_then(Value::as_str) {
+                let original = content.and_then(Value::as_str);
+                if let Some(t) = original {
                     match guard.push(t) {
                         Step::Emit(e) => emitted = e,
                         Step::Block { emit, .. } => {
@@ -859,11 +859,8 @@ impl StreamRecorder {
                         }
                     }
                 }
-                let original = c
-                    .get("delta")
-                    .and_then(|d| d.get("content"))
-                    .and_then(Value::as_str);
-                if (had_content || !emitted.is_empty()) && original != Some(emitted.as_str()) {
+                if (content.is_some() || !emitted.is_empty()) && original != Some(emitted.as_str())
+                {
                     c["delta"]["content"] = json!(emitted);
                     changed = true;
                 }

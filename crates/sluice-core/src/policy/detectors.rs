@@ -576,6 +576,15 @@ pub fn pii_holdback(text: &str, entities: &[String]) -> usize {
     h
 }
 
+/// The largest char boundary of `s` at or below `i` (clamped to its length).
+pub(crate) fn floor_boundary(s: &str, mut i: usize) -> usize {
+    i = i.min(s.len());
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
 /// Longest key block body the private-key pattern spans (bytes).
 const KEY_BODY: usize = 8192;
 
@@ -585,11 +594,9 @@ pub fn secrets_holdback(text: &str) -> usize {
         c.is_ascii_alphanumeric() || "._~+/=-".contains(c)
     });
     // "Bearer " followed by a token still to come, or a key block header.
-    let mut from = text.len().saturating_sub(40);
-    while !text.is_char_boundary(from) {
-        from -= 1;
-    }
-    let trimmed = text[from..].trim_end().as_bytes();
+    let trimmed = text[floor_boundary(text, text.len().saturating_sub(40))..]
+        .trim_end()
+        .as_bytes();
     let bearer =
         if trimmed.len() >= 6 && trimmed[trimmed.len() - 6..].eq_ignore_ascii_case(b"bearer") {
             trailing_run(text, 40, |c| c.is_ascii_alphabetic() || c == ' ')
@@ -599,11 +606,10 @@ pub fn secrets_holdback(text: &str) -> usize {
     // A key block's body reaches at most KEY_BODY bytes past its header (the
     // pattern's bound), so only that tail can hold an open header: searching
     // it alone keeps a long stream's cost per piece flat.
-    let mut from = text.len().saturating_sub(KEY_BODY + "-----BEGIN".len());
-    while !text.is_char_boundary(from) {
-        from -= 1;
-    }
-    let tail = &text[from..];
+    let tail = &text[floor_boundary(
+        text,
+        text.len().saturating_sub(KEY_BODY + "-----BEGIN".len()),
+    )..];
     let (begin, end) = key_header();
     let header = begin.find_iter(tail.as_bytes()).last().map_or(0, |p| {
         if end.find(&tail.as_bytes()[p..]).is_some() {

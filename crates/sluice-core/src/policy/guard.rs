@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 
 use crate::config::{Applies, PolicyAction};
-use crate::policy::detectors::Span;
+use crate::policy::detectors::{floor_boundary, Span};
 use crate::policy::{Constitution, Finding, Principle};
 use std::sync::Arc;
 
@@ -48,14 +48,6 @@ pub struct OutputGuard {
     /// The release point of the last scan: while it does not move, a new
     /// piece can neither complete a match nor release text.
     last_tail: Option<usize>,
-}
-
-fn floor_boundary(s: &str, mut i: usize) -> usize {
-    i = i.min(s.len());
-    while !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
 }
 
 impl OutputGuard {
