@@ -217,7 +217,7 @@ async fn call_inner(
     up.stream = None;
     up.stream_options = None;
     let mut completion = match tokio::time::timeout(timeout, provider.complete(&up)).await {
-        Ok(r) => r?,
+        Ok(r) => r.map_err(ProviderError::scrub_secrets)?,
         Err(_) => {
             return Err(ProviderError::Timeout {
                 provider: v.provider.clone(),

@@ -264,7 +264,11 @@ impl Rollouts {
                     let c = StageCounters::default();
                     let mut a = StageAggregates::default();
                     if state.status.is_active() {
-                        match seed(store, rc, &state, &mut a) {
+                        let principles = config
+                            .deployments
+                            .get(&rc.deployment)
+                            .map_or(&[][..], |d| d.principles.as_slice());
+                        match seed(store, rc, principles, &state, &mut a) {
                             Ok((s, k)) => {
                                 c.stable.store(s, Ordering::Relaxed);
                                 c.candidate.store(k, Ordering::Relaxed);
@@ -343,9 +347,11 @@ impl Rollouts {
     }
 }
 
-/// What a recorded request contributes to its stage's signals.
-fn row_observation(r: &sluice_store::StageRow) -> Observation {
-    observation(
+/// What a recorded request contributes to its stage's signals. `principles`
+/// are the deployment's (its constitution, in order): a successful request
+/// flags each one its recorded verdicts name, as it did when it was served.
+fn row_observation(r: &sluice_store::StageRow, principles: &[String]) -> Observation {
+    let mut obs = observation(
         r.status,
         r.error_kind.as_deref(),
         r.latency_ms,
@@ -353,7 +359,34 @@ fn row_observation(r: &sluice_store::StageRow) -> Observation {
         r.tokens_out,
         r.refusal,
         r.cost_usd,
-    )
+    );
+    if !obs.error && !principles.is_empty() {
+        let fired = fired_principles(r.policy.as_deref());
+        obs.flags = principles
+            .iter()
+            .map(|p| (p.clone(), fired.contains(p.as_str())))
+            .collect();
+    }
+    obs
+}
+
+/// The principles a recorded `policy` column names (a JSON list of findings,
+/// each with a `principle`). A column that does not parse names none.
+fn fired_principles(policy: Option<&str>) -> std::collections::BTreeSet<String> {
+    let Some(text) = policy else {
+        return Default::default();
+    };
+    match serde_json::from_str::<Vec<serde_json::Value>>(text) {
+        Ok(findings) => findings
+            .iter()
+            .filter_map(|f| f.get("principle").and_then(|p| p.as_str()))
+            .map(str::to_string)
+            .collect(),
+        Err(e) => {
+            tracing::warn!("a recorded request's policy verdicts do not parse ({e}); its flags count as not fired");
+            Default::default()
+        }
+    }
 }
 
 /// Rebuilds a stage's counters and signals from its recorded requests (one
@@ -362,6 +395,7 @@ fn row_observation(r: &sluice_store::StageRow) -> Observation {
 fn seed(
     store: &Store,
     rc: &RolloutConfig,
+    principles: &[String],
     state: &RolloutState,
     aggs: &mut StageAggregates,
 ) -> Result<(u64, u64), StoreError> {
@@ -371,7 +405,7 @@ fn seed(
         for row in store.stage_rows(&rc.name, stage - 1, 0)? {
             if row.variant != rc.candidate {
                 let arm = &mut aggs.stable;
-                arm.observe(&row_observation(&row));
+                arm.observe(&row_observation(&row, principles));
                 if let Some(down) = row.thumbs_down {
                     arm.thumbs(None, down);
                 }
@@ -383,8 +417,10 @@ fn seed(
         Some(StageKind::Shadow(_))
     ) {
         for (primary, mirror) in store.shadow_pairs(&rc.name, stage, state.stage_started_ms)? {
-            aggs.paired
-                .observe(&row_observation(&primary), &row_observation(&mirror));
+            aggs.paired.observe(
+                &row_observation(&primary, principles),
+                &row_observation(&mirror, principles),
+            );
         }
     }
     let mut stable = 0;
@@ -397,7 +433,7 @@ fn seed(
             stable += 1;
         }
         let arm = aggs.arm_mut(cand);
-        arm.observe(&row_observation(&row));
+        arm.observe(&row_observation(&row, principles));
         if let Some(down) = row.thumbs_down {
             arm.thumbs(None, down);
         }

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::Stream;
 use serde::Serialize;
 use sluice_core::chat::ChatRequest;
 use sluice_core::config::ProviderConfig;
@@ -264,11 +264,16 @@ impl Upstream {
         &self,
         req: &ChatRequest,
     ) -> (Result<Completion, ProviderError>, u32) {
-        self.call(&req.model, || self.provider.complete(req)).await
+        let (r, n) = self
+            .call(&req.model, false, || self.provider.complete(req))
+            .await;
+        (r.map(|(c, _)| c), n)
     }
 
     /// A streamed completion, with breaker and retries before the first
-    /// chunk. Failures later in the stream are reported to the breaker.
+    /// chunk. The call's outcome reaches the breaker once, when the stream
+    /// ends: a failure part-way through counts as the call's failure (not
+    /// as a success at the start and a failure later).
     pub async fn stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
         self.stream_counted(req).await.0
     }
@@ -278,23 +283,32 @@ impl Upstream {
         &self,
         req: &ChatRequest,
     ) -> (Result<ChunkStream, ProviderError>, u32) {
-        let (r, n) = self.call(&req.model, || self.provider.stream(req)).await;
-        let r = r.map(|s| {
-            let health = self.health.clone();
-            let model = req.model.clone();
-            let s: ChunkStream = Box::pin(s.inspect(move |item| {
-                if let Err(e) = item {
-                    if is_endpoint_failure(e) {
-                        health.report(&model, false, false);
-                    }
-                }
-            }));
+        let (r, n) = self
+            .call(&req.model, true, || self.provider.stream(req))
+            .await;
+        let r = r.map(|(inner, probe)| {
+            let s: ChunkStream = Box::pin(Reported {
+                inner,
+                health: self.health.clone(),
+                model: req.model.clone(),
+                probe,
+                reported: false,
+            });
             s
         });
         (r, n)
     }
 
-    async fn call<T, F, Fut>(&self, model: &str, f: F) -> (Result<T, ProviderError>, u32)
+    /// Makes the call with breaker and retries. A success is reported to
+    /// the breaker here unless `defer_ok`, in which case the caller reports
+    /// it (a stream, when it ends); the flag returned with it says whether
+    /// the call was a half-open probe.
+    async fn call<T, F, Fut>(
+        &self,
+        model: &str,
+        defer_ok: bool,
+        f: F,
+    ) -> (Result<(T, bool), ProviderError>, u32)
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<T, ProviderError>>,
@@ -319,10 +333,12 @@ impl Upstream {
             let r = f().await;
             let e = match r {
                 Ok(v) => {
-                    h.report(model, true, probe);
-                    return (Ok(v), attempt);
+                    if !defer_ok {
+                        h.report(model, true, probe);
+                    }
+                    return (Ok((v, probe)), attempt);
                 }
-                Err(e) => e,
+                Err(e) => e.scrub_secrets(),
             };
             h.report(model, !is_endpoint_failure(&e), probe);
             if attempt >= h.retry.attempts || !is_retryable(&e) {
@@ -349,5 +365,55 @@ impl Upstream {
             tracing::debug!(provider = %h.name, attempt, ?wait, "retrying upstream call: {e}");
             tokio::time::sleep(wait).await;
         }
+    }
+}
+
+/// A stream that reports its call's outcome to the breaker exactly once: a
+/// failure at the first endpoint error, a success at its end, or a success
+/// when it is dropped before either (the client left; the upstream was
+/// answering).
+struct Reported {
+    inner: ChunkStream,
+    health: Arc<Health>,
+    model: String,
+    probe: bool,
+    reported: bool,
+}
+
+impl Reported {
+    fn report(&mut self, ok: bool) {
+        if !self.reported {
+            self.reported = true;
+            self.health.report(&self.model, ok, self.probe);
+        }
+    }
+}
+
+impl Stream for Reported {
+    type Item = Result<sluice_providers::Chunk, ProviderError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let item = std::task::ready!(self.inner.as_mut().poll_next(cx));
+        std::task::Poll::Ready(match item {
+            Some(Err(e)) => {
+                let e = e.scrub_secrets();
+                self.report(!is_endpoint_failure(&e));
+                Some(Err(e))
+            }
+            None => {
+                self.report(true);
+                None
+            }
+            ok => ok,
+        })
+    }
+}
+
+impl Drop for Reported {
+    fn drop(&mut self) {
+        self.report(true);
     }
 }

@@ -80,6 +80,8 @@ variants.v1 = {{ provider = "faulty", model = "f-slow" }}
             "f-truncated",
             "f-drip",
             "f-badjson",
+            "f-leaky",
+            "f-leaky-body",
         ] {
             s.push_str(&format!(
                 "\n[deployments.{m}]\nstable = \"v1\"\nvariants.v1 = {{ provider = \"faulty\", model = \"{m}\" }}\n"
@@ -341,6 +343,80 @@ async fn streams_are_bounded_by_first_byte_idle_and_total_timeouts() {
     let rec = record(&h, &id).await;
     assert_eq!(rec.error_kind.as_deref(), Some("upstream_stream_error"));
     assert!(rec.response_body.unwrap_or_default().contains("Hello"));
+    h.stop().await;
+}
+
+/// An upstream's error text can echo its own key or what it was sent; it
+/// reaches the client and the store with credentials redacted, streamed or
+/// not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_upstream_error_text_are_redacted() {
+    let (h, _, _) = start().await;
+    let prompt = "use AKIAIOSFODNN7EXAMPLE please";
+    for body in [
+        json!({"model": "f-leaky", "messages": [{"role": "user", "content": prompt}]}),
+        json!({"model": "f-leaky", "stream": true, "messages": [{"role": "user", "content": prompt}]}),
+    ] {
+        let r = chat(&h, body).await;
+        assert_eq!(r.status(), 400);
+        let id = header(&r, "x-sluice-request-id");
+        let text = r.text().await.expect("body");
+        assert!(text.contains("upstream_rejected_request"), "{text}");
+        assert!(text.contains("is not allowed this input"), "{text}");
+        assert!(text.contains("[REDACTED:api_key]"), "{text}");
+        assert!(text.contains("[REDACTED:aws_access_key]"), "{text}");
+        assert!(!text.contains("UPSTREAMkey0123456789"), "{text}");
+        assert!(!text.contains("AKIAIOSFODNN7EXAMPLE"), "{text}");
+        let rec = record(&h, &id).await;
+        let stored = format!("{:?} {:?}", rec.error_message, rec.response_body);
+        assert!(!stored.contains("UPSTREAMkey0123456789"), "{stored}");
+        assert!(!stored.contains("AKIAIOSFODNN7EXAMPLE"), "{stored}");
+    }
+    let r = chat(&h, ask("f-leaky-body")).await;
+    assert_eq!(r.status(), 502);
+    let text = r.text().await.expect("body");
+    assert!(text.contains("sent an invalid response"), "{text}");
+    assert!(text.contains("[REDACTED:bearer_token]"), "{text}");
+    assert!(!text.contains("abcdefghijklmnopqrstuvwxyz012345"), "{text}");
+    h.stop().await;
+}
+
+/// One stream, one outcome for the breaker: a stream that breaks off
+/// part-way counts as one failed call, not as a success when it opened and
+/// a failure later; a stream that finishes counts as one success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reaches_the_breaker_as_one_outcome() {
+    let (h, _, _) = start().await;
+    let breaker = |p: &Value, model: &str| {
+        provider(p, "faulty")["breakers"]
+            .as_array()
+            .expect("breakers")
+            .iter()
+            .find(|b| b["model"] == model)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    for _ in 0..3 {
+        let r = chat(&h, ask_stream("f-truncated")).await;
+        let body = r.text().await.expect("body");
+        assert!(body.contains("upstream_stream_error"), "{body}");
+    }
+    for _ in 0..2 {
+        let r = chat(&h, ask_stream("f-ok")).await;
+        let body = r.text().await.expect("body");
+        assert!(body.contains("[DONE]"), "{body}");
+    }
+    let p = providers(&h).await;
+    let cut = breaker(&p, "f-truncated");
+    assert_eq!(cut["window_ok"], 0, "{p}");
+    assert_eq!(cut["window_failed"], 3, "{p}");
+    assert_eq!(cut["state"], "closed", "3 of min_requests 6: {p}");
+    let ok = breaker(&p, "f-ok");
+    assert_eq!(ok["window_ok"], 2, "{p}");
+    assert_eq!(ok["window_failed"], 0, "{p}");
+    let faulty = provider(&p, "faulty");
+    assert_eq!(faulty["calls_total"], 5, "{p}");
+    assert_eq!(faulty["failures_total"], 3, "{p}");
     h.stop().await;
 }
 

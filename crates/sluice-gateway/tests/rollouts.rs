@@ -354,6 +354,46 @@ async fn a_restart_resumes_the_stage_with_clocks_and_counters() {
     h.stop().await;
 }
 
+/// The per-principle flag rates the gates read are rebuilt from the
+/// recorded verdicts after a restart, like every other signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_rebuilds_the_stage_signals_flag_rates_included() {
+    let flagged = |c: String| {
+        let c = with_rollout(WALK)(c).replacen(
+            "[deployments.support]\nstable = \"v1\"",
+            "[deployments.support]\nstable = \"v1\"\nprinciples = [\"mentions-refund\"]",
+            1,
+        );
+        format!(
+            "{c}\n[principles.mentions-refund]\napplies_to = [\"input\"]\naction = \"flag\"\ndetectors = [{{ kind = \"keywords\", words = [\"refund\"] }}]\n"
+        )
+    };
+    let h = Harness::start_with(flagged).await;
+    admin(&h, OPS, "start", "").await;
+    admin(&h, OPS, "advance", "").await;
+    for i in 0..40 {
+        let text = if i % 3 == 0 { "I want a refund" } else { "hi" };
+        let body = json!({"model": "support", "user": format!("user-{i}"), "messages": [{"role": "user", "content": text}]});
+        variant_for(&h, body).await;
+    }
+    h.flush().await;
+    let before = status(&h).await;
+    let rates = |v: &Value| {
+        ["stable", "candidate"]
+            .map(|arm| v["signals"][arm]["flag_rates"]["mentions-refund"].as_f64())
+    };
+    let live = rates(&before);
+    assert!(
+        live.iter().all(|r| r.is_some_and(|r| r > 0.0 && r < 1.0)),
+        "both arms saw flagged and unflagged requests: {before}"
+    );
+    let h = h.restart().await;
+    let after = status(&h).await;
+    assert_eq!(rates(&after), live, "{after}");
+    assert_eq!(after["signals"], before["signals"]);
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalid_reload_keeps_the_old_config() {
     let h = Harness::start_with(with_rollout(WALK)).await;

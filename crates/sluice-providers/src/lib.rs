@@ -102,6 +102,28 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// Redacts credentials from the text an upstream (or its transport)
+    /// put in this error. An upstream's error message can echo what it was
+    /// sent or its own configuration; such text goes to the client, the
+    /// store and the log, past the output principles, so no key, token or
+    /// private key in it may survive.
+    pub fn scrub_secrets(mut self) -> Self {
+        match &mut self {
+            ProviderError::Unreachable { message, .. }
+            | ProviderError::Status { message, .. }
+            | ProviderError::InvalidResponse { message, .. }
+            | ProviderError::Stream { message, .. } => {
+                if let Some(clean) = sluice_core::policy::redact_secrets(message) {
+                    *message = clean;
+                }
+            }
+            ProviderError::CircuitOpen { .. }
+            | ProviderError::Timeout { .. }
+            | ProviderError::Unsupported { .. } => {}
+        }
+        self
+    }
+
     /// Stable, machine-readable kind recorded with the request.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -243,6 +243,9 @@ pub struct StageRow {
     pub thumbs_down: Option<bool>,
     /// Feedback score.
     pub score: Option<f64>,
+    /// Policy verdicts as recorded (JSON list of findings), when any
+    /// principle fired.
+    pub policy: Option<String>,
 }
 
 /// Feedback as stored.
@@ -278,7 +281,7 @@ impl Store {
             "SELECT COALESCE(r.fallback_from, r.variant, '-'), \
              CASE WHEN r.fallback_from IS NULL THEN r.status ELSE 502 END, \
              COALESCE(r.fallback_error, r.error_kind), r.latency_ms, r.ttft_ms, r.tokens_out, \
-             r.refusal, r.cost_usd, f.thumbs_down, f.score \
+             r.refusal, r.cost_usd, f.thumbs_down, f.score, r.policy \
              FROM requests r LEFT JOIN feedback f ON f.request_id = r.id \
              WHERE r.rollout = ?1 AND r.stage = ?2 AND r.ts_ms >= ?3 \
              AND r.assignment IN ('cohort', 'bucket', 'stable') ORDER BY r.seq",
@@ -295,6 +298,7 @@ impl Store {
                 cost_usd: r.get(7)?,
                 thumbs_down: r.get(8)?,
                 score: r.get(9)?,
+                policy: r.get(10)?,
             })
         })?;
         rows.collect::<Result<Vec<_>, _>>()
@@ -313,9 +317,9 @@ impl Store {
         let c = self.lock();
         let mut stmt = c.prepare_cached(
             "SELECT COALESCE(p.variant, '-'), p.status, p.error_kind, p.latency_ms, p.ttft_ms, p.tokens_out, \
-             p.refusal, p.cost_usd, \
+             p.refusal, p.cost_usd, p.policy, \
              COALESCE(s.variant, '-'), s.status, s.error_kind, s.latency_ms, s.ttft_ms, s.tokens_out, \
-             s.refusal, s.cost_usd \
+             s.refusal, s.cost_usd, s.policy \
              FROM requests s JOIN requests p ON p.id = s.shadow_of \
              WHERE s.rollout = ?1 AND s.stage = ?2 AND s.ts_ms >= ?3 AND s.assignment = 'shadow' \
              ORDER BY s.seq",
@@ -333,9 +337,10 @@ impl Store {
                     cost_usd: r.get(o + 7)?,
                     thumbs_down: None,
                     score: None,
+                    policy: r.get(o + 8)?,
                 })
             };
-            Ok((side(0)?, side(8)?))
+            Ok((side(0)?, side(9)?))
         })?;
         rows.collect::<Result<Vec<_>, _>>()
             .map_err(|e| StoreError::Corrupt(e.to_string()))

@@ -281,6 +281,14 @@ pub fn redact_sensitive(text: &str) -> String {
     redact_spans(text, spans.iter().collect())
 }
 
+/// `text` with every secret the built-in detector finds replaced by
+/// `[REDACTED:<label>]`, or `None` when it holds none (no copy made).
+pub fn redact_secrets(text: &str) -> Option<String> {
+    let mut spans = Vec::new();
+    detectors::find_secrets(text, &mut spans);
+    (!spans.is_empty()).then(|| redact_spans(text, spans.iter().collect()))
+}
+
 fn redact_spans(text: &str, mut spans: Vec<&Span>) -> String {
     if spans.is_empty() {
         return text.to_string();

@@ -341,7 +341,9 @@ impl Faults {
 /// - `f-late-first`: stream headers at once, the first chunk after 2 s;
 /// - `f-truncated`: a stream that ends after two chunks, without finishing;
 /// - `f-drip`: a chunk every 100 ms for 4 s;
-/// - `f-badjson`: a 200 that is not JSON.
+/// - `f-badjson`: a 200 that is not JSON;
+/// - `f-leaky`: a 400 whose message echoes its own key and the prompt;
+///   `f-leaky-body`: a 200 that is not JSON and holds a key.
 pub async fn fault_upstream() -> (SocketAddr, Faults) {
     let faults = Faults::default();
     async fn handler(State(f): State<Faults>, Json(body): Json<Value>) -> Response {
@@ -440,6 +442,25 @@ pub async fn fault_upstream() -> (SocketAddr, Faults) {
                 StatusCode::OK,
                 [("content-type", "application/json")],
                 "{\"id\": tru",
+            )
+                .into_response(),
+            "f-leaky" => {
+                let prompt = body["messages"][0]["content"].as_str().unwrap_or("");
+                (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({"error": {
+                        "message": format!(
+                            "key sk-proj-UPSTREAMkey0123456789abcdef is not allowed this input: {prompt}"
+                        ),
+                        "type": "invalid_request_error",
+                    }})),
+                )
+                    .into_response()
+            }
+            "f-leaky-body" => (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                "{\"debug\": \"auth=Bearer abcdefghijklmnopqrstuvwxyz012345\", tru",
             )
                 .into_response(),
             _ => ok(&model),
