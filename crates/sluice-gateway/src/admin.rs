@@ -360,6 +360,44 @@ async fn act_inner(
     transition(app, name, action, &actor, reason, None, false).await
 }
 
+/// What the state machine is told about a rollout's current stage.
+fn facts(entry: &RolloutEntry, now: i64) -> Facts {
+    let verdicts = entry.verdicts();
+    Facts {
+        now_ms: now,
+        stage_requests: entry.counters.total(),
+        gate_blockers: gate_blockers(&entry.config, entry.state.stage, &verdicts),
+    }
+}
+
+/// Whether a transition (to `next`, recorded as `t`) opens a stage that
+/// requires probe suites.
+fn opens_suite_stage(
+    entry: &RolloutEntry,
+    action: Action,
+    next: &sluice_core::rollout::RolloutState,
+    t: &sluice_core::rollout::Transition,
+) -> bool {
+    let opens =
+        next.status == Status::Running && (t.to_stage != t.from_stage || action == Action::Start);
+    opens
+        && entry
+            .config
+            .stages
+            .get(next.stage)
+            .is_some_and(|s| !s.require_suites.is_empty())
+}
+
+/// The stage whose probe suites `action` would need to pass, if the rollout
+/// stays as it is now.
+fn suite_stage(entry: &RolloutEntry, action: Action, actor: &Actor, now: i64) -> Option<usize> {
+    let (next, t) = entry
+        .state
+        .apply(&entry.config, action, actor, &facts(entry, now))
+        .ok()?;
+    opens_suite_stage(entry, action, &next, &t).then_some(next.stage)
+}
+
 /// Applies an action to a rollout as `actor`: decides through the state
 /// machine (with the gates' current verdicts as blockers), commits the new
 /// state and its history entry to the store, then makes it visible to the
@@ -376,6 +414,20 @@ pub async fn transition(
     needs_human: bool,
 ) -> Result<Value, ApiError> {
     let snap = app.snapshot.load_full();
+    // Probe suites call models and can take minutes: they run before the
+    // admin lock is taken, so no rollback, pause or reload (of this rollout
+    // or any other) waits for them. Their result holds only if the rollout
+    // is still where it was when they started.
+    let mut suites = None;
+    {
+        let current = app.rollouts.load_full();
+        if let Some(entry) = current.entries.get(name) {
+            if let Some(stage) = suite_stage(entry, action, actor, now_ms()) {
+                let result = crate::eval::stage_suites(app, &snap, &entry.config, stage).await;
+                suites = Some((entry.config.clone(), entry.version, stage, result));
+            }
+        }
+    }
     let _guard = app.admin_lock.lock().await;
     let current = app.rollouts.load_full();
     let Some(entry) = current.entries.get(name) else {
@@ -408,12 +460,7 @@ pub async fn transition(
         }
     }
     let now = now_ms();
-    let verdicts = entry.verdicts();
-    let facts = Facts {
-        now_ms: now,
-        stage_requests: entry.counters.total(),
-        gate_blockers: gate_blockers(&entry.config, entry.state.stage, &verdicts),
-    };
+    let facts = facts(entry, now);
     let (mut next, t) = entry
         .state
         .apply(&entry.config, action, actor, &facts)
@@ -432,16 +479,25 @@ pub async fn transition(
     // A stage that requires probe suites opens only when they pass. A person
     // is refused; the controller applies the rollout's `on_failure` instead,
     // as for any failing gate.
-    let opens =
-        next.status == Status::Running && (t.to_stage != t.from_stage || action == Action::Start);
-    if opens
-        && entry
-            .config
-            .stages
-            .get(next.stage)
-            .is_some_and(|s| !s.require_suites.is_empty())
-    {
-        if let Err(why) = crate::eval::stage_suites(app, &snap, &entry.config, next.stage).await {
+    if opens_suite_stage(entry, action, &next, &t) {
+        let result = match suites {
+            Some((config, version, stage, result))
+                if Arc::ptr_eq(&config, &entry.config)
+                    && version == entry.version
+                    && stage == next.stage =>
+            {
+                result
+            }
+            _ => {
+                return Err(api(
+                    StatusCode::CONFLICT,
+                    "invalid_request_error",
+                    "stale_decision",
+                    "the rollout changed while its probe suites ran; look at it again before repeating the action",
+                ))
+            }
+        };
+        if let Err(why) = result {
             if actor.name != crate::controller::ACTOR {
                 return Err(api(
                     StatusCode::CONFLICT,

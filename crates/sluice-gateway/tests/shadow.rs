@@ -251,6 +251,92 @@ gates = [
     h.stop().await;
 }
 
+/// A probe suite that takes its time does not hold up a rollback: the
+/// rollback lands at once, and the advance that was waiting on the suite is
+/// then refused (the rollout is rolled back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_does_not_wait_for_a_running_probe_suite() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let suite = dir.path().join("slow.jsonl");
+    std::fs::write(
+        &suite,
+        "{\"id\": \"greets\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"assert\": [{\"type\": \"icontains\", \"value\": \"hello\"}]}\n",
+    )
+    .expect("write");
+    let rollouts = format!(
+        r#"
+[rollouts.slow-suite]
+deployment = "support"
+candidate = "v2"
+controller = "manual"
+stages = [
+  {{ kind = "percent", percent = 10 }},
+  {{ kind = "percent", percent = 50, require_suites = [{{ suite = "{s}" }}] }},
+]
+
+[rollouts.slow-suite-b]
+deployment = "support"
+candidate = "v2"
+controller = "manual"
+stages = [
+  {{ kind = "percent", percent = 10 }},
+  {{ kind = "percent", percent = 50, require_suites = [{{ suite = "{s}" }}] }},
+]
+"#,
+        s = suite.display()
+    );
+    // The candidate's model answers after 3 s (the provider gives up at
+    // 800 ms): the suite runs for most of a second.
+    let h = Harness::start_with(with("gpt-slow", rollouts)).await;
+    let (s, b) = act(&h, "slow-suite", "start").await;
+    assert_eq!(s, 200, "{b}");
+    let started = Instant::now();
+    let advance = act(&h, "slow-suite", "advance");
+    let rollback = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let r = act(&h, "slow-suite", "rollback").await;
+        (r, started.elapsed())
+    };
+    let (advanced, ((rs, rb), rolled_back_at)) = tokio::join!(advance, rollback);
+    let advanced_at = started.elapsed();
+    assert_eq!(rs, 200, "{rb}");
+    assert_eq!(rb["status"], "rolled_back");
+    assert!(
+        rolled_back_at < Duration::from_millis(600),
+        "the rollback waited {rolled_back_at:?}"
+    );
+    assert!(advanced_at >= Duration::from_millis(700), "{advanced_at:?}");
+    // Under the lock, the advance meets a rolled-back rollout.
+    assert_eq!(advanced.0, 409, "{}", advanced.1);
+    assert_eq!(advanced.1["error"]["code"], "transition_refused");
+    let v = view(&h, "slow-suite").await;
+    assert_eq!(v["status"], "rolled_back", "{v}");
+    assert_eq!(v["stage"], 0, "{v}");
+
+    // A suite's verdict belongs to the state it was run for: paused and
+    // resumed while it ran, the rollout is not advanced on it.
+    let (s, b) = act(&h, "slow-suite-b", "start").await;
+    assert_eq!(s, 200, "{b}");
+    let advance = act(&h, "slow-suite-b", "advance");
+    let meanwhile = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let p = act(&h, "slow-suite-b", "pause").await;
+        let r = act(&h, "slow-suite-b", "resume").await;
+        (p.0, r.0)
+    };
+    let (advanced, (paused, resumed)) = tokio::join!(advance, meanwhile);
+    assert_eq!((paused, resumed), (200, 200));
+    assert_eq!(advanced.0, 409, "{}", advanced.1);
+    assert_eq!(advanced.1["error"]["code"], "stale_decision");
+    let v = view(&h, "slow-suite-b").await;
+    assert_eq!(
+        (&v["status"], &v["stage"]),
+        (&json!("running"), &json!(0)),
+        "{v}"
+    );
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stage_requiring_a_suite_opens_only_when_it_passes() {
     let dir = tempfile::tempdir().expect("tempdir");
