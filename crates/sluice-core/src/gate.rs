@@ -116,10 +116,10 @@ enum Data<'a> {
 }
 
 /// Whether a signal can be judged in a shadow stage: users never see the
-/// candidate's answers there (no feedback), and mirrored calls are not
-/// streamed (no time to first token).
+/// candidate's answers there, so there is no feedback. (Streamed requests
+/// are mirrored as streams, so time to first token is judged.)
 pub fn judged_in_shadow(signal: &Signal) -> bool {
-    !matches!(signal, Signal::FeedbackDownRate | Signal::TtftP95)
+    !matches!(signal, Signal::FeedbackDownRate)
 }
 
 fn paired_data<'a>(signal: &Signal, p: &'a PairedAggregates) -> Data<'a> {
@@ -145,7 +145,9 @@ fn paired_data<'a>(signal: &Signal, p: &'a PairedAggregates) -> Data<'a> {
         Signal::RefusalRate => rate(&p.refusals, "refusals"),
         Signal::FlagRate(id) => match p.flags.get(id) {
             Some(r) => rate(r, &format!("\"{id}\" fired")),
-            None => Data::Missing(format!("no verdicts of principle \"{id}\" on mirrored pairs yet")),
+            None => Data::Missing(format!(
+                "no verdicts of principle \"{id}\" on mirrored pairs yet"
+            )),
         },
         Signal::CostPerRequest => {
             if p.cost.n == 0 && (p.stable.unpriced > 0 || p.candidate.unpriced > 0) {
@@ -155,8 +157,10 @@ fn paired_data<'a>(signal: &Signal, p: &'a PairedAggregates) -> Data<'a> {
         }
         Signal::OutputTokens => moments(&p.output_tokens, &p.output_tokens_stable, "output-token"),
         Signal::LatencyP95 => Data::Quantile(&p.stable.latency, &p.candidate.latency),
-        Signal::TtftP95 | Signal::FeedbackDownRate => Data::Missing(format!(
-            "{} is not judged in a shadow stage (mirrored answers reach no user and are not streamed)",
+        // Streamed requests are mirrored as streams: both sides have a TTFT.
+        Signal::TtftP95 => Data::Quantile(&p.stable.ttft, &p.candidate.ttft),
+        Signal::FeedbackDownRate => Data::Missing(format!(
+            "{} is not judged in a shadow stage (mirrored answers reach no user)",
             signal.name()
         )),
     }
@@ -566,6 +570,39 @@ mod tests {
         assert!((v.difference.unwrap() - 20.0).abs() < 1e-9);
         let fb = gate(Signal::FeedbackDownRate, Margin::Absolute(0.01));
         assert!(!judged_in_shadow(&fb.signal));
+    }
+
+    #[test]
+    fn a_slower_first_token_in_shadow_fails_the_ttft_gate() {
+        let t = gate(Signal::TtftP95, Margin::Relative(0.2));
+        assert!(judged_in_shadow(&t.signal));
+        let mut pairs = PairedAggregates::default();
+        for i in 0..400u64 {
+            let base = 100.0 + (i % 50) as f64;
+            let s = Observation {
+                latency_ms: Some(base * 4.0),
+                ttft_ms: Some(base),
+                ..Default::default()
+            };
+            let c = Observation {
+                ttft_ms: Some(base * 2.0),
+                ..s.clone()
+            };
+            pairs.observe(&s, &c);
+        }
+        let v = evaluate_paired(&t, &pairs, Method::Sequential);
+        assert_eq!(v.outcome, Outcome::Fail, "{}", v.summary);
+        // Non-streamed pairs carry no TTFT: nothing to judge yet.
+        let mut plain = PairedAggregates::default();
+        let o = Observation {
+            latency_ms: Some(100.0),
+            ..Default::default()
+        };
+        for _ in 0..400 {
+            plain.observe(&o, &o);
+        }
+        let v = evaluate_paired(&t, &plain, Method::Sequential);
+        assert_eq!(v.outcome, Outcome::Inconclusive, "{}", v.summary);
     }
 
     #[test]

@@ -159,6 +159,8 @@ pub struct Served {
     pub cost_usd: Option<f64>,
     /// Output policy verdicts.
     pub policy: PolicyLog,
+    /// Time to the first generated output, ms (streamed calls).
+    pub ttft_ms: Option<f64>,
 }
 
 /// The first choice's text of a completion.
@@ -171,7 +173,9 @@ pub fn first_text(v: &Value) -> String {
 
 /// Calls `variant` of `deployment` with the client request `req` (rewritten
 /// for the variant as the gateway does), within `timeout`, and applies the
-/// deployment's output policies (external detectors included).
+/// deployment's output policies (external detectors included) to the whole
+/// answer. `stream` asks the upstream for a stream (so time to first token
+/// is measured) and reassembles it.
 pub async fn call_variant(
     ext: &External,
     snap: &Snapshot,
@@ -179,9 +183,10 @@ pub async fn call_variant(
     variant: &str,
     req: &ChatRequest,
     timeout: Duration,
+    stream: bool,
 ) -> Answered {
     let started = Instant::now();
-    let outcome = call_inner(ext, snap, deployment, variant, req, timeout).await;
+    let outcome = call_inner(ext, snap, deployment, variant, req, timeout, stream).await;
     Answered {
         latency_ms: started.elapsed().as_secs_f64() * 1000.0,
         outcome,
@@ -195,6 +200,7 @@ async fn call_inner(
     variant: &str,
     req: &ChatRequest,
     timeout: Duration,
+    stream: bool,
 ) -> Result<Served, ProviderError> {
     let unsupported = |message: String| ProviderError::Unsupported {
         param: "model".into(),
@@ -214,15 +220,37 @@ async fn call_inner(
         param: "params".into(),
         message: e.message,
     })?;
-    up.stream = None;
-    up.stream_options = None;
-    let mut completion = match tokio::time::timeout(timeout, provider.complete(&up)).await {
+    let started = Instant::now();
+    let called = async {
+        if !stream {
+            up.stream = None;
+            up.stream_options = None;
+            return provider.complete(&up).await.map(|c| (c, None));
+        }
+        up.stream = Some(true);
+        up.stream_options = Some(sluice_core::chat::StreamOptions {
+            include_usage: Some(true),
+            ..Default::default()
+        });
+        let mut chunks = provider.stream(&up).await?;
+        let mut acc = sluice_core::stream::StreamAccumulator::new();
+        let mut ttft = None;
+        while let Some(chunk) = chunks.next().await {
+            if acc.push(&chunk?.value) && ttft.is_none() {
+                ttft = Some(started.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        let mut c = sluice_providers::Completion::from_value(acc.completion());
+        c.usage = acc.usage().or(c.usage);
+        Ok((c, ttft))
+    };
+    let (mut completion, ttft_ms) = match tokio::time::timeout(timeout, called).await {
         Ok(r) => r.map_err(ProviderError::scrub_secrets)?,
         Err(_) => {
             return Err(ProviderError::Timeout {
                 provider: v.provider.clone(),
                 after: timeout,
-                phase: "response",
+                phase: if stream { "whole stream" } else { "response" },
             })
         }
     };
@@ -248,6 +276,7 @@ async fn call_inner(
         cost_usd,
         policy,
         body: completion.body,
+        ttft_ms,
     })
 }
 
@@ -369,7 +398,7 @@ async fn run_case(
             }
         }
     };
-    let answered = call_variant(ext, snap, deployment, variant, &req, opts.timeout).await;
+    let answered = call_variant(ext, snap, deployment, variant, &req, opts.timeout, false).await;
     let served = match answered.outcome {
         Ok(s) => s,
         Err(e) => {

@@ -70,7 +70,7 @@ pub fn start(
         provider: Some(variant.provider.clone()),
         model: Some(variant.model.clone()),
         subject: primary.subject.clone(),
-        stream: false,
+        stream: req.is_stream(),
         rollout: Some(name.to_string()),
         stage: primary.stage,
         assignment: Some("shadow".into()),
@@ -88,14 +88,23 @@ pub fn start(
         else {
             return;
         };
-        let answered =
-            crate::eval::call_variant(&app.external, &snap, dep, &candidate, &req, timeout).await;
+        let answered = crate::eval::call_variant(
+            &app.external,
+            &snap,
+            dep,
+            &candidate,
+            &req,
+            timeout,
+            rec.stream,
+        )
+        .await;
         drop(permit);
         rec.latency_ms = answered.latency_ms;
         let mut flags = Vec::new();
         match answered.outcome {
             Ok(s) => {
                 rec.status = 200;
+                rec.ttft_ms = s.ttft_ms;
                 if let Some(u) = s.usage {
                     rec.tokens_in = Some(u.prompt_tokens);
                     rec.tokens_out = Some(u.completion_tokens);
@@ -123,7 +132,7 @@ pub fn start(
             rec.status,
             rec.error_kind.as_deref(),
             rec.latency_ms,
-            None,
+            rec.ttft_ms,
             rec.tokens_out,
             rec.refusal,
             rec.cost_usd,

@@ -251,6 +251,83 @@ gates = [
     h.stop().await;
 }
 
+/// A streamed request is mirrored as a stream: the mirror's record has its
+/// time to first token and the reassembled answer, and the stage's
+/// `ttft_p95` gate judges the pairs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_requests_are_mirrored_as_streams_and_feed_the_ttft_gate() {
+    let rollout = r#"
+[rollouts.support-v2]
+deployment = "support"
+candidate = "v2"
+controller = "manual"
+stages = [{ kind = "shadow", max_in_flight = 64, timeout = "5s" }, { kind = "percent", percent = 100 }]
+
+[[rollouts.support-v2.gates]]
+signal = "ttft_p95"
+max_regression = "50%"
+min_samples = 5
+"#
+    .to_string();
+    let h = Harness::start_with(with("gpt-candidate", rollout)).await;
+    let (s, b) = act(&h, "support-v2", "start").await;
+    assert_eq!(s, 200, "{b}");
+    const N: usize = 12;
+    for i in 0..N {
+        let r = chat(
+            &h,
+            json!({"model": "support", "user": format!("s{i}"), "stream": true,
+                   "messages": [{"role": "user", "content": format!("question {i}")}]}),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        let body = r.text().await.expect("body");
+        assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mirrors = loop {
+        h.flush().await;
+        let rows: Vec<_> = h
+            .store
+            .recent(1000)
+            .expect("recent")
+            .into_iter()
+            .filter(|r| r.shadow_of.is_some())
+            .collect();
+        if rows.len() == N || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(mirrors.len(), N);
+    for m in &mirrors {
+        assert!(m.stream, "a streamed request's mirror streams");
+        assert_eq!(m.status, 200);
+        let ttft = m.ttft_ms.expect("time to first token recorded");
+        assert!(
+            ttft > 0.0 && ttft <= m.latency_ms,
+            "{ttft} vs {}",
+            m.latency_ms
+        );
+        let body = m.response_body.as_deref().expect("body kept");
+        assert!(body.contains("Hello from the mock."), "{body}");
+        assert!(m.tokens_out.is_some(), "usage from the stream's last chunk");
+    }
+    let v = view(&h, "support-v2").await;
+    assert_eq!(v["shadow"]["paired"], N as u64, "{}", v["shadow"]);
+    let gate = v["gates"]
+        .as_array()
+        .expect("gates")
+        .iter()
+        .find(|g| g["signal"] == "ttft_p95")
+        .cloned()
+        .expect("the ttft gate is judged in shadow");
+    assert_eq!(gate["n_stable"], N as u64, "{gate}");
+    assert_eq!(gate["n_candidate"], N as u64, "{gate}");
+    assert!(gate["candidate"].as_f64().is_some(), "{gate}");
+    h.stop().await;
+}
+
 /// A probe suite that takes its time does not hold up a rollback: the
 /// rollback lands at once, and the advance that was waiting on the suite is
 /// then refused (the rollout is rolled back).
