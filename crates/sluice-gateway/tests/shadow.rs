@@ -89,6 +89,26 @@ fn quantile(mut xs: Vec<f64>, q: f64) -> f64 {
     xs[((xs.len() as f64 * q).ceil() as usize).clamp(1, xs.len()) - 1]
 }
 
+/// The recorded mirrors, once there are `n` of them (or after 10 s, with
+/// however many there are).
+async fn mirrors(h: &Harness, n: usize) -> Vec<sluice_store::RequestRecord> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        h.flush().await;
+        let rows: Vec<_> = h
+            .store
+            .recent(1000)
+            .expect("recent")
+            .into_iter()
+            .filter(|r| r.shadow_of.is_some())
+            .collect();
+        if rows.len() >= n || Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_candidate_in_shadow_leaves_stable_untouched_and_pairs_are_recorded() {
     let rollout = r#"
@@ -143,20 +163,7 @@ stages = [
     // Every mirror is recorded, linked to the request it mirrors, and paired.
     let primaries: std::collections::BTreeSet<String> =
         shadowed.iter().map(|x| x.4.clone()).collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let rows = loop {
-        let rows: Vec<_> = h
-            .store
-            .recent(1000)
-            .expect("recent")
-            .into_iter()
-            .filter(|r| r.shadow_of.is_some())
-            .collect();
-        if rows.len() as u64 == mirrored || Instant::now() > deadline {
-            break rows;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let rows = mirrors(&h, mirrored as usize).await;
     assert_eq!(rows.len() as u64, mirrored);
     for r in &rows {
         assert!(primaries.contains(r.shadow_of.as_deref().expect("link")));
@@ -284,23 +291,9 @@ min_samples = 5
         let body = r.text().await.expect("body");
         assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mirrors = loop {
-        h.flush().await;
-        let rows: Vec<_> = h
-            .store
-            .recent(1000)
-            .expect("recent")
-            .into_iter()
-            .filter(|r| r.shadow_of.is_some())
-            .collect();
-        if rows.len() == N || Instant::now() > deadline {
-            break rows;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(mirrors.len(), N);
-    for m in &mirrors {
+    let recorded = mirrors(&h, N).await;
+    assert_eq!(recorded.len(), N);
+    for m in &recorded {
         assert!(m.stream, "a streamed request's mirror streams");
         assert_eq!(m.status, 200);
         let ttft = m.ttft_ms.expect("time to first token recorded");
