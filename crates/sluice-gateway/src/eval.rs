@@ -245,7 +245,8 @@ async fn call_inner(
         Ok((c, ttft))
     };
     let (mut completion, ttft_ms) = match tokio::time::timeout(timeout, called).await {
-        Ok(r) => r.map_err(ProviderError::scrub_secrets)?,
+        // `Upstream` has already scrubbed upstream error text.
+        Ok(r) => r?,
         Err(_) => {
             return Err(ProviderError::Timeout {
                 provider: v.provider.clone(),
