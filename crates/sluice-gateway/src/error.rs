@@ -118,6 +118,21 @@ impl ApiError {
         }
     }
 
+    /// 503: the request's handler was cut because the server is stopping
+    /// and its grace period ran out.
+    pub fn shutting_down() -> Self {
+        ApiError {
+            code: Some("server_shutting_down"),
+            retry_after: Some(1),
+            record_kind: "shutting_down",
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "sluice is stopping and could not finish this request within its shutdown grace period; retry on another instance.",
+            )
+        }
+    }
+
     /// 503: the gateway is at its `max_in_flight` limit.
     pub fn overloaded(limit: usize) -> Self {
         ApiError {

@@ -371,7 +371,7 @@ impl Gateway {
                     limits.clone(),
                     stop_rx.clone(),
                     grace,
-                    threads,
+                    (threads, app.metrics.offloaded()),
                 )
                 .map_err(GatewayError::Serve)?
             }

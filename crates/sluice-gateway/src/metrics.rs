@@ -2,7 +2,7 @@
 //! histograms by deployment and variant, token counts, and the event writer's
 //! health (so a lost record can never go unnoticed).
 
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
@@ -94,6 +94,7 @@ pub struct Metrics {
     fallbacks: Family<FallbackLabels, Counter>,
     overhead: Histogram,
     in_flight: Arc<AtomicI64>,
+    offloaded: Arc<AtomicU64>,
     health: HealthBoard,
 }
 
@@ -201,6 +202,7 @@ impl Collector for HealthCollector {
 struct WriterCollector {
     events: EventSender,
     in_flight: Arc<AtomicI64>,
+    offloaded: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for WriterCollector {
@@ -280,6 +282,14 @@ impl Collector for WriterCollector {
             journal.metric_type(),
         )?;
         journal.encode(m)?;
+        let offloaded = ConstCounter::new(self.offloaded.load(Ordering::Relaxed));
+        let m = encoder.encode_descriptor(
+            "sluice_requests_offloaded",
+            "Requests whose handler ran on another serving thread than its connection's (workers = N), because that thread was falling behind.",
+            None,
+            offloaded.metric_type(),
+        )?;
+        offloaded.encode(m)?;
         let inflight = ConstGauge::new(self.in_flight.load(Ordering::Relaxed));
         let m = encoder.encode_descriptor(
             "sluice_requests_in_flight",
@@ -365,9 +375,11 @@ impl Metrics {
             policy.clone(),
         );
         let in_flight = Arc::new(AtomicI64::new(0));
+        let offloaded = Arc::new(AtomicU64::new(0));
         registry.register_collector(Box::new(WriterCollector {
             events,
             in_flight: in_flight.clone(),
+            offloaded: offloaded.clone(),
         }));
         Metrics {
             registry,
@@ -381,8 +393,15 @@ impl Metrics {
             fallbacks,
             overhead,
             in_flight,
+            offloaded,
             health,
         }
+    }
+
+    /// The counter of requests handed to another serving thread, for the
+    /// serving threads to count into.
+    pub fn offloaded(&self) -> Arc<AtomicU64> {
+        self.offloaded.clone()
     }
 
     /// Observes the time sluice itself spent on a request.

@@ -16,9 +16,13 @@
 //! With `workers = N`, client connections are served by [`serve_on_threads`]:
 //! one acceptor hands each new connection to the serving thread with the
 //! fewest open ones, and every serving thread runs its own single-threaded
-//! event loop with its own upstream connection pools, so a request never
-//! changes thread. With `workers = 0`, [`serve`] runs them on the caller's
-//! work-stealing runtime.
+//! event loop with its own upstream connection pools, so a request normally
+//! stays on its connection's thread. A client pool sends most requests over
+//! the few connections it used last, which may all sit on one thread; a
+//! thread running at least [`OFFLOAD_MARGIN`] more handlers than the least
+//! busy one hands new requests' handlers to that thread (see [`Peers`]).
+//! With `workers = 0`, [`serve`] runs them on the caller's work-stealing
+//! runtime.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -60,6 +64,136 @@ impl Draining {
     }
 }
 
+/// How many more request handlers a serving thread must be running than
+/// the least busy one before it hands a new request's handler over. Below
+/// it a request stays on its connection's thread, where it costs no
+/// cross-thread wake-up; at it, the busier thread is falling behind (its
+/// handlers wait for the CPU, not only for their upstream) and the other
+/// core is idle.
+pub(crate) const OFFLOAD_MARGIN: usize = 2;
+
+/// One serving thread as the others see it.
+#[derive(Default)]
+struct Peer {
+    /// Its event loop, once started.
+    handle: std::sync::OnceLock<tokio::runtime::Handle>,
+    /// Request handlers running on it: its own and those handed to it.
+    running: AtomicUsize,
+    /// Requests other threads handed to it whose response has not finished
+    /// (their upstream connections live on its event loop, so it waits for
+    /// them before that loop ends).
+    hosted: AtomicUsize,
+    /// Its event loop is ending: hand it nothing more.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// Every serving thread, shared by all of them, for handing a request's
+/// handler from a thread that falls behind to the least busy one.
+///
+/// The handler runs on the other thread's event loop with that thread's
+/// upstream pools; the connection, its request body and its response body
+/// stay where they are. A client that leaves cancels the handler where it
+/// runs (so it is recorded as a disconnect, as on its own thread).
+pub(crate) struct Peers {
+    threads: Vec<Peer>,
+    /// Requests whose handler ran on another thread than its connection's.
+    offloaded: Arc<AtomicU64>,
+}
+
+impl Peers {
+    fn new(n: usize, offloaded: Arc<AtomicU64>) -> Peers {
+        Peers {
+            threads: (0..n).map(|_| Peer::default()).collect(),
+            offloaded,
+        }
+    }
+
+    /// The thread to run a new request's handler on, for a request arriving
+    /// on thread `me`; `None`: run it here.
+    fn pick(&self, me: usize) -> Option<usize> {
+        let mine = self.threads.get(me)?.running.load(Ordering::Relaxed);
+        if mine < OFFLOAD_MARGIN {
+            return None;
+        }
+        let (j, least) = self
+            .threads
+            .iter()
+            .enumerate()
+            .filter(|(j, p)| *j != me && !p.closed.load(Ordering::Relaxed))
+            .map(|(j, p)| (j, p.running.load(Ordering::Relaxed)))
+            .min_by_key(|&(_, n)| n)?;
+        (least + OFFLOAD_MARGIN <= mine).then_some(j)
+    }
+}
+
+/// A handler counted as running on one thread until it finishes or is
+/// dropped.
+struct Running {
+    peers: Arc<Peers>,
+    at: usize,
+}
+
+impl Running {
+    fn start(peers: &Arc<Peers>, at: usize) -> Running {
+        peers.threads[at].running.fetch_add(1, Ordering::Relaxed);
+        Running {
+            peers: peers.clone(),
+            at,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.peers.threads[self.at]
+            .running
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request handed to another thread, counted there until its response
+/// body has finished (a streamed answer reads its upstream through that
+/// thread's connection pool) or it is dropped.
+struct Hosted {
+    peers: Arc<Peers>,
+    at: usize,
+}
+
+impl Hosted {
+    fn start(peers: &Arc<Peers>, at: usize) -> Hosted {
+        peers.threads[at].hosted.fetch_add(1, Ordering::SeqCst);
+        Hosted {
+            peers: peers.clone(),
+            at,
+        }
+    }
+}
+
+impl Drop for Hosted {
+    fn drop(&mut self) {
+        self.peers.threads[self.at]
+            .hosted
+            .fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Aborts a handed-over handler when the request that waits on it goes away
+/// (the client left), so it ends the way it would on its own thread.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Where this thread's handlers may run: `peers.threads[me]` is this thread.
+#[derive(Clone)]
+struct Offload {
+    peers: Arc<Peers>,
+    me: usize,
+}
+
 /// Starts hyper on accepted connections, with the limits applied, and keeps
 /// what a stop needs to drain them.
 struct Connections {
@@ -73,6 +207,8 @@ struct Connections {
     /// whoever hands one over, down when it closes), read by the acceptor to
     /// balance load.
     open: Arc<AtomicUsize>,
+    /// The other serving threads (only with dedicated serving threads).
+    offload: Option<Offload>,
 }
 
 impl Connections {
@@ -94,6 +230,7 @@ impl Connections {
             graceful: GracefulShutdown::new(),
             tasks: JoinSet::new(),
             open,
+            offload: None,
         }
     }
 
@@ -105,6 +242,7 @@ impl Connections {
         let svc = Tracked {
             inner: TowerToHyperService::new(self.router.clone()),
             activity: activity.clone(),
+            offload: self.offload.clone(),
         };
         let io = Watched {
             io: stream,
@@ -280,11 +418,13 @@ impl tokio::io::AsyncWrite for Watched {
 }
 
 /// The router as hyper's service, marking each request busy until its
-/// response body has been sent.
+/// response body has been sent, and (on serving threads) running each
+/// handler on the thread [`Peers::pick`] chooses.
 #[derive(Clone)]
 struct Tracked {
     inner: TowerToHyperService<Router>,
     activity: Arc<Activity>,
+    offload: Option<Offload>,
 }
 
 type RouterResponse = axum::http::Response<axum::body::Body>;
@@ -297,17 +437,68 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Tra
     fn call(&self, req: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
         let busy = self.activity.dispatched();
         let answer = self.inner.call(req);
+        let Some(o) = &self.offload else {
+            return Box::pin(async move {
+                let resp: RouterResponse = answer.await?;
+                Ok(resp.map(|body| TrackedBody {
+                    body,
+                    _busy: busy,
+                    _hosted: None,
+                }))
+            });
+        };
+        if let Some(j) = o.peers.pick(o.me) {
+            let peer = &o.peers.threads[j];
+            // Counted as hosted before `closed` is read: a thread that is
+            // ending sets `closed`, then waits for its hosted requests, so
+            // either it sees this one or this one sees it closing.
+            let hosted = Hosted::start(&o.peers, j);
+            if let (false, Some(handle)) = (peer.closed.load(Ordering::SeqCst), peer.handle.get()) {
+                o.peers.offloaded.fetch_add(1, Ordering::Relaxed);
+                let running = Running::start(&o.peers, j);
+                let task = handle.spawn(async move {
+                    let _running = running;
+                    answer.await
+                });
+                let abort = AbortOnDrop(task.abort_handle());
+                return Box::pin(async move {
+                    let resp: RouterResponse = match task.await {
+                        Ok(r) => r?,
+                        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                        // Its event loop ended first (a stop past its grace).
+                        Err(_) => axum::response::IntoResponse::into_response(
+                            crate::error::ApiError::shutting_down(),
+                        ),
+                    };
+                    drop(abort);
+                    Ok(resp.map(|body| TrackedBody {
+                        body,
+                        _busy: busy,
+                        _hosted: Some(hosted),
+                    }))
+                });
+            }
+            drop(hosted);
+        }
+        let running = Running::start(&o.peers, o.me);
         Box::pin(async move {
             let resp: RouterResponse = answer.await?;
-            Ok(resp.map(|body| TrackedBody { body, _busy: busy }))
+            drop(running);
+            Ok(resp.map(|body| TrackedBody {
+                body,
+                _busy: busy,
+                _hosted: None,
+            }))
         })
     }
 }
 
-/// A response body that keeps its request busy until it is dropped.
+/// A response body that keeps its request busy until it is dropped (and,
+/// for a request handed to another thread, counted there).
 struct TrackedBody {
     body: axum::body::Body,
     _busy: Busy,
+    _hosted: Option<Hosted>,
 }
 
 impl hyper::body::Body for TrackedBody {
@@ -379,34 +570,53 @@ struct ServingThread {
 /// hands every new connection to the thread with the fewest open (a shared
 /// accept queue would let whichever thread wakes first take nearly all of
 /// them). A request is then parsed, judged, forwarded and answered on one
-/// thread: no task migrates and no wake-up crosses threads on its path.
+/// thread: no task migrates and no wake-up crosses threads on its path,
+/// unless its thread is [`OFFLOAD_MARGIN`] handlers busier than another
+/// one, which then runs its handler (see [`Peers`]).
 ///
 /// On stop the acceptor closes the listener; each thread lets its in-flight
 /// requests and streams finish for up to `grace`, cuts the rest (a cut
-/// stream still records itself) and ends its runtime with every task its
-/// requests left behind. Each receiver resolves with whether its thread
-/// drained within `grace`.
+/// stream still records itself), waits (within the same grace) for the
+/// handlers other threads handed it, and ends its runtime with every task
+/// its requests left behind. Each receiver resolves with whether its thread
+/// drained within `grace`. `offloaded` counts the handlers that ran on
+/// another thread than their connection's.
 pub(crate) fn serve_on_threads(
     listener: TcpListener,
     router: Router,
     limits: ServerLimits,
     stop: watch::Receiver<bool>,
     grace: Duration,
-    threads: usize,
+    (threads, offloaded): (usize, Arc<AtomicU64>),
 ) -> std::io::Result<Vec<oneshot::Receiver<std::io::Result<bool>>>> {
+    let threads = threads.max(1);
+    let peers = Arc::new(Peers::new(threads, offloaded));
     let mut serving = Vec::with_capacity(threads);
     let mut done = Vec::with_capacity(threads);
-    for i in 0..threads.max(1) {
+    for i in 0..threads {
         let (handoff, incoming) = mpsc::unbounded_channel();
         let (tx, rx) = oneshot::channel();
         let open = Arc::new(AtomicUsize::new(0));
         let (router, limits, stop, count) =
             (router.clone(), limits.clone(), stop.clone(), open.clone());
+        let offload = Offload {
+            peers: peers.clone(),
+            me: i,
+        };
         std::thread::Builder::new()
             .name(format!("sluice-serve-{i}"))
             .spawn(move || {
                 sluice_providers::use_thread_pool(i + 1);
-                let _ = tx.send(serve_thread(incoming, router, limits, stop, grace, count));
+                let thread = ServeThread {
+                    incoming,
+                    router,
+                    limits,
+                    stop,
+                    grace,
+                    open: count,
+                    offload,
+                };
+                let _ = tx.send(thread.run());
             })?;
         serving.push(ServingThread { handoff, open });
         done.push(rx);
@@ -458,42 +668,77 @@ async fn hand_out(
 }
 
 /// One serving thread: see [`serve_on_threads`].
-fn serve_thread(
-    mut incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
+struct ServeThread {
+    incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
     router: Router,
     limits: ServerLimits,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     grace: Duration,
     open: Arc<AtomicUsize>,
-) -> std::io::Result<bool> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let drained = rt.block_on(async move {
-        let mut conns = Connections::new(router, &limits, open.clone());
-        loop {
-            let next = tokio::select! {
-                n = incoming.recv() => n,
-                _ = stop.wait_for(|s| *s) => None,
-            };
-            let Some(stream) = next else { break };
-            match TcpStream::from_std(stream) {
-                Ok(s) => conns.start(s),
-                Err(e) => {
-                    open.fetch_sub(1, Ordering::Relaxed);
-                    tracing::warn!("cannot serve a handed-over connection: {e}");
+    offload: Offload,
+}
+
+impl ServeThread {
+    fn run(self) -> std::io::Result<bool> {
+        let ServeThread {
+            mut incoming,
+            router,
+            limits,
+            mut stop,
+            grace,
+            open,
+            offload,
+        } = self;
+        let peers = offload.peers.clone();
+        let at = offload.me;
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                peers.threads[at].closed.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
+        let _ = peers.threads[at].handle.set(rt.handle().clone());
+        let drained = rt.block_on(async move {
+            let mut conns = Connections::new(router, &limits, open.clone());
+            conns.offload = Some(offload);
+            loop {
+                let next = tokio::select! {
+                    n = incoming.recv() => n,
+                    _ = stop.wait_for(|s| *s) => None,
+                };
+                let Some(stream) = next else { break };
+                match TcpStream::from_std(stream) {
+                    Ok(s) => conns.start(s),
+                    Err(e) => {
+                        open.fetch_sub(1, Ordering::Relaxed);
+                        tracing::warn!("cannot serve a handed-over connection: {e}");
+                    }
                 }
             }
-        }
-        conns
-            .draining()
-            .finish(tokio::time::Instant::now() + grace)
-            .await
-    });
-    // Tasks requests spawned (mirrors, background records) end here, before
-    // the caller flushes the store.
-    rt.shutdown_timeout(Duration::from_secs(1));
-    Ok(drained)
+            let deadline = tokio::time::Instant::now() + grace;
+            let mine = conns.draining().finish(deadline).await;
+            // Requests other threads handed over finish here too (their
+            // answers, streams included, read their upstream through this
+            // loop): hand over nothing new, then wait.
+            let me = &peers.threads[at];
+            me.closed.store(true, Ordering::SeqCst);
+            while me.hosted.load(Ordering::SeqCst) > 0 {
+                if tokio::time::Instant::now() >= deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            mine
+        });
+        // Tasks requests spawned (mirrors, background records) end here,
+        // before the caller flushes the store.
+        rt.shutdown_timeout(Duration::from_secs(1));
+        Ok(drained)
+    }
 }
 
 #[cfg(test)]
@@ -504,7 +749,12 @@ mod tests {
     /// Sends one keep-alive request on `conn` and returns the body (the
     /// name of the thread that answered).
     async fn ask(conn: &mut TcpStream) -> String {
-        conn.write_all(b"GET / HTTP/1.1\r\nhost: t\r\n\r\n")
+        ask_at(conn, "/").await
+    }
+
+    /// Sends `GET path` on `conn` and returns the body.
+    async fn ask_at(conn: &mut TcpStream, path: &str) -> String {
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes())
             .await
             .expect("write");
         let mut buf = Vec::new();
@@ -551,7 +801,7 @@ mod tests {
             ServerLimits::default(),
             stop_rx,
             Duration::from_secs(5),
-            3,
+            (3, Arc::default()),
         )
         .expect("threads start");
         let mut conns = Vec::new();
@@ -600,6 +850,231 @@ mod tests {
                 "listener still open 3 s after stopping"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What the slow handler of [`offload_server`] saw.
+    #[derive(Default)]
+    struct SlowLog {
+        finished: AtomicUsize,
+        cancelled: AtomicUsize,
+    }
+
+    /// Counts a slow handler dropped before it finished.
+    struct Cancelled(Arc<SlowLog>, bool);
+
+    impl Drop for Cancelled {
+        fn drop(&mut self) {
+            if !self.1 {
+                self.0.cancelled.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Two serving threads; `/` answers with the thread's name at once,
+    /// `/slow` after 400 ms with the name of the thread its handler ran on,
+    /// `/stream` streams `a`, `b`, `c`, `d` 100 ms apart from a task on the
+    /// handler's thread (as an upstream connection lives on the thread
+    /// whose pool opened it).
+    /// Returns the address, the stop switch, the threads' drain reports, the
+    /// handed-over counter and the slow handler's log. Three connections are
+    /// left open on `sluice-serve-0` and none on the other.
+    async fn offload_server() -> (
+        Vec<TcpStream>,
+        watch::Sender<bool>,
+        Vec<oneshot::Receiver<std::io::Result<bool>>>,
+        Arc<AtomicU64>,
+        Arc<SlowLog>,
+    ) {
+        let log = Arc::new(SlowLog::default());
+        let seen = log.clone();
+        let router = Router::new()
+            .route(
+                "/",
+                axum::routing::get(|| async {
+                    std::thread::current().name().unwrap_or("?").to_string()
+                }),
+            )
+            .route(
+                "/slow",
+                axum::routing::get(move || {
+                    let log = seen.clone();
+                    async move {
+                        let mut guard = Cancelled(log.clone(), false);
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                        guard.1 = true;
+                        log.finished.fetch_add(1, Ordering::SeqCst);
+                        std::thread::current().name().unwrap_or("?").to_string()
+                    }
+                }),
+            )
+            .route(
+                "/stream",
+                axum::routing::get(|| async {
+                    let (tx, rx) = mpsc::channel::<bytes::Bytes>(1);
+                    tokio::spawn(async move {
+                        for part in ["a", "b", "c", "d"] {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            if tx.send(bytes::Bytes::from(part)).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    let parts = futures_util::stream::unfold(rx, |mut rx| async move {
+                        rx.recv()
+                            .await
+                            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+                    });
+                    axum::body::Body::from_stream(parts)
+                }),
+            );
+        let listener = crate::listen("127.0.0.1:0".parse().expect("addr"), 128).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let offloaded = Arc::new(AtomicU64::new(0));
+        let done = serve_on_threads(
+            listener,
+            router,
+            ServerLimits::default(),
+            stop_rx,
+            Duration::from_secs(5),
+            (2, offloaded.clone()),
+        )
+        .expect("threads start");
+        let mut on_first = Vec::new();
+        let mut others = Vec::new();
+        for _ in 0..6 {
+            let mut c = TcpStream::connect(addr).await.expect("connect");
+            if ask(&mut c).await == "sluice-serve-0" {
+                on_first.push(c);
+            } else {
+                others.push(c);
+            }
+        }
+        assert_eq!(on_first.len(), 3, "connections alternate between threads");
+        drop(others);
+        (on_first, stop_tx, done, offloaded, log)
+    }
+
+    /// Starts `GET /slow` on `conn` and gives the server a moment to
+    /// dispatch it.
+    async fn start_slow(mut conn: TcpStream) -> tokio::task::JoinHandle<String> {
+        let task = tokio::spawn(async move { ask_at(&mut conn, "/slow").await });
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        task
+    }
+
+    /// A client pool's busy connections can all sit on one serving thread.
+    /// Once that thread runs `OFFLOAD_MARGIN` handlers more than the other,
+    /// the next request's handler runs on the other; a stop still lets it
+    /// finish and answer on its connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_thread_that_falls_behind_hands_handlers_to_an_idle_one() {
+        let (conns, stop_tx, done, offloaded, log) = offload_server().await;
+        let mut answers = Vec::new();
+        for c in conns {
+            answers.push(start_slow(c).await);
+        }
+        // Stop while all three are running: each still gets its answer.
+        stop_tx.send(true).expect("stop");
+        let mut ran_on = Vec::new();
+        for a in answers {
+            ran_on.push(a.await.expect("answered"));
+        }
+        assert_eq!(
+            ran_on,
+            ["sluice-serve-0", "sluice-serve-0", "sluice-serve-1"],
+            "two handlers on the connections' own thread, the third handed over"
+        );
+        assert_eq!(offloaded.load(Ordering::Relaxed), 1);
+        assert_eq!(log.finished.load(Ordering::SeqCst), 3);
+        for d in done {
+            assert!(
+                d.await.expect("thread reports").expect("thread ran"),
+                "drained"
+            );
+        }
+    }
+
+    /// A client that leaves cancels its handler on the thread it was handed
+    /// to, as it would on its own thread (where the request is then recorded
+    /// as a disconnect).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_leaving_cancels_its_handed_over_handler() {
+        let (mut conns, stop_tx, done, offloaded, log) = offload_server().await;
+        let third = conns.pop().expect("three connections");
+        let mut answers = Vec::new();
+        for c in conns {
+            answers.push(start_slow(c).await);
+        }
+        let leaving = start_slow(third).await;
+        assert_eq!(offloaded.load(Ordering::Relaxed), 1, "handed over");
+        leaving.abort();
+        let _ = leaving.await;
+        for a in answers {
+            assert_eq!(a.await.expect("answered"), "sluice-serve-0");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while log.cancelled.load(Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the handed-over handler still runs after its client left"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(log.finished.load(Ordering::SeqCst), 2);
+        stop_tx.send(true).expect("stop");
+        for d in done {
+            assert!(d.await.expect("thread reports").expect("thread ran"));
+        }
+    }
+
+    /// Sends `GET path` on `conn` and reads a chunked answer to its end (or
+    /// to the connection's end); returns the body's chunks joined.
+    async fn ask_chunked(conn: &mut TcpStream, path: &str) -> String {
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !buf.ends_with(b"\r\n0\r\n\r\n") {
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        // Chunked framing: size line, data line, ...
+        body.split("\r\n")
+            .collect::<Vec<_>>()
+            .chunks(2)
+            .filter(|c| c.len() == 2)
+            .map(|c| c[1])
+            .collect()
+    }
+
+    /// A streamed answer handed to another thread reads its source through
+    /// that thread's event loop; a stop lets it finish there before that
+    /// loop ends, though the thread has no connection of its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_handed_over_stream_finishes_when_the_server_stops() {
+        let (mut conns, stop_tx, done, offloaded, _log) = offload_server().await;
+        let mut third = conns.pop().expect("three connections");
+        let mut slow = Vec::new();
+        for c in conns {
+            slow.push(start_slow(c).await);
+        }
+        let stream = tokio::spawn(async move { ask_chunked(&mut third, "/stream").await });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(offloaded.load(Ordering::Relaxed), 1, "handed over");
+        stop_tx.send(true).expect("stop");
+        assert_eq!(stream.await.expect("answered"), "abcd", "the whole stream");
+        for s in slow {
+            assert_eq!(s.await.expect("answered"), "sluice-serve-0");
+        }
+        for d in done {
+            assert!(d.await.expect("thread reports").expect("thread ran"));
         }
     }
 }

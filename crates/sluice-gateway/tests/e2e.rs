@@ -613,6 +613,8 @@ async fn models_metrics_and_health() {
     );
     assert!(m.contains("sluice_events_written_total 3"), "{m}");
     assert!(m.contains("sluice_events_failed_total 0"), "{m}");
+    // The shared runtime hands nothing between serving threads.
+    assert!(m.contains("sluice_requests_offloaded_total 0"), "{m}");
     let r = c.get(h.url("/healthz")).send().await.expect("sent");
     assert_eq!(r.json::<Value>().await.expect("json")["status"], "ok");
     h.stop().await;
