@@ -55,6 +55,9 @@ pub struct Run {
     /// upstream wait), from its histogram: bucket bounds holding p50, p99,
     /// p99.9, microseconds.
     pub overhead_us: Option<[u64; 3]>,
+    /// sluice with `workers = N`: requests whose handler ran on another
+    /// serving thread than its connection's.
+    pub offloaded: Option<u64>,
     /// sluice: rows recorded in its store after a graceful stop.
     pub recorded: Option<u64>,
     /// sluice: whether every request sent was recorded.
@@ -164,6 +167,7 @@ impl Watched {
             run.peak_rss_mib = Some(s.finish().0 as f64 / (1024.0 * 1024.0));
         }
         run.overhead_us = target.overhead_us();
+        run.offloaded = target.offloaded();
         let sent = run.load.sent;
         match tokio::task::spawn_blocking(move || target.stop()).await {
             Ok(Ok(Some(rows))) => {
@@ -320,6 +324,7 @@ fn blank(scenario: Scenario, stream: bool, rate: u32, round: u32) -> Run {
         peak_rss_mib: None,
         cpu_s_per_1000: None,
         overhead_us: None,
+        offloaded: None,
         recorded: None,
         no_event_lost: None,
         failed: None,

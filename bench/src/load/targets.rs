@@ -134,17 +134,7 @@ impl Running {
     /// read from `/metrics`, as the bucket bounds holding p50, p99 and
     /// p99.9, in microseconds.
     pub fn overhead_us(&self) -> Option<[u64; 3]> {
-        if !self.scenario.is_sluice() {
-            return None;
-        }
-        let port: u16 = self
-            .url
-            .trim_start_matches("http://127.0.0.1:")
-            .split('/')
-            .next()?
-            .parse()
-            .ok()?;
-        let text = http_get(port, "/metrics").ok()?;
+        let text = self.metrics()?;
         let mut buckets: Vec<(f64, f64)> = text
             .lines()
             .filter_map(|l| l.strip_prefix("sluice_gateway_overhead_seconds_bucket{le=\""))
@@ -176,6 +166,33 @@ impl Running {
                 })
         };
         Some([at(0.5), at(0.99), at(0.999)])
+    }
+
+    /// sluice: requests whose handler ran on another serving thread than
+    /// its connection's (`sluice_requests_offloaded_total`; always 0 on the
+    /// shared runtime).
+    pub fn offloaded(&self) -> Option<u64> {
+        self.metrics()?
+            .lines()
+            .find_map(|l| l.strip_prefix("sluice_requests_offloaded_total "))?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// sluice: its `/metrics` text.
+    fn metrics(&self) -> Option<String> {
+        if !self.scenario.is_sluice() {
+            return None;
+        }
+        let port: u16 = self
+            .url
+            .trim_start_matches("http://127.0.0.1:")
+            .split('/')
+            .next()?
+            .parse()
+            .ok()?;
+        http_get(port, "/metrics").ok()
     }
 
     /// Stops it gracefully (SIGTERM, then SIGKILL after 30 s); returns the
