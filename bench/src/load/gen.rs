@@ -5,21 +5,16 @@
 //! histograms (microseconds); requests intended during the warm-up are sent
 //! but not counted.
 
-use std::future::{poll_fn, Future};
-use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http_body_util::Full;
-use hyper::body::Body as _;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
-use tokio::net::TcpStream;
 
 /// One load run against one URL.
 #[derive(Debug, Clone)]
@@ -154,6 +149,10 @@ pub async fn run_interleaved(
     slice: Duration,
 ) -> Vec<LoadResult> {
     let k = targets.len().max(1) as u64;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(4096)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build_http();
     let accs: Vec<Arc<Mutex<Acc>>> = targets
         .iter()
         .map(|_| {
@@ -181,19 +180,6 @@ pub async fn run_interleaved(
         .iter()
         .map(|t| t.url.parse().expect("a valid URL"))
         .collect();
-    let pools: Vec<Arc<Pool>> = uris.iter().map(|u| Arc::new(Pool::new(u))).collect();
-    let reqs: Vec<Arc<Req>> = uris
-        .iter()
-        .zip(targets)
-        .map(|(u, t)| {
-            Arc::new(Req {
-                path: u.path_and_query().map_or("/", |p| p.as_str()).to_string(),
-                host: u.authority().map_or("", |a| a.as_str()).to_string(),
-                bearer: t.bearer.as_ref().map(|b| format!("Bearer {b}")),
-                body: spec.body.clone(),
-            })
-        })
-        .collect();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         let intended = start + ramp.at(i);
@@ -209,12 +195,19 @@ pub async fn run_interleaved(
         }
         outstanding.fetch_add(1, Ordering::Relaxed);
         sent[t].fetch_add(1, Ordering::Relaxed);
-        let (pool, req) = (pools[t].clone(), reqs[t].clone());
-        let (acc, outstanding) = (accs[t].clone(), outstanding.clone());
+        let mut b =
+            hyper::Request::post(uris[t].clone()).header("content-type", "application/json");
+        if let Some(token) = &targets[t].bearer {
+            b = b.header("authorization", format!("Bearer {token}"));
+        }
+        let req = b
+            .body(Full::new(spec.body.clone()))
+            .expect("a valid request");
+        let (client, acc, outstanding) = (client.clone(), accs[t].clone(), outstanding.clone());
         let (stream, timeout) = (spec.stream, spec.timeout);
         let intended = intended.into_std();
         tasks.spawn(async move {
-            let r = tokio::time::timeout(timeout, one(&pool, &req, stream, intended)).await;
+            let r = tokio::time::timeout(timeout, one(&client, req, stream, intended)).await;
             outstanding.fetch_sub(1, Ordering::Relaxed);
             if !counted {
                 return;
@@ -309,145 +302,22 @@ impl Ramp {
     }
 }
 
-/// What one request sends.
-struct Req {
-    path: String,
-    host: String,
-    bearer: Option<String>,
-    body: Bytes,
-}
-
-impl Req {
-    fn build(&self) -> Result<hyper::Request<Full<Bytes>>, ()> {
-        let mut b = hyper::Request::post(self.path.as_str())
-            .header("host", self.host.as_str())
-            .header("content-type", "application/json");
-        if let Some(v) = &self.bearer {
-            b = b.header("authorization", v.as_str());
-        }
-        b.body(Full::new(self.body.clone())).map_err(|_| ())
-    }
-}
-
-type Connection = Pin<Box<http1::Connection<TokioIo<TcpStream>, Full<Bytes>>>>;
-
-/// One kept-alive HTTP/1.1 connection: hyper's client halves. The request
-/// using it drives it from its own task, so a request costs one task and no
-/// hand-off to a connection task (the generator shares the machine with
-/// what it measures and should cost as little CPU as it can).
-struct Conn {
-    send: http1::SendRequest<Full<Bytes>>,
-    conn: Connection,
-}
-
-/// Polls `f` while driving `conn`; `Err` if the connection ended before
-/// `f` finished.
-async fn drive<T>(
-    conn: &mut Connection,
-    mut f: impl FnMut(&mut Context<'_>) -> Poll<Result<T, ()>>,
-) -> Result<T, ()> {
-    poll_fn(|cx| {
-        if let Poll::Ready(r) = f(cx) {
-            return Poll::Ready(r);
-        }
-        match conn.as_mut().poll(cx) {
-            Poll::Pending => Poll::Pending,
-            // The connection ended: whatever it delivered last still counts.
-            Poll::Ready(_) => match f(cx) {
-                Poll::Ready(r) => Poll::Ready(r),
-                Poll::Pending => Poll::Ready(Err(())),
-            },
-        }
-    })
-    .await
-}
-
-/// Idle connections to one target, the most recently used first (as client
-/// pools reuse them).
-struct Pool {
-    /// `host:port`.
-    addr: String,
-    idle: Mutex<Vec<Conn>>,
-}
-
-impl Pool {
-    fn new(uri: &hyper::Uri) -> Pool {
-        Pool {
-            addr: uri
-                .authority()
-                .map_or("127.0.0.1:80", |a| a.as_str())
-                .to_string(),
-            idle: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// An idle connection (unless `fresh`) or a new one; and whether it was
-    /// reused.
-    async fn take(&self, fresh: bool) -> Result<(Conn, bool), ()> {
-        if !fresh {
-            let reused = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            if let Some(c) = reused {
-                return Ok((c, true));
-            }
-        }
-        let s = TcpStream::connect(&self.addr).await.map_err(|_| ())?;
-        let _ = s.set_nodelay(true);
-        let (send, conn) = http1::handshake(TokioIo::new(s)).await.map_err(|_| ())?;
-        Ok((
-            Conn {
-                send,
-                conn: Box::pin(conn),
-            },
-            false,
-        ))
-    }
-
-    fn put(&self, c: Conn) {
-        if !c.send.is_closed() {
-            self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(c);
-        }
-    }
-}
-
-/// Sends `req` on `c` and waits for the answer's head.
-async fn send(c: &mut Conn, req: &Req) -> Result<hyper::Response<hyper::body::Incoming>, ()> {
-    let Conn { send, conn } = c;
-    drive(conn, |cx| send.poll_ready(cx).map_err(|_| ())).await?;
-    let mut answer = pin!(send.send_request(req.build()?));
-    drive(conn, |cx| answer.as_mut().poll(cx).map_err(|_| ())).await
-}
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 /// Sends one request; returns (status, time to the last byte, time to the
-/// first content chunk of a stream), all from the intended send time. A
-/// request that fails on a reused connection before any answer (the target
-/// closed it meanwhile) is sent once more on a new one, as client pools do.
+/// first content chunk of a stream), all from the intended send time.
 async fn one(
-    pool: &Pool,
-    req: &Req,
+    client: &HttpClient,
+    req: hyper::Request<Full<Bytes>>,
     stream: bool,
     intended: Instant,
 ) -> Result<(u16, Duration, Option<Duration>), ()> {
-    let (mut c, reused) = pool.take(false).await?;
-    let resp = match send(&mut c, req).await {
-        Ok(r) => r,
-        Err(()) if reused => {
-            c = pool.take(true).await?.0;
-            send(&mut c, req).await?
-        }
-        Err(()) => return Err(()),
-    };
+    let resp = client.request(req).await.map_err(|_| ())?;
     let status = resp.status().as_u16();
     let mut body = resp.into_body();
     let mut first = None;
-    loop {
-        let frame = drive(&mut c.conn, |cx| match Pin::new(&mut body).poll_frame(cx) {
-            Poll::Ready(Some(Ok(f))) => Poll::Ready(Ok(Some(f))),
-            Poll::Ready(Some(Err(_))) => Poll::Ready(Err(())),
-            Poll::Ready(None) => Poll::Ready(Ok(None)),
-            Poll::Pending => Poll::Pending,
-        })
-        .await?;
-        let Some(frame) = frame else { break };
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|_| ())?;
         if stream && first.is_none() {
             if let Some(d) = frame.data_ref() {
                 if d.windows(9).any(|w| w == b"\"content\"") {
@@ -456,9 +326,7 @@ async fn one(
             }
         }
     }
-    let done = intended.elapsed();
-    pool.put(c);
-    Ok((status, done, first))
+    Ok((status, intended.elapsed(), first))
 }
 
 #[cfg(test)]
@@ -487,63 +355,6 @@ mod tests {
         for i in [warm + 1, warm + 1000, warm + 123_456] {
             assert!((gap(i) - 1.0 / rate).abs() < 1e-9);
         }
-    }
-
-    /// A server that answers one request per connection with keep-alive
-    /// headers, then closes the connection 50 ms later; counts connections.
-    async fn closing_server() -> (String, Arc<AtomicU64>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicU64::new(0));
-        let count = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    // Head and a 2-byte body.
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") || !buf.ends_with(b"{}") {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                });
-            }
-        });
-        (format!("http://{addr}/v1/chat/completions"), accepted)
-    }
-
-    /// A kept-alive connection the target closed while it sat idle fails
-    /// the next request sent on it; that request is sent again on a new
-    /// connection instead of counting as an error.
-    #[tokio::test]
-    async fn a_request_on_a_connection_closed_while_idle_is_sent_again() {
-        let (url, accepted) = closing_server().await;
-        let uri: hyper::Uri = url.parse().expect("uri");
-        let pool = Pool::new(&uri);
-        let req = Req {
-            path: "/v1/chat/completions".into(),
-            host: pool.addr.clone(),
-            bearer: None,
-            body: Bytes::from_static(b"{}"),
-        };
-        for _ in 0..3 {
-            let (status, _, _) = one(&pool, &req, false, Instant::now())
-                .await
-                .expect("answered");
-            assert_eq!(status, 200);
-            tokio::time::sleep(Duration::from_millis(120)).await;
-        }
-        assert_eq!(accepted.load(Ordering::SeqCst), 3, "one connection each");
     }
 
     #[test]
