@@ -126,54 +126,38 @@ impl Peers {
     }
 }
 
-/// A handler counted as running on one thread until it finishes or is
-/// dropped.
-struct Running {
+/// One count on a serving thread, held until dropped: a handler running
+/// there (`Peer::running`, until the handler finishes), or a request handed
+/// to it (`Peer::hosted`, until its response body has finished: a streamed
+/// answer reads its upstream through that thread's connection pool).
+struct Counted {
     peers: Arc<Peers>,
     at: usize,
+    count: fn(&Peer) -> &AtomicUsize,
 }
 
-impl Running {
-    fn start(peers: &Arc<Peers>, at: usize) -> Running {
-        peers.threads[at].running.fetch_add(1, Ordering::Relaxed);
-        Running {
+impl Counted {
+    fn running(peers: &Arc<Peers>, at: usize) -> Counted {
+        Counted::start(peers, at, |p| &p.running)
+    }
+
+    fn hosted(peers: &Arc<Peers>, at: usize) -> Counted {
+        Counted::start(peers, at, |p| &p.hosted)
+    }
+
+    fn start(peers: &Arc<Peers>, at: usize, count: fn(&Peer) -> &AtomicUsize) -> Counted {
+        count(&peers.threads[at]).fetch_add(1, Ordering::SeqCst);
+        Counted {
             peers: peers.clone(),
             at,
+            count,
         }
     }
 }
 
-impl Drop for Running {
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.peers.threads[self.at]
-            .running
-            .fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A request handed to another thread, counted there until its response
-/// body has finished (a streamed answer reads its upstream through that
-/// thread's connection pool) or it is dropped.
-struct Hosted {
-    peers: Arc<Peers>,
-    at: usize,
-}
-
-impl Hosted {
-    fn start(peers: &Arc<Peers>, at: usize) -> Hosted {
-        peers.threads[at].hosted.fetch_add(1, Ordering::SeqCst);
-        Hosted {
-            peers: peers.clone(),
-            at,
-        }
-    }
-}
-
-impl Drop for Hosted {
-    fn drop(&mut self) {
-        self.peers.threads[self.at]
-            .hosted
-            .fetch_sub(1, Ordering::SeqCst);
+        (self.count)(&self.peers.threads[self.at]).fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -452,10 +436,10 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Tra
             // Counted as hosted before `closed` is read: a thread that is
             // ending sets `closed`, then waits for its hosted requests, so
             // either it sees this one or this one sees it closing.
-            let hosted = Hosted::start(&o.peers, j);
+            let hosted = Counted::hosted(&o.peers, j);
             if let (false, Some(handle)) = (peer.closed.load(Ordering::SeqCst), peer.handle.get()) {
                 o.peers.offloaded.fetch_add(1, Ordering::Relaxed);
-                let running = Running::start(&o.peers, j);
+                let running = Counted::running(&o.peers, j);
                 let task = handle.spawn(async move {
                     let _running = running;
                     answer.await
@@ -480,7 +464,7 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Tra
             }
             drop(hosted);
         }
-        let running = Running::start(&o.peers, o.me);
+        let running = Counted::running(&o.peers, o.me);
         Box::pin(async move {
             let resp: RouterResponse = answer.await?;
             drop(running);
@@ -498,7 +482,7 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Tra
 struct TrackedBody {
     body: axum::body::Body,
     _busy: Busy,
-    _hosted: Option<Hosted>,
+    _hosted: Option<Counted>,
 }
 
 impl hyper::body::Body for TrackedBody {
@@ -781,6 +765,31 @@ mod tests {
         }
     }
 
+    /// The threads' drain reports.
+    type Done = Vec<oneshot::Receiver<std::io::Result<bool>>>;
+
+    /// Serves `router` on `n` serving threads on a loopback port (5 s
+    /// grace); returns the address, the stop switch and the drain reports.
+    fn start_threads(
+        router: Router,
+        n: usize,
+        offloaded: Arc<AtomicU64>,
+    ) -> (std::net::SocketAddr, watch::Sender<bool>, Done) {
+        let listener = crate::listen("127.0.0.1:0".parse().expect("addr"), 128).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let done = serve_on_threads(
+            listener,
+            router,
+            ServerLimits::default(),
+            stop_rx,
+            Duration::from_secs(5),
+            (n, offloaded),
+        )
+        .expect("threads start");
+        (addr, stop_tx, done)
+    }
+
     /// New connections go to the serving thread with the fewest open, each
     /// request is answered on its connection's thread, and a stop drains
     /// every thread.
@@ -792,18 +801,7 @@ mod tests {
                 std::thread::current().name().unwrap_or("?").to_string()
             }),
         );
-        let listener = crate::listen("127.0.0.1:0".parse().expect("addr"), 128).expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let done = serve_on_threads(
-            listener,
-            router,
-            ServerLimits::default(),
-            stop_rx,
-            Duration::from_secs(5),
-            (3, Arc::default()),
-        )
-        .expect("threads start");
+        let (addr, stop_tx, done) = start_threads(router, 3, Arc::default());
         let mut conns = Vec::new();
         let mut seen = std::collections::BTreeMap::<String, usize>::new();
         for _ in 0..6 {
@@ -856,6 +854,7 @@ mod tests {
     /// What the slow handler of [`offload_server`] saw.
     #[derive(Default)]
     struct SlowLog {
+        started: AtomicUsize,
         finished: AtomicUsize,
         cancelled: AtomicUsize,
     }
@@ -882,7 +881,7 @@ mod tests {
     async fn offload_server() -> (
         Vec<TcpStream>,
         watch::Sender<bool>,
-        Vec<oneshot::Receiver<std::io::Result<bool>>>,
+        Done,
         Arc<AtomicU64>,
         Arc<SlowLog>,
     ) {
@@ -900,6 +899,7 @@ mod tests {
                 axum::routing::get(move || {
                     let log = seen.clone();
                     async move {
+                        log.started.fetch_add(1, Ordering::SeqCst);
                         let mut guard = Cancelled(log.clone(), false);
                         tokio::time::sleep(Duration::from_millis(400)).await;
                         guard.1 = true;
@@ -928,19 +928,8 @@ mod tests {
                     axum::body::Body::from_stream(parts)
                 }),
             );
-        let listener = crate::listen("127.0.0.1:0".parse().expect("addr"), 128).expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (stop_tx, stop_rx) = watch::channel(false);
         let offloaded = Arc::new(AtomicU64::new(0));
-        let done = serve_on_threads(
-            listener,
-            router,
-            ServerLimits::default(),
-            stop_rx,
-            Duration::from_secs(5),
-            (2, offloaded.clone()),
-        )
-        .expect("threads start");
+        let (addr, stop_tx, done) = start_threads(router, 2, offloaded.clone());
         let mut on_first = Vec::new();
         let mut others = Vec::new();
         for _ in 0..6 {
@@ -956,11 +945,26 @@ mod tests {
         (on_first, stop_tx, done, offloaded, log)
     }
 
-    /// Starts `GET /slow` on `conn` and gives the server a moment to
-    /// dispatch it.
-    async fn start_slow(mut conn: TcpStream) -> tokio::task::JoinHandle<String> {
+    /// Waits up to 5 s for `done` to hold.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Starts `GET /slow` on `conn` and waits until its handler runs.
+    async fn start_slow(mut conn: TcpStream, log: &SlowLog) -> tokio::task::JoinHandle<String> {
+        let before = log.started.load(Ordering::SeqCst);
         let task = tokio::spawn(async move { ask_at(&mut conn, "/slow").await });
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        until("the slow handler starts", || {
+            log.started.load(Ordering::SeqCst) > before
+        })
+        .await;
         task
     }
 
@@ -973,7 +977,7 @@ mod tests {
         let (conns, stop_tx, done, offloaded, log) = offload_server().await;
         let mut answers = Vec::new();
         for c in conns {
-            answers.push(start_slow(c).await);
+            answers.push(start_slow(c, &log).await);
         }
         // Stop while all three are running: each still gets its answer.
         stop_tx.send(true).expect("stop");
@@ -1005,9 +1009,9 @@ mod tests {
         let third = conns.pop().expect("three connections");
         let mut answers = Vec::new();
         for c in conns {
-            answers.push(start_slow(c).await);
+            answers.push(start_slow(c, &log).await);
         }
-        let leaving = start_slow(third).await;
+        let leaving = start_slow(third, &log).await;
         assert_eq!(offloaded.load(Ordering::Relaxed), 1, "handed over");
         leaving.abort();
         let _ = leaving.await;
@@ -1059,15 +1063,17 @@ mod tests {
     /// loop ends, though the thread has no connection of its own.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_handed_over_stream_finishes_when_the_server_stops() {
-        let (mut conns, stop_tx, done, offloaded, _log) = offload_server().await;
+        let (mut conns, stop_tx, done, offloaded, log) = offload_server().await;
         let mut third = conns.pop().expect("three connections");
         let mut slow = Vec::new();
         for c in conns {
-            slow.push(start_slow(c).await);
+            slow.push(start_slow(c, &log).await);
         }
         let stream = tokio::spawn(async move { ask_chunked(&mut third, "/stream").await });
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        assert_eq!(offloaded.load(Ordering::Relaxed), 1, "handed over");
+        until("the stream handed over", || {
+            offloaded.load(Ordering::Relaxed) == 1
+        })
+        .await;
         stop_tx.send(true).expect("stop");
         assert_eq!(stream.await.expect("answered"), "abcd", "the whole stream");
         for s in slow {
