@@ -424,11 +424,7 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Tra
         let Some(o) = &self.offload else {
             return Box::pin(async move {
                 let resp: RouterResponse = answer.await?;
-                Ok(resp.map(|body| TrackedBody {
-                    body,
-                    _busy: busy,
-                    _hosted: None,
-                }))
+                Ok(tracked(resp, busy, None))
             });
         };
         if let Some(j) = o.peers.pick(o.me) {
@@ -455,11 +451,7 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Tra
                         ),
                     };
                     drop(abort);
-                    Ok(resp.map(|body| TrackedBody {
-                        body,
-                        _busy: busy,
-                        _hosted: Some(hosted),
-                    }))
+                    Ok(tracked(resp, busy, Some(hosted)))
                 });
             }
             drop(hosted);
@@ -468,13 +460,23 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Tra
         Box::pin(async move {
             let resp: RouterResponse = answer.await?;
             drop(running);
-            Ok(resp.map(|body| TrackedBody {
-                body,
-                _busy: busy,
-                _hosted: None,
-            }))
+            Ok(tracked(resp, busy, None))
         })
     }
+}
+
+/// `resp` with its body tracked: busy (and hosted, when handed over) until
+/// the body is dropped.
+fn tracked(
+    resp: RouterResponse,
+    busy: Busy,
+    hosted: Option<Counted>,
+) -> axum::http::Response<TrackedBody> {
+    resp.map(|body| TrackedBody {
+        body,
+        _busy: busy,
+        _hosted: hosted,
+    })
 }
 
 /// A response body that keeps its request busy until it is dropped (and,

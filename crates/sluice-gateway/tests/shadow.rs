@@ -15,6 +15,14 @@ const OPS: &str = "ops-token";
 
 /// The support deployment with a candidate `v2` on `candidate_model`, admin
 /// tokens, and `rollouts` appended verbatim.
+/// A rollout `name` of `support` to `v2` that only people move (no
+/// controller); `rest` holds its stages and anything after them.
+fn manual(name: &str, rest: &str) -> String {
+    format!(
+        "\n[rollouts.{name}]\ndeployment = \"support\"\ncandidate = \"v2\"\ncontroller = \"manual\"\n{rest}"
+    )
+}
+
 fn with(candidate_model: &'static str, rollouts: String) -> impl Fn(String) -> String {
     move |c: String| {
         let c = c.replace(
@@ -111,17 +119,14 @@ async fn mirrors(h: &Harness, n: usize) -> Vec<sluice_store::RequestRecord> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_candidate_in_shadow_leaves_stable_untouched_and_pairs_are_recorded() {
-    let rollout = r#"
-[rollouts.support-v2]
-deployment = "support"
-candidate = "v2"
-controller = "manual"
-stages = [
+    let rollout = manual(
+        "support-v2",
+        r#"stages = [
   { kind = "shadow", max_in_flight = 4, timeout = "300ms", min_requests = 100000 },
   { kind = "percent", percent = 100 },
 ]
-"#
-    .to_string();
+"#,
+    );
     // gpt-slow answers after 3 s: every mirror hits the 300 ms shadow timeout.
     let h = Harness::start_with(with("gpt-slow", rollout)).await;
     const N: usize = 40;
@@ -263,19 +268,16 @@ gates = [
 /// `ttft_p95` gate judges the pairs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_requests_are_mirrored_as_streams_and_feed_the_ttft_gate() {
-    let rollout = r#"
-[rollouts.support-v2]
-deployment = "support"
-candidate = "v2"
-controller = "manual"
-stages = [{ kind = "shadow", max_in_flight = 64, timeout = "5s" }, { kind = "percent", percent = 100 }]
+    let rollout = manual(
+        "support-v2",
+        r#"stages = [{ kind = "shadow", max_in_flight = 64, timeout = "5s" }, { kind = "percent", percent = 100 }]
 
 [[rollouts.support-v2.gates]]
 signal = "ttft_p95"
 max_regression = "50%"
 min_samples = 5
-"#
-    .to_string();
+"#,
+    );
     let h = Harness::start_with(with("gpt-candidate", rollout)).await;
     let (s, b) = act(&h, "support-v2", "start").await;
     assert_eq!(s, 200, "{b}");
@@ -333,28 +335,15 @@ async fn a_rollback_does_not_wait_for_a_running_probe_suite() {
         "{\"id\": \"greets\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"assert\": [{\"type\": \"icontains\", \"value\": \"hello\"}]}\n",
     )
     .expect("write");
-    let rollouts = format!(
-        r#"
-[rollouts.slow-suite]
-deployment = "support"
-candidate = "v2"
-controller = "manual"
-stages = [
-  {{ kind = "percent", percent = 10 }},
-  {{ kind = "percent", percent = 50, require_suites = [{{ suite = "{s}" }}] }},
-]
-
-[rollouts.slow-suite-b]
-deployment = "support"
-candidate = "v2"
-controller = "manual"
-stages = [
+    let stages = format!(
+        r#"stages = [
   {{ kind = "percent", percent = 10 }},
   {{ kind = "percent", percent = 50, require_suites = [{{ suite = "{s}" }}] }},
 ]
 "#,
         s = suite.display()
     );
+    let rollouts = manual("slow-suite", &stages) + &manual("slow-suite-b", &stages);
     // The candidate's model answers after 3 s (the provider gives up at
     // 800 ms): the suite runs for most of a second.
     let h = Harness::start_with(with("gpt-slow", rollouts)).await;
