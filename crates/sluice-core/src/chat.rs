@@ -290,6 +290,35 @@ pub struct ChatRequest {
 impl ChatRequest {
     /// Parses and validates a request body.
     pub fn parse(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
+        if let Some(req) = Self::parse_plain(body) {
+            req.validate()?;
+            return Ok(req);
+        }
+        Self::parse_careful(body)
+    }
+
+    /// The common body decoded in one pass, without a JSON tree: an object
+    /// that decodes cleanly and whose messages carry no tool calls (tool
+    /// calls skip unknown keys, which a direct pass would not check as
+    /// strictly as the tree does). `None` sends the body the careful way,
+    /// which accepts and rejects exactly what it always did and names the
+    /// offending parameter.
+    fn parse_plain(body: &[u8]) -> Option<ChatRequest> {
+        let first = body
+            .iter()
+            .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))?;
+        if *first != b'{' {
+            return None;
+        }
+        let req: ChatRequest = serde_json::from_slice(body).ok()?;
+        req.messages
+            .iter()
+            .all(|m| m.tool_calls.is_none())
+            .then_some(req)
+    }
+
+    /// Parses through a JSON tree, for precise errors.
+    fn parse_careful(body: &[u8]) -> Result<ChatRequest, InvalidRequest> {
         let value: Value = serde_json::from_slice(body).map_err(|e| InvalidRequest {
             param: None,
             message: format!(
@@ -731,6 +760,9 @@ mod tests {
         assert!(e.message.contains("could not parse the JSON body"), "{e:?}");
         let e = ChatRequest::parse(b"[1,2]").unwrap_err();
         assert!(e.message.contains("JSON object"));
+        // An array in a request's field order is still not a request.
+        let e = ChatRequest::parse(br#" ["m",[{"role":"user","content":"hi"}]]"#).unwrap_err();
+        assert!(e.message.contains("JSON object"), "{e:?}");
     }
 
     #[test]
@@ -754,12 +786,111 @@ mod tests {
         assert_eq!(finish_reason(&v).as_deref(), Some("stop"));
     }
 
+    /// Request keys, known and unknown.
+    const REQUEST_KEYS: &[&str] = &[
+        "model",
+        "model",
+        "messages",
+        "messages",
+        "messages",
+        "stream",
+        "temperature",
+        "max_tokens",
+        "n",
+        "stop",
+        "tools",
+        "metadata",
+        "user",
+        "x",
+    ];
+
+    /// A JSON value text: scalars (some out of range or malformed), and
+    /// message lists whose messages may carry tool calls with unknown keys.
+    fn json_piece() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let scalar = proptest::sample::select(vec![
+            "\"m\"",
+            "\" \"",
+            "1",
+            "-1",
+            "0.5",
+            "1e400",
+            "null",
+            "true",
+            "[]",
+            "{}",
+            "[\"a\",\"b\"]",
+            "{\"k\":\"v\"}",
+            "{\"k\":1}",
+            "\"\\ud800\"",
+            "\"\\u00e9\"",
+        ])
+        .prop_map(str::to_string);
+        prop_oneof![
+            scalar,
+            proptest::collection::vec(message_piece(), 0..3)
+                .prop_map(|m| format!("[{}]", m.join(","))),
+        ]
+    }
+
+    /// A message object's text, sometimes with tool calls that carry
+    /// unknown keys (some holding out-of-range or malformed values).
+    fn message_piece() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        (
+            proptest::sample::select(vec!["user", "assistant", "tool", "system", "x"]),
+            proptest::sample::select(vec![
+                "",
+                ",\"content\":\"hi\"",
+                ",\"content\":null",
+                ",\"content\":1",
+                ",\"content\":[{\"type\":\"text\",\"text\":\"a\"}]",
+                ",\"content\":\"a\",\"content\":\"b\"",
+                ",\"tool_call_id\":\"c\"",
+                ",\"extra\":1",
+            ]),
+            proptest::sample::select(vec![
+                "",
+                ",\"tool_calls\":[{\"id\":\"c\",\"function\":{\"name\":\"f\",\"arguments\":\"{}\"}}]",
+                ",\"tool_calls\":[{\"id\":\"c\",\"function\":{\"name\":\"f\",\"arguments\":\"{}\"},\"x\":1e400}]",
+                ",\"tool_calls\":[{\"id\":\"c\",\"function\":{\"name\":\"f\",\"arguments\":\"{}\",\"y\":\"\\ud800\"}}]",
+            ]),
+        )
+            .prop_map(|(role, rest, calls)| format!("{{\"role\":\"{role}\"{rest}{calls}}}"))
+    }
+
     proptest::proptest! {
         /// Arbitrary bytes never panic the parser; they yield a request or a
         /// clear error.
         #[test]
         fn parser_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
             let _ = ChatRequest::parse(&bytes);
+        }
+
+        /// The one-pass decoding accepts exactly what the careful one does,
+        /// with the same result, and otherwise gives the careful error.
+        #[test]
+        fn one_pass_parse_agrees_with_the_careful_one(
+            lead in "[ \t\n]{0,2}",
+            model in proptest::sample::select(vec!["\"m\"", "\"m\"", "\" \"", "1"]),
+            messages in proptest::collection::vec(message_piece(), 0..3),
+            extra in proptest::collection::vec(
+                (proptest::sample::select(REQUEST_KEYS), json_piece()),
+                0..4,
+            ),
+        ) {
+            let mut fields = vec![
+                format!("\"model\":{model}"),
+                format!("\"messages\":[{}]", messages.join(",")),
+            ];
+            fields.extend(extra.iter().map(|(k, v)| format!("\"{k}\":{v}")));
+            let body = format!("{lead}{{{}}}", fields.join(","));
+            proptest::prop_assert_eq!(
+                ChatRequest::parse(body.as_bytes()),
+                ChatRequest::parse_careful(body.as_bytes()),
+                "{}",
+                body
+            );
         }
 
         /// Arbitrary JSON-ish structures never panic the decoder.

@@ -252,31 +252,27 @@ pub fn find_pii(text: &str, entities: &[String], allow: &[String], out: &mut Vec
             }
         }
     }
-    if want("phone") {
-        for m in p
-            .phone_intl
-            .find_iter(if f.digits >= 8 { text } else { "" })
-        {
+    if want("phone") && f.digits >= 8 {
+        for m in p.phone_intl.find_iter(text) {
             let n = m.as_str().bytes().filter(u8::is_ascii_digit).count();
             if (8..=15).contains(&n) {
                 push(m.start(), m.end(), "phone");
             }
         }
         // A North American number has ten digits.
-        for m in p
-            .phone_nanp
-            .find_iter(if f.digits >= 10 { text } else { "" })
-        {
-            // Skip what the international form already covered.
-            let covered = out
-                .iter()
-                .any(|s| s.label == "phone" && s.start <= m.start() && s.end >= m.end());
-            if !covered {
-                out.push(Span {
-                    start: m.start(),
-                    end: m.end(),
-                    label: "phone".into(),
-                });
+        if f.digits >= 10 {
+            for m in p.phone_nanp.find_iter(text) {
+                // Skip what the international form already covered.
+                let covered = out
+                    .iter()
+                    .any(|s| s.label == "phone" && s.start <= m.start() && s.end >= m.end());
+                if !covered {
+                    out.push(Span {
+                        start: m.start(),
+                        end: m.end(),
+                        label: "phone".into(),
+                    });
+                }
             }
         }
     }
@@ -292,8 +288,8 @@ pub fn find_pii(text: &str, entities: &[String], allow: &[String], out: &mut Vec
             }
         }
     }
-    if want("ip") {
-        for m in p.ipv4.find_iter(if f.digits >= 4 { text } else { "" }) {
+    if want("ip") && f.digits >= 4 {
+        for m in p.ipv4.find_iter(text) {
             if m.as_str().parse::<Ipv4Addr>().is_ok() {
                 out.push(Span {
                     start: m.start(),
@@ -302,7 +298,9 @@ pub fn find_pii(text: &str, entities: &[String], allow: &[String], out: &mut Vec
                 });
             }
         }
-        for c in p.ipv6.captures_iter(if f.colons >= 2 { text } else { "" }) {
+    }
+    if want("ip") && f.colons >= 2 {
+        for c in p.ipv6.captures_iter(text) {
             if let Some(m) = c.get(1) {
                 if m.as_str().matches(':').count() >= 2 && m.as_str().parse::<Ipv6Addr>().is_ok() {
                     out.push(Span {
@@ -319,7 +317,27 @@ pub fn find_pii(text: &str, entities: &[String], allow: &[String], out: &mut Vec
 struct Secrets {
     patterns: Vec<(Regex, &'static str)>,
     generic: Regex,
+    /// Literals at least one of which each pattern's match contains, found
+    /// in one pass (ASCII case-insensitive, overlapping) so that a text
+    /// runs only the patterns whose literal it holds.
+    literals: AhoCorasick,
+    /// For each literal, the index of its pattern in `patterns`.
+    literal_pattern: Vec<usize>,
 }
+
+/// Per credential pattern (same order as `Secrets::patterns`): literals one
+/// of which every match contains.
+const SECRET_LITERALS: &[&[&str]] = &[
+    &["AKIA", "ASIA", "ABIA", "ACCA"],
+    &["-----BEGIN "],
+    &["eyJ"],
+    &["bearer"],
+    &["ghp_", "gho_", "ghu_", "ghs_", "ghr_"],
+    &["xox"],
+    &["sk-"],
+    &["AIza"],
+    &["k_live_"],
+];
 
 fn secrets() -> &'static Secrets {
     static S: OnceLock<Secrets> = OnceLock::new();
@@ -336,7 +354,29 @@ fn secrets() -> &'static Secrets {
             (re(r"(?-u:\b)[rs]k_live_[0-9A-Za-z]{20,}(?-u:\b)"), "stripe_key"),
         ],
         generic: re(r"(?-u:\b)[A-Za-z0-9+/_-]{32,}={0,2}"),
+        literals: AhoCorasickBuilder::new()
+            .ascii_case_insensitive(true)
+            .build(SECRET_LITERALS.iter().flat_map(|l| l.iter()))
+            .expect("built-in secret literals compile"),
+        literal_pattern: SECRET_LITERALS
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| l.iter().map(move |_| i))
+            .collect(),
     })
+}
+
+/// Which credential patterns could match `text` (bit `i` for pattern `i`).
+fn secret_candidates(s: &Secrets, text: &str) -> u32 {
+    let all = (1u32 << SECRET_LITERALS.len()) - 1;
+    let mut mask = 0u32;
+    for m in s.literals.find_overlapping_iter(text) {
+        mask |= 1 << s.literal_pattern[m.pattern().as_usize()];
+        if mask == all {
+            break;
+        }
+    }
+    mask
 }
 
 /// Shannon entropy in bits per character.
@@ -358,9 +398,23 @@ fn entropy(s: &str) -> f64 {
 
 /// Finds credential shapes.
 pub fn find_secrets(text: &str, out: &mut Vec<Span>) {
+    find_secrets_in(text, out, true);
+}
+
+/// [`find_secrets`]; `gated` runs only the patterns whose literal the text
+/// holds (the same spans, found without a search per pattern).
+fn find_secrets_in(text: &str, out: &mut Vec<Span>, gated: bool) {
     let s = secrets();
     let start = out.len();
-    for (r, label) in &s.patterns {
+    let candidates = if gated {
+        secret_candidates(s, text)
+    } else {
+        u32::MAX
+    };
+    for (i, (r, label)) in s.patterns.iter().enumerate() {
+        if candidates & (1 << i) == 0 {
+            continue;
+        }
         for m in r.find_iter(text) {
             out.push(Span {
                 start: m.start(),
@@ -369,8 +423,10 @@ pub fn find_secrets(text: &str, out: &mut Vec<Span>) {
             });
         }
     }
-    let long_run = has_key_run(text, 32);
-    for m in s.generic.find_iter(if long_run { text } else { "" }) {
+    if !has_key_run(text, 32) {
+        return;
+    }
+    for m in s.generic.find_iter(text) {
         let t = m.as_str();
         let classes = [
             t.bytes().any(|b| b.is_ascii_lowercase()),
@@ -756,7 +812,88 @@ mod tests {
         best
     }
 
+    #[test]
+    fn every_secret_pattern_has_its_literals() {
+        assert_eq!(secrets().patterns.len(), SECRET_LITERALS.len());
+        // Each pattern's literal gates it: a key of each kind is still found
+        // when it is the only thing in the text, in any case the pattern
+        // accepts.
+        for (key, label) in [
+            ("AKIAIOSFODNN7EXAMPLE", "aws_access_key"),
+            (
+                "eyJhbGciOiJIUzI1.eyJzdWIiOiIxMjM0.SflKxwRJSMeKKF2QT4",
+                "jwt",
+            ),
+            ("BeArEr abcdefghijklmnopqrstuvwxyz012", "bearer_token"),
+            ("ghs_abcdefghijklmnopqrstuvwxyz0123456789", "github_token"),
+            ("xoxp-1234567890-abc", "slack_token"),
+            ("sk-proj-abcdefghijklmnopqrstu", "api_key"),
+            ("AIzaSyA1234567890abcdefghijklmnopqrstuv", "google_api_key"),
+            ("rk_live_abcdefghijklmnopqrstuv", "stripe_key"),
+        ] {
+            let found = labels(key, find_secrets);
+            assert!(found.iter().any(|(l, _)| l == label), "{key}: {found:?}");
+        }
+    }
+
+    /// Pieces that build texts near and inside every credential shape.
+    const SECRET_PIECES: &[&str] = &[
+        "AKIA",
+        "ASIA",
+        "akia",
+        "ABIA",
+        "ACCA",
+        "IOSFODNN7EXAMPLE",
+        "-----BEGIN ",
+        "RSA ",
+        "PRIVATE KEY-----",
+        "-----END ",
+        "eyJ",
+        "eyj",
+        "EYJ",
+        ".",
+        "bearer ",
+        "Bearer\t",
+        "BEARER  ",
+        "ghp_",
+        "GHO_",
+        "ghs_",
+        "xoxb-",
+        "XOX",
+        "sk-",
+        "sk-proj-",
+        "SK-ant-",
+        "AIza",
+        "aiza",
+        "rk_live_",
+        "sk_live_",
+        "K_LIVE_",
+        " ",
+        "\n",
+        "=",
+        "_",
+        "-",
+        "/",
+        "abcdefghij",
+        "ABCDEFGHIJKLMNOP",
+        "0123456789",
+        "Zq9",
+        "é",
+        "’",
+    ];
+
     proptest::proptest! {
+        #[test]
+        fn gated_secret_search_finds_what_every_pattern_finds(
+            pieces in proptest::collection::vec(proptest::sample::select(SECRET_PIECES), 0..40),
+        ) {
+            let text = pieces.concat();
+            let (mut gated, mut full) = (Vec::new(), Vec::new());
+            find_secrets_in(&text, &mut gated, true);
+            find_secrets_in(&text, &mut full, false);
+            proptest::prop_assert_eq!(gated, full);
+        }
+
         #[test]
         fn sampled_key_run_check_agrees_with_a_full_pass(
             t in "[a-zA-Z0-9+/_ .-]{0,200}",
