@@ -406,7 +406,12 @@ pub fn is_refusal(text: &str) -> bool {
         .map(|c| if c == '’' { '\'' } else { c })
         .collect::<String>()
         .to_lowercase();
-    REFUSAL_MARKERS.iter().any(|m| head.contains(m))
+    static MARKERS: std::sync::OnceLock<aho_corasick::AhoCorasick> = std::sync::OnceLock::new();
+    MARKERS
+        .get_or_init(|| {
+            aho_corasick::AhoCorasick::new(REFUSAL_MARKERS).expect("refusal markers compile")
+        })
+        .is_match(&head)
 }
 
 #[cfg(test)]
@@ -423,6 +428,31 @@ mod tests {
         assert_eq!(m.mean, 5.0);
         // Sample variance of this classic set is 32/7.
         assert!((m.variance() - 32.0 / 7.0).abs() < 1e-12);
+    }
+
+    proptest::proptest! {
+        /// One pass over the markers finds what a search per marker finds.
+        #[test]
+        fn refusal_search_agrees_with_one_search_per_marker(
+            pieces in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "I'm sorry, but I ", "i CAN’T", "can't", " help with", "Sorry, ", "I am unable to",
+                    "  ", "\n", "İ", "é", "I must decline", "provide", "Here is ", "x",
+                ]),
+                0..12,
+            ),
+        ) {
+            let text = pieces.concat();
+            let head = text
+                .trim_start()
+                .chars()
+                .take(120)
+                .map(|c| if c == '’' { '\'' } else { c })
+                .collect::<String>()
+                .to_lowercase();
+            let expected = REFUSAL_MARKERS.iter().any(|m| head.contains(m));
+            proptest::prop_assert_eq!(is_refusal(&text), expected, "{}", text);
+        }
     }
 
     #[test]
