@@ -351,6 +351,11 @@ impl Gateway {
             }
             None => router(app.clone()),
         };
+        // Both carry the chat route.
+        let client_router = server::Routes {
+            router: client_router,
+            chat: Some(app.clone()),
+        };
         let serving = match limits.workers {
             // The caller's work-stealing runtime: a thread that falls behind
             // has its work taken by the others.
@@ -443,7 +448,7 @@ pub fn admin_router(app: Arc<AppState>) -> Router {
 }
 
 fn public_routes(r: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
-    r.route("/v1/chat/completions", post(pipeline::chat_completions))
+    r.route(pipeline::CHAT_PATH, post(pipeline::chat_completions))
         .route("/v1/feedback", post(feedback::feedback))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))

@@ -478,6 +478,9 @@ fn observe_rollout(
     Some(obs)
 }
 
+/// The chat completions route.
+pub const CHAT_PATH: &str = "/v1/chat/completions";
+
 /// `POST /v1/chat/completions`.
 pub async fn chat_completions(
     State(app): State<Arc<AppState>>,

@@ -184,7 +184,7 @@ struct Connections {
     builder: hyper::server::conn::http1::Builder,
     header_timeout: Duration,
     keep_alive_timeout: Duration,
-    router: Router,
+    routes: Routes,
     graceful: GracefulShutdown,
     tasks: JoinSet<()>,
     /// Connections handed to this set and not yet closed (counted up by
@@ -196,7 +196,7 @@ struct Connections {
 }
 
 impl Connections {
-    fn new(router: Router, limits: &ServerLimits, open: Arc<AtomicUsize>) -> Connections {
+    fn new(routes: Routes, limits: &ServerLimits, open: Arc<AtomicUsize>) -> Connections {
         let mut builder = hyper::server::conn::http1::Builder::new();
         // hyper's own header-read timer also runs while a kept-alive
         // connection waits for its next request; each connection's watchdog
@@ -210,7 +210,7 @@ impl Connections {
             builder,
             header_timeout: limits.header_timeout,
             keep_alive_timeout: limits.keep_alive_timeout,
-            router,
+            routes,
             graceful: GracefulShutdown::new(),
             tasks: JoinSet::new(),
             open,
@@ -224,7 +224,8 @@ impl Connections {
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new());
         let svc = Tracked {
-            inner: TowerToHyperService::new(self.router.clone()),
+            inner: TowerToHyperService::new(self.routes.router.clone()),
+            chat: self.routes.chat.clone(),
             activity: activity.clone(),
             offload: self.offload.clone(),
         };
@@ -407,11 +408,59 @@ impl tokio::io::AsyncWrite for Watched {
 #[derive(Clone)]
 struct Tracked {
     inner: TowerToHyperService<Router>,
+    /// The chat route's state, when this listener serves it.
+    chat: Option<Arc<crate::AppState>>,
     activity: Arc<Activity>,
     offload: Option<Offload>,
 }
 
 type RouterResponse = axum::http::Response<axum::body::Body>;
+
+/// A handler's answer, still to come.
+type Answer =
+    Pin<Box<dyn Future<Output = Result<RouterResponse, std::convert::Infallible>> + Send>>;
+
+/// What one listener serves: its router and, when the listener serves the
+/// chat route, that route's state. A chat request then goes straight to its
+/// handler, without the router's matching and extractors: it is the route
+/// on every model call's path. Every other request (and a chat path with
+/// another method) goes through the router.
+#[derive(Clone)]
+pub(crate) struct Routes {
+    /// Every route of the listener.
+    pub(crate) router: Router,
+    /// The chat route's state, when the listener serves it.
+    pub(crate) chat: Option<Arc<crate::AppState>>,
+}
+
+impl From<Router> for Routes {
+    fn from(router: Router) -> Self {
+        Routes { router, chat: None }
+    }
+}
+
+impl Tracked {
+    /// Runs the request's handler.
+    fn answer(&self, req: axum::http::Request<hyper::body::Incoming>) -> Answer {
+        if let Some(app) = &self.chat {
+            if req.method() == axum::http::Method::POST
+                && req.uri().path() == crate::pipeline::CHAT_PATH
+            {
+                let app = app.clone();
+                let (parts, body) = req.into_parts();
+                return Box::pin(async move {
+                    Ok(crate::pipeline::chat_completions(
+                        axum::extract::State(app),
+                        parts.headers,
+                        axum::body::Body::new(body),
+                    )
+                    .await)
+                });
+            }
+        }
+        Box::pin(hyper::service::Service::call(&self.inner, req))
+    }
+}
 
 impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Tracked {
     type Response = axum::http::Response<TrackedBody>;
@@ -420,7 +469,7 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Tra
 
     fn call(&self, req: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
         let busy = self.activity.dispatched();
-        let answer = self.inner.call(req);
+        let answer = self.answer(req);
         let Some(o) = &self.offload else {
             return Box::pin(async move {
                 let resp: RouterResponse = answer.await?;
@@ -530,11 +579,11 @@ async fn accept(listener: &TcpListener, stop: &mut watch::Receiver<bool>) -> Opt
 /// true.
 pub(crate) async fn serve(
     listener: TcpListener,
-    router: Router,
+    routes: impl Into<Routes>,
     limits: ServerLimits,
     mut stop: watch::Receiver<bool>,
 ) -> Draining {
-    let mut conns = Connections::new(router, &limits, Arc::default());
+    let mut conns = Connections::new(routes.into(), &limits, Arc::default());
     while let Some(stream) = accept(&listener, &mut stop).await {
         conns.open.fetch_add(1, Ordering::Relaxed);
         conns.start(stream);
@@ -569,13 +618,14 @@ struct ServingThread {
 /// another thread than their connection's.
 pub(crate) fn serve_on_threads(
     listener: TcpListener,
-    router: Router,
+    routes: impl Into<Routes>,
     limits: ServerLimits,
     stop: watch::Receiver<bool>,
     grace: Duration,
     (threads, offloaded): (usize, Arc<AtomicU64>),
 ) -> std::io::Result<Vec<oneshot::Receiver<std::io::Result<bool>>>> {
     let threads = threads.max(1);
+    let routes = routes.into();
     let peers = Arc::new(Peers::new(threads, offloaded));
     let mut serving = Vec::with_capacity(threads);
     let mut done = Vec::with_capacity(threads);
@@ -583,8 +633,8 @@ pub(crate) fn serve_on_threads(
         let (handoff, incoming) = mpsc::unbounded_channel();
         let (tx, rx) = oneshot::channel();
         let open = Arc::new(AtomicUsize::new(0));
-        let (router, limits, stop, count) =
-            (router.clone(), limits.clone(), stop.clone(), open.clone());
+        let (routes, limits, stop, count) =
+            (routes.clone(), limits.clone(), stop.clone(), open.clone());
         let offload = Offload {
             peers: peers.clone(),
             me: i,
@@ -595,7 +645,7 @@ pub(crate) fn serve_on_threads(
                 sluice_providers::use_thread_pool(i + 1);
                 let thread = ServeThread {
                     incoming,
-                    router,
+                    routes,
                     limits,
                     stop,
                     grace,
@@ -656,7 +706,7 @@ async fn hand_out(
 /// One serving thread: see [`serve_on_threads`].
 struct ServeThread {
     incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
-    router: Router,
+    routes: Routes,
     limits: ServerLimits,
     stop: watch::Receiver<bool>,
     grace: Duration,
@@ -668,7 +718,7 @@ impl ServeThread {
     fn run(self) -> std::io::Result<bool> {
         let ServeThread {
             mut incoming,
-            router,
+            routes,
             limits,
             mut stop,
             grace,
@@ -689,7 +739,7 @@ impl ServeThread {
         };
         let _ = peers.threads[at].handle.set(rt.handle().clone());
         let drained = rt.block_on(async move {
-            let mut conns = Connections::new(router, &limits, open.clone());
+            let mut conns = Connections::new(routes, &limits, open.clone());
             conns.offload = Some(offload);
             loop {
                 let next = tokio::select! {

@@ -256,6 +256,9 @@ pub(crate) async fn read_body(
     timeout: Duration,
 ) -> Result<Bytes, ProviderError> {
     let read = async {
+        // A body that arrives in one piece (the usual small answer) is kept
+        // as it came, without a copy.
+        let mut first: Option<Bytes> = None;
         let mut out = Vec::new();
         let mut stream = BodyDataStream::new(resp.into_body());
         while let Some(piece) = stream.next().await {
@@ -263,15 +266,24 @@ pub(crate) async fn read_body(
                 provider: provider.to_string(),
                 message: format!("response body broke off: {}", error_chain(&e)),
             })?;
-            if out.len() + piece.len() > limit {
+            let held = first.as_ref().map_or(0, Bytes::len) + out.len();
+            if held + piece.len() > limit {
                 return Err(ProviderError::InvalidResponse {
                     provider: provider.to_string(),
                     message: format!("response body larger than {limit} bytes"),
                 });
             }
-            out.extend_from_slice(&piece);
+            match first.take() {
+                None if out.is_empty() => first = Some(piece),
+                None => out.extend_from_slice(&piece),
+                Some(f) => {
+                    out.reserve(f.len() + piece.len());
+                    out.extend_from_slice(&f);
+                    out.extend_from_slice(&piece);
+                }
+            }
         }
-        Ok(Bytes::from(out))
+        Ok(first.unwrap_or_else(|| Bytes::from(out)))
     };
     match tokio::time::timeout(timeout, read).await {
         Err(_) => Err(ProviderError::Timeout {
@@ -529,6 +541,67 @@ mod tests {
             assert_eq!(&body[..], b"ok");
         }
         Ok(())
+    }
+
+    /// A server that answers up to two requests (on one connection or two)
+    /// with a body sent as `pieces`, each flushed as its own chunk after a
+    /// pause.
+    fn chunked_server(pieces: &'static [&'static str]) -> std::net::SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            for conn in listener.incoming().take(2) {
+                let Ok(mut conn) = conn else { return };
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    for _ in 0..2 {
+                        // A request: its head and the test's `{}` body.
+                        while !buf.windows(6).any(|w| w == b"\r\n\r\n{}") {
+                            match conn.read(&mut chunk) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.clear();
+                        let _ = conn
+                            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+                        for p in pieces {
+                            std::thread::sleep(Duration::from_millis(20));
+                            let _ = conn.write_all(format!("{:x}\r\n{p}\r\n", p.len()).as_bytes());
+                            let _ = conn.flush();
+                        }
+                        let _ = conn.write_all(b"0\r\n\r\n");
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// A body that arrives in several pieces is read whole, and the size
+    /// limit counts every piece.
+    #[tokio::test]
+    async fn a_body_in_pieces_is_read_whole_and_within_its_limit() {
+        let addr = chunked_server(&["{\"a\":", "\"hello", " world\"}"]);
+        let uri: Uri = format!("http://{addr}/v1/chat/completions")
+            .parse()
+            .expect("uri");
+        let client = client();
+        for limit in [1024, 12] {
+            let req = client.post(&uri, None, b"{}".to_vec());
+            let resp = send("o", &client, req, Duration::from_secs(2), "test")
+                .await
+                .expect("answered");
+            let body = read_body("o", resp, limit, Duration::from_secs(2)).await;
+            match (limit, body) {
+                (1024, Ok(b)) => assert_eq!(&b[..], br#"{"a":"hello world"}"#),
+                (12, Err(ProviderError::InvalidResponse { message, .. })) => {
+                    assert!(message.contains("larger than 12 bytes"), "{message}")
+                }
+                (l, other) => panic!("limit {l}: {other:?}"),
+            }
+        }
     }
 
     /// Every serving thread gets its own pool: it reuses its own connection
