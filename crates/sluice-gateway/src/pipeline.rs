@@ -404,6 +404,19 @@ fn with_headers(
     resp
 }
 
+/// The per-principle flags a rollout's gates see; none for a request
+/// outside a rollout (nothing reads them).
+fn gate_flags(
+    c: &sluice_core::policy::Constitution,
+    log: &crate::policy::PolicyLog,
+    rec: &RequestRecord,
+) -> Vec<(String, bool)> {
+    if rec.rollout.is_none() {
+        return Vec::new();
+    }
+    crate::policy::flags(c, log)
+}
+
 /// Counts, observes and records a finished request; with strict durability
 /// the returned receiver resolves once its record is committed.
 fn finish(
@@ -626,7 +639,7 @@ async fn handle(
     ctx.rec.model = Some(assignment.variant.model.clone());
     let constitution = deployment.constitution.clone();
     let checked = crate::policy::check_input(&constitution, &mut req, &mut ctx.policy);
-    ctx.flags = crate::policy::flags(&constitution, &ctx.policy);
+    ctx.flags = gate_flags(&constitution, &ctx.policy, &ctx.rec);
     checked?;
     if crate::policy::has_external(&constitution, sluice_core::config::Applies::Input) {
         let started = Instant::now();
@@ -641,7 +654,7 @@ async fn handle(
         .await;
         ctx.policy
             .add(&found, started.elapsed().as_micros() as u64, None);
-        ctx.flags = crate::policy::flags(&constitution, &ctx.policy);
+        ctx.flags = gate_flags(&constitution, &ctx.policy, &ctx.rec);
         if let Some(b) = found
             .iter()
             .find(|f| f.action == sluice_core::config::PolicyAction::Block)
@@ -724,7 +737,7 @@ async fn handle(
             {
                 completion.raw = None;
             }
-            let flags = crate::policy::flags(&constitution, &ctx.policy);
+            let flags = gate_flags(&constitution, &ctx.policy, &ctx.rec);
             let mut rec = std::mem::take(&mut ctx.rec);
             rec.policy = ctx.policy.to_record();
             rec.status = 200;
@@ -813,7 +826,7 @@ impl StreamRecorder {
         if self.log_full && self.acc.chunks() > 0 {
             rec.response_body = Some(self.acc.completion().to_string());
         }
-        let flags = crate::policy::flags(&self.constitution, &self.policy);
+        let flags = gate_flags(&self.constitution, &self.policy, &rec);
         self.ack = finish(&self.app, rec, flags, self.shadow.take());
     }
 
