@@ -399,19 +399,28 @@ const REFUSAL_MARKERS: &[&str] = &[
 /// refuse up front; a refusal phrase deep inside a long answer usually
 /// quotes or qualifies rather than declines).
 pub fn is_refusal(text: &str) -> bool {
+    static MARKERS: std::sync::OnceLock<aho_corasick::AhoCorasick> = std::sync::OnceLock::new();
+    let markers = MARKERS.get_or_init(|| {
+        aho_corasick::AhoCorasickBuilder::new()
+            .ascii_case_insensitive(true)
+            .build(REFUSAL_MARKERS)
+            .expect("refusal markers compile")
+    });
+    let text = text.trim_start();
+    // The head is the first 120 characters; when they are all ASCII they
+    // are the first 120 bytes, and lowercasing them is what the
+    // case-insensitive search does anyway.
+    let ascii = &text.as_bytes()[..text.len().min(120)];
+    if ascii.is_ascii() {
+        return markers.is_match(ascii);
+    }
     let head: String = text
-        .trim_start()
         .chars()
         .take(120)
         .map(|c| if c == '’' { '\'' } else { c })
         .collect::<String>()
         .to_lowercase();
-    static MARKERS: std::sync::OnceLock<aho_corasick::AhoCorasick> = std::sync::OnceLock::new();
-    MARKERS
-        .get_or_init(|| {
-            aho_corasick::AhoCorasick::new(REFUSAL_MARKERS).expect("refusal markers compile")
-        })
-        .is_match(&head)
+    markers.is_match(&head)
 }
 
 #[cfg(test)]
