@@ -1,4 +1,4 @@
-//! The default PII + secrets principles on 1, 4 and 64 KB of text, and the
+//! The default PII + secrets principles on 128 bytes and 1, 4 and 64 KB of text, and the
 //! streaming guard per chunk on 4 and 32 KB answers. Target: 4 KB scanned in under 20 µs.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -8,14 +8,18 @@ use sluice_core::policy::guard::OutputGuard;
 fn whole_text(c: &mut Criterion) {
     let constitution = sluice_bench::default_constitution();
     let mut g = c.benchmark_group("policy/whole_text");
-    for kb in [1usize, 4, 64] {
-        let t = sluice_bench::text(kb * 1024);
+    // 128 bytes: a typical chat message or short answer.
+    for bytes in [128usize, 1024, 4096, 65536] {
+        let t = sluice_bench::text(bytes);
         g.throughput(Throughput::Bytes(t.len() as u64));
-        g.bench_with_input(
-            BenchmarkId::from_parameter(format!("{kb}KB")),
-            &t,
-            |b, t| b.iter(|| constitution.check(Applies::Output, std::hint::black_box(t))),
-        );
+        let name = if bytes < 1024 {
+            format!("{bytes}B")
+        } else {
+            format!("{}KB", bytes / 1024)
+        };
+        g.bench_with_input(BenchmarkId::from_parameter(name), &t, |b, t| {
+            b.iter(|| constitution.check(Applies::Output, std::hint::black_box(t)))
+        });
     }
     g.finish();
 }

@@ -398,8 +398,14 @@ fn entropy(s: &str) -> f64 {
 
 /// Finds credential shapes.
 pub fn find_secrets(text: &str, out: &mut Vec<Span>) {
-    find_secrets_in(text, out, true);
+    find_secrets_in(text, out, text.len() <= GATED_UP_TO);
 }
+
+/// Longest text whose credential patterns are gated by one literal pass. On
+/// a short text (a chat message, an answer) starting each pattern's search
+/// costs more than searching; on a long one each pattern's own literal
+/// prefilter is faster than the shared, case-insensitive pass.
+const GATED_UP_TO: usize = 512;
 
 /// [`find_secrets`]; `gated` runs only the patterns whose literal the text
 /// holds (the same spans, found without a search per pattern).
