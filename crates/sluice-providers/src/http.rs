@@ -1,9 +1,11 @@
 //! HTTP plumbing shared by the real-protocol providers: client construction,
 //! timeouts, upstream error extraction and SSE decoding of response bodies.
 //!
-//! Providers talk to upstreams through hyper's pooled client directly (with
-//! rustls for HTTPS): a gateway request costs one pooled HTTP exchange and
-//! nothing else, no per-request URL parsing, redirect or retry layers.
+//! Providers talk to upstreams through hyper directly: a gateway request
+//! costs one pooled HTTP exchange and nothing else, no per-request URL
+//! parsing, redirect or retry layers. `http://` upstreams use in-task
+//! HTTP/1.1 connections ([`crate::h1`]); HTTPS ones (rustls, HTTP/1.1 or
+//! HTTP/2 by ALPN) use hyper's pooled client.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -27,13 +29,18 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 const MAX_RESPONSE_BODY: usize = 64 * 1024 * 1024;
 
 /// An upstream's response, its body still to be read.
-pub(crate) type Response = http::Response<hyper::body::Incoming>;
+pub(crate) type Response = http::Response<crate::h1::Body>;
 
 type Inner = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Most connection pools one client keeps: one per serving thread, plus one
 /// shared by every other thread.
 const MAX_POOLS: usize = 257;
+
+/// The calling thread's pool slot (see [`use_thread_pool`]).
+fn current_slot() -> usize {
+    POOL_SLOT.with(|s| s.get())
+}
 
 thread_local! {
     /// The pool the current thread uses (0: the shared one).
@@ -63,6 +70,7 @@ pub fn use_thread_pool(slot: usize) {
 #[derive(Clone)]
 pub(crate) struct HttpClient {
     pools: std::sync::Arc<Pools>,
+    h1: std::sync::Arc<crate::h1::Pool>,
     headers: HeaderMap,
 }
 
@@ -76,8 +84,7 @@ struct Pools {
 impl Pools {
     /// The calling thread's pool.
     fn current(&self) -> &Inner {
-        let slot = POOL_SLOT.with(|s| s.get());
-        self.slots[slot].get_or_init(|| {
+        self.slots[current_slot()].get_or_init(|| {
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(90))
                 .pool_max_idle_per_host(self.max_idle)
@@ -145,6 +152,11 @@ pub(crate) fn build_client(
     };
     Ok(HttpClient {
         pools: std::sync::Arc::new(pools),
+        h1: std::sync::Arc::new(crate::h1::Pool::new(
+            MAX_POOLS,
+            cfg.max_idle_connections,
+            cfg.connect_timeout,
+        )),
         headers,
     })
 }
@@ -237,14 +249,23 @@ pub(crate) async fn send(
     timeout: Duration,
     phase: &'static str,
 ) -> Result<Response, ProviderError> {
-    match tokio::time::timeout(timeout, client.pools.current().request(req)).await {
+    let exchange = async {
+        if req.uri().scheme() == Some(&http::uri::Scheme::HTTP) {
+            client.h1.send(provider, current_slot(), req).await
+        } else {
+            match client.pools.current().request(req).await {
+                Ok(r) => Ok(r.map(crate::h1::Body::Pooled)),
+                Err(e) => Err(map_send_error(provider, &e, timeout)),
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, exchange).await {
         Err(_) => Err(ProviderError::Timeout {
             provider: provider.to_string(),
             after: timeout,
             phase,
         }),
-        Ok(Err(e)) => Err(map_send_error(provider, &e, timeout)),
-        Ok(Ok(r)) => Ok(r),
+        Ok(r) => r,
     }
 }
 

@@ -14,6 +14,7 @@
 //! or recording. It depends only on `sluice-core`.
 
 pub mod anthropic;
+mod h1;
 mod http;
 pub mod openai;
 pub mod simulated;
