@@ -2,8 +2,9 @@
 //! histograms by deployment and variant, token counts, and the event writer's
 //! health (so a lost record can never go unnoticed).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -96,6 +97,31 @@ pub struct Metrics {
     in_flight: Arc<AtomicI64>,
     offloaded: Arc<AtomicU64>,
     health: HealthBoard,
+    /// Series handles by deployment and variant (a prometheus-client metric
+    /// shares its value with its clones, so a handle counts into its family).
+    hot: RwLock<HashMap<String, HashMap<String, Arc<VariantHandles>>>>,
+}
+
+/// One deployment and variant's per-request series, each taken from its
+/// family the first time it is used (so `/metrics` shows only series that
+/// have counted something, as before).
+struct VariantHandles {
+    labels: VariantLabels,
+    ok: OnceLock<Counter>,
+    duration: OnceLock<Histogram>,
+    ttft: OnceLock<Histogram>,
+    tokens_in: OnceLock<Counter>,
+    tokens_out: OnceLock<Counter>,
+}
+
+impl VariantHandles {
+    fn request_labels(&self, status: u16) -> RequestLabels {
+        RequestLabels {
+            deployment: self.labels.deployment.clone(),
+            variant: self.labels.variant.clone(),
+            status: status.to_string(),
+        }
+    }
 }
 
 /// Buckets of the gateway-overhead histogram, seconds (10 µs to 100 ms).
@@ -395,6 +421,7 @@ impl Metrics {
             in_flight,
             offloaded,
             health,
+            hot: RwLock::default(),
         }
     }
 
@@ -443,46 +470,80 @@ impl Metrics {
 
     /// Records a finished request.
     pub fn observe(&self, r: &RequestRecord) {
-        let deployment = r.deployment.clone().unwrap_or_else(|| "-".into());
-        let variant = r.variant.clone().unwrap_or_else(|| "-".into());
-        self.requests
-            .get_or_create(&RequestLabels {
-                deployment: deployment.clone(),
-                variant: variant.clone(),
-                status: r.status.to_string(),
-            })
-            .inc();
+        let deployment = r.deployment.as_deref().unwrap_or("-");
+        let variant = r.variant.as_deref().unwrap_or("-");
+        let h = self.handles(deployment, variant);
+        if r.status == 200 {
+            h.ok.get_or_init(|| self.requests.get_or_create(&h.request_labels(200)).clone())
+                .inc();
+        } else {
+            self.requests
+                .get_or_create(&h.request_labels(r.status))
+                .inc();
+        }
         if let Some(kind) = &r.error_kind {
             self.errors
                 .get_or_create(&ErrorLabels {
-                    deployment: deployment.clone(),
-                    variant: variant.clone(),
+                    deployment: deployment.to_string(),
+                    variant: variant.to_string(),
                     kind: kind.clone(),
                 })
                 .inc();
         }
-        self.observe_policy(r, &deployment);
-        let vl = VariantLabels {
-            deployment: deployment.clone(),
-            variant: variant.clone(),
-        };
-        self.duration
-            .get_or_create(&vl)
+        self.observe_policy(r, deployment);
+        h.duration
+            .get_or_init(|| self.duration.get_or_create(&h.labels).clone())
             .observe(r.latency_ms / 1000.0);
         if let Some(t) = r.ttft_ms {
-            self.ttft.get_or_create(&vl).observe(t / 1000.0);
+            h.ttft
+                .get_or_init(|| self.ttft.get_or_create(&h.labels).clone())
+                .observe(t / 1000.0);
         }
-        for (direction, n) in [("input", r.tokens_in), ("output", r.tokens_out)] {
+        for (direction, n, cell) in [
+            ("input", r.tokens_in, &h.tokens_in),
+            ("output", r.tokens_out, &h.tokens_out),
+        ] {
             if let Some(n) = n {
-                self.tokens
-                    .get_or_create(&TokenLabels {
-                        deployment: deployment.clone(),
-                        variant: variant.clone(),
-                        direction: direction.into(),
-                    })
-                    .inc_by(n);
+                cell.get_or_init(|| {
+                    self.tokens
+                        .get_or_create(&TokenLabels {
+                            deployment: deployment.to_string(),
+                            variant: variant.to_string(),
+                            direction: direction.into(),
+                        })
+                        .clone()
+                })
+                .inc_by(n);
             }
         }
+    }
+
+    /// The per-request series of one deployment and variant, looked up
+    /// without building label sets once the pair has been seen.
+    fn handles(&self, deployment: &str, variant: &str) -> Arc<VariantHandles> {
+        let hot = self.hot.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = hot.get(deployment).and_then(|m| m.get(variant)) {
+            return h.clone();
+        }
+        drop(hot);
+        let mut hot = self.hot.write().unwrap_or_else(|p| p.into_inner());
+        hot.entry(deployment.to_string())
+            .or_default()
+            .entry(variant.to_string())
+            .or_insert_with(|| {
+                Arc::new(VariantHandles {
+                    labels: VariantLabels {
+                        deployment: deployment.to_string(),
+                        variant: variant.to_string(),
+                    },
+                    ok: OnceLock::new(),
+                    duration: OnceLock::new(),
+                    ttft: OnceLock::new(),
+                    tokens_in: OnceLock::new(),
+                    tokens_out: OnceLock::new(),
+                })
+            })
+            .clone()
     }
 
     /// Counts the principles that fired on a request (from its record).
@@ -511,5 +572,61 @@ impl Metrics {
             tracing::error!("cannot encode metrics: {e}");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> (Metrics, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("m.db");
+        let store = sluice_store::Store::open(sluice_store::StoreLocation::from_config(
+            path.to_str().expect("utf-8 path"),
+        ))
+        .expect("store");
+        let writer = store.spawn_writer(16, 16).expect("writer");
+        (Metrics::new(writer.sender()), dir)
+    }
+
+    fn rec(deployment: &str, variant: &str, status: u16) -> RequestRecord {
+        RequestRecord {
+            deployment: Some(deployment.into()),
+            variant: Some(variant.into()),
+            status,
+            latency_ms: 12.0,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn cached_series_count_into_the_families_they_came_from() {
+        let (m, _dir) = metrics();
+        let mut r = rec("support", "v1", 200);
+        r.tokens_out = Some(7);
+        m.observe(&r);
+        m.observe(&r);
+        m.observe(&rec("support", "v2", 200));
+        let mut failed = rec("support", "v1", 502);
+        failed.error_kind = Some("upstream_error".into());
+        m.observe(&failed);
+        let text = m.render();
+        for want in [
+            "sluice_requests_total{deployment=\"support\",variant=\"v1\",status=\"200\"} 2",
+            "sluice_requests_total{deployment=\"support\",variant=\"v2\",status=\"200\"} 1",
+            "sluice_requests_total{deployment=\"support\",variant=\"v1\",status=\"502\"} 1",
+            "sluice_request_errors_total{deployment=\"support\",variant=\"v1\",kind=\"upstream_error\"} 1",
+            "sluice_request_duration_seconds_count{deployment=\"support\",variant=\"v1\"} 3",
+            "sluice_tokens_total{deployment=\"support\",variant=\"v1\",direction=\"output\"} 14",
+        ] {
+            assert!(text.contains(want), "missing {want} in\n{text}");
+        }
+        // Series nothing counted into stay absent.
+        assert!(!text.contains("direction=\"input\""), "{text}");
+        assert!(
+            !text.contains("sluice_time_to_first_token_seconds_count{"),
+            "{text}"
+        );
     }
 }

@@ -73,10 +73,14 @@ impl OpenAiProvider {
 
     /// A non-streamed completion.
     pub async fn complete(&self, req: &ChatRequest) -> Result<Completion, ProviderError> {
-        let mut req = req.clone();
-        req.stream = None;
-        req.stream_options = None;
-        let body = crate::http::encode(&req)?;
+        let body = if req.stream.is_none() && req.stream_options.is_none() {
+            crate::http::encode(req)?
+        } else {
+            let mut req = req.clone();
+            req.stream = None;
+            req.stream_options = None;
+            crate::http::encode(&req)?
+        };
         let start = Instant::now();
         let resp = send(
             &self.name,
