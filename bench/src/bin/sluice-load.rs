@@ -299,7 +299,10 @@ fn main() -> Result<()> {
             let mut maxima = Vec::new();
             let mut max_runs = Vec::new();
             if find_max {
-                let ladder = [500, 1000, 1500, 2000, 3000, 4000, 5000, 6000, 8000, 10000];
+                let ladder = [
+                    500, 1000, 1500, 2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000, 15000,
+                    20000, 25000,
+                ];
                 for s in &scenarios {
                     let (r, best) = rt.block_on(run::find_max(
                         *s,
