@@ -63,9 +63,13 @@ impl Compiled {
             }),
             DetectorConfig::Refusal => Compiled::Refusal,
             DetectorConfig::Pii { entities, allow } => {
+                detectors::prepare_pii();
                 Compiled::Pii(entities.clone(), allow.clone())
             }
-            DetectorConfig::Secrets => Compiled::Secrets,
+            DetectorConfig::Secrets => {
+                detectors::prepare_secrets();
+                Compiled::Secrets
+            }
             DetectorConfig::PromptInjection { phrases } => {
                 Compiled::PromptInjection(PhraseMatcher::prompt_injection(phrases)?)
             }
