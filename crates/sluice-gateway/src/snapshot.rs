@@ -143,6 +143,12 @@ impl Snapshot {
         previous: Option<&Snapshot>,
     ) -> Result<Snapshot, Vec<String>> {
         let mut errors = Vec::new();
+        if config.store.log_bodies == sluice_core::config::LogBodies::Redacted {
+            // Redacting recorded bodies runs the built-in detectors on every
+            // request; compile them now rather than on the first one.
+            sluice_core::policy::detectors::prepare_pii();
+            sluice_core::policy::detectors::prepare_secrets();
+        }
         for d in config.deployments.values_mut() {
             for v in d.variants.values_mut() {
                 if let Some(f) = &v.system_prompt_file {
