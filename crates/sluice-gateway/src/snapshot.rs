@@ -146,8 +146,7 @@ impl Snapshot {
         if config.store.log_bodies == sluice_core::config::LogBodies::Redacted {
             // Redacting recorded bodies runs the built-in detectors on every
             // request; compile them now rather than on the first one.
-            sluice_core::policy::detectors::prepare_pii();
-            sluice_core::policy::detectors::prepare_secrets();
+            sluice_core::policy::prepare_redaction();
         }
         for d in config.deployments.values_mut() {
             for v in d.variants.values_mut() {

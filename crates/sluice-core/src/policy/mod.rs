@@ -285,6 +285,13 @@ pub fn redact_sensitive(text: &str) -> String {
     redact_spans(text, spans.iter().collect())
 }
 
+/// Compiles what [`redact_sensitive`] runs, so the first body it redacts
+/// does not pay for building the patterns.
+pub fn prepare_redaction() {
+    detectors::prepare_pii();
+    detectors::prepare_secrets();
+}
+
 /// `text` with every secret the built-in detector finds replaced by
 /// `[REDACTED:<label>]`, or `None` when it holds none (no copy made).
 pub fn redact_secrets(text: &str) -> Option<String> {
