@@ -1,4 +1,5 @@
-//! Resident memory and CPU time of a process and its children, from /proc.
+//! Resident memory, CPU time and context switches of a process and its
+//! children, from /proc.
 
 use std::time::Duration;
 
@@ -54,6 +55,37 @@ pub fn cpu_time(pid: u32) -> Duration {
         })
         .sum();
     Duration::from_millis(ticks * 10)
+}
+
+/// Context switches (voluntary and involuntary) of every thread of the
+/// process tree so far. Each one is a thread going to sleep or being
+/// preempted, and on a virtual machine each wake-up that follows is costly,
+/// so switches per request show how much a target's threads hand work to
+/// each other or sleep between the steps of one request. Threads that have
+/// exited are not counted.
+pub fn context_switches(pid: u32) -> u64 {
+    tree(pid)
+        .into_iter()
+        .flat_map(|p| {
+            std::fs::read_dir(format!("/proc/{p}/task"))
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok())
+                .map(|e| e.path().join("status"))
+        })
+        .filter_map(|path| {
+            let s = std::fs::read_to_string(path).ok()?;
+            Some(
+                s.lines()
+                    .filter(|l| {
+                        l.starts_with("voluntary_ctxt_switches:")
+                            || l.starts_with("nonvoluntary_ctxt_switches:")
+                    })
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>(),
+            )
+        })
+        .sum()
 }
 
 /// Samples a process tree's RSS every `every` until stopped; keeps the peak.
@@ -119,5 +151,34 @@ pub fn steal_percent(before: (u64, u64), after: (u64, u64)) -> f64 {
         0.0
     } else {
         stolen as f64 * 100.0 / total as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_switches_count_every_thread_of_the_process() {
+        let me = std::process::id();
+        let before = context_switches(me);
+        assert!(before > 0, "a running process has switched at least once");
+        // A helper thread that sleeps 20 times switches out at least 20 times.
+        std::thread::spawn(|| {
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Counted while still alive: exited threads are not counted.
+            context_switches(std::process::id())
+        })
+        .join()
+        .map(|after| assert!(after >= before + 20, "{before} → {after}"))
+        .expect("helper thread");
+    }
+
+    #[test]
+    fn a_process_that_is_gone_has_no_switches() {
+        // Pid numbers above the kernel's maximum never exist.
+        assert_eq!(context_switches(u32::MAX), 0);
     }
 }

@@ -51,6 +51,9 @@ pub struct Run {
     pub peak_rss_mib: Option<f64>,
     /// CPU seconds the target used per 1000 requests.
     pub cpu_s_per_1000: Option<f64>,
+    /// Context switches of the target's threads per request sent (each a
+    /// thread sleeping or preempted; see `procstat::context_switches`).
+    pub switches_per_request: Option<f64>,
     /// sluice: its own overhead per request (arrival to answer minus the
     /// upstream wait), from its histogram: bucket bounds holding p50, p99,
     /// p99.9, microseconds.
@@ -135,6 +138,7 @@ struct Watched {
     target: targets::Running,
     probes: u64,
     cpu0: Option<Duration>,
+    switches0: Option<u64>,
     rss: Option<procstat::RssSampler>,
 }
 
@@ -143,6 +147,7 @@ impl Watched {
         let pid = target.pid();
         Watched {
             cpu0: pid.map(procstat::cpu_time),
+            switches0: pid.map(procstat::context_switches),
             rss: pid.map(|p| procstat::RssSampler::start(p, Duration::from_millis(100))),
             target,
             probes,
@@ -157,11 +162,16 @@ impl Watched {
             target,
             probes,
             cpu0,
+            switches0,
             rss,
         } = self;
         if let (Some(pid), Some(cpu0)) = (target.pid(), cpu0) {
             let used = procstat::cpu_time(pid).saturating_sub(cpu0);
             run.cpu_s_per_1000 = Some(used.as_secs_f64() / run.load.sent.max(1) as f64 * 1000.0);
+        }
+        if let (Some(pid), Some(before)) = (target.pid(), switches0) {
+            let n = procstat::context_switches(pid).saturating_sub(before);
+            run.switches_per_request = Some(n as f64 / run.load.sent.max(1) as f64);
         }
         if let Some(s) = rss {
             run.peak_rss_mib = Some(s.finish().0 as f64 / (1024.0 * 1024.0));
@@ -323,6 +333,7 @@ fn blank(scenario: Scenario, stream: bool, rate: u32, round: u32) -> Run {
         added_ttft_us: None,
         peak_rss_mib: None,
         cpu_s_per_1000: None,
+        switches_per_request: None,
         overhead_us: None,
         offloaded: None,
         recorded: None,
@@ -415,7 +426,7 @@ fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
 /// One row per scenario that ran; `direct` shows the floor itself.
 pub fn summary(runs: &[Run]) -> String {
     let mut s = String::from(
-        "| mode | rate | scenario | rounds | median p99 ms | median added p50 / p99 / p99.9 ms | added p99 range ms | added p99 ÷ nginx's | median CPU s / 1k req | steal % | every event recorded |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| mode | rate | scenario | rounds | median p99 ms | median added p50 / p99 / p99.9 ms | added p99 range ms | added p99 ÷ nginx's | median CPU s / 1k req | median switches / req | steal % | every event recorded |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut keys: Vec<(bool, u32, Scenario)> = Vec::new();
     for r in runs {
@@ -474,6 +485,9 @@ pub fn summary(runs: &[Run]) -> String {
         let cpu = median(mine.iter().filter_map(|r| r.cpu_s_per_1000).collect())
             .map(|c| format!("{c:.3}"))
             .unwrap_or_else(|| "—".into());
+        let switches = median(mine.iter().filter_map(|r| r.switches_per_request).collect())
+            .map(|c| format!("{c:.2}"))
+            .unwrap_or_else(|| "—".into());
         let steal = median(mine.iter().filter_map(|r| r.steal_pct).collect())
             .map(|c| format!("{c:.1}"))
             .unwrap_or_else(|| "—".into());
@@ -485,7 +499,7 @@ pub fn summary(runs: &[Run]) -> String {
             "NO".to_string()
         };
         s.push_str(&format!(
-            "| {} | {rate} | {} | {} | {:.2} | {} | {range} | {ratio} | {cpu} | {steal} | {recorded} |\n",
+            "| {} | {rate} | {} | {} | {:.2} | {} | {range} | {ratio} | {cpu} | {switches} | {steal} | {recorded} |\n",
             if stream { "stream" } else { "non-stream" },
             scenario.name(),
             mine.len(),
@@ -540,7 +554,7 @@ pub async fn find_max(
 /// A Markdown table of runs.
 pub fn table(runs: &[Run]) -> String {
     let mut s = String::from(
-        "| round | mode | rate | scenario | ok | errors | p50 ms | p99 ms | p99.9 ms | added p50 / p99 / p99.9 ms | added TTFT p50 / p99 ms | own overhead p50 / p99 / p99.9 | throughput | peak RSS MiB | CPU s / 1k req | recorded | steal % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| round | mode | rate | scenario | ok | errors | p50 ms | p99 ms | p99.9 ms | added p50 / p99 / p99.9 ms | added TTFT p50 / p99 ms | own overhead p50 / p99 / p99.9 | throughput | peak RSS MiB | CPU s / 1k req | switches / req | recorded | steal % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
     let add = |v: i64| format!("{:+.2}", v as f64 / 1000.0);
@@ -548,7 +562,7 @@ pub fn table(runs: &[Run]) -> String {
         let l = &r.load;
         if let Some(f) = &r.failed {
             s.push_str(&format!(
-                "| {} | {} | {} | {} | — | — | — | — | — | — | — | — | — | — | — | failed: {f} | — |\n",
+                "| {} | {} | {} | {} | — | — | — | — | — | — | — | — | — | — | — | — | failed: {f} | — |\n",
                 r.round,
                 if r.stream { "stream" } else { "non-stream" },
                 l.rate,
@@ -557,7 +571,7 @@ pub fn table(runs: &[Run]) -> String {
             continue;
         }
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}/s | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}/s | {} | {} | {} | {} | {} |\n",
             r.round,
             if r.stream { "stream" } else { "non-stream" },
             l.rate,
@@ -596,6 +610,9 @@ pub fn table(runs: &[Run]) -> String {
                 .unwrap_or_else(|| "—".into()),
             r.cpu_s_per_1000
                 .map(|c| format!("{c:.3}"))
+                .unwrap_or_else(|| "—".into()),
+            r.switches_per_request
+                .map(|c| format!("{c:.2}"))
                 .unwrap_or_else(|| "—".into()),
             match (r.recorded, r.no_event_lost) {
                 (Some(n), Some(true)) => format!("{n} = sent"),
