@@ -482,15 +482,12 @@ pub fn summary(runs: &[Run]) -> String {
             (Some(_), Some(_)) => "nginx added ≤ 0".into(),
             _ => "—".into(),
         };
-        let cpu = median(mine.iter().filter_map(|r| r.cpu_s_per_1000).collect())
-            .map(|c| format!("{c:.3}"))
-            .unwrap_or_else(|| "—".into());
-        let switches = median(mine.iter().filter_map(|r| r.switches_per_request).collect())
-            .map(|c| format!("{c:.2}"))
-            .unwrap_or_else(|| "—".into());
-        let steal = median(mine.iter().filter_map(|r| r.steal_pct).collect())
-            .map(|c| format!("{c:.1}"))
-            .unwrap_or_else(|| "—".into());
+        let of_runs = |f: fn(&Run) -> Option<f64>, decimals| {
+            or_dash(median(mine.iter().filter_map(|r| f(r)).collect()), decimals)
+        };
+        let cpu = of_runs(|r| r.cpu_s_per_1000, 3);
+        let switches = of_runs(|r| r.switches_per_request, 2);
+        let steal = of_runs(|r| r.steal_pct, 1);
         let recorded = if mine.iter().all(|r| r.no_event_lost.is_none()) {
             "—".to_string()
         } else if mine.iter().all(|r| r.no_event_lost == Some(true)) {
@@ -551,6 +548,12 @@ pub async fn find_max(
     (runs, best)
 }
 
+/// A value with `decimals` places, or a dash when there is none.
+fn or_dash(v: Option<f64>, decimals: usize) -> String {
+    v.map(|v| format!("{v:.decimals$}"))
+        .unwrap_or_else(|| "—".into())
+}
+
 /// A Markdown table of runs.
 pub fn table(runs: &[Run]) -> String {
     let mut s = String::from(
@@ -605,23 +608,15 @@ pub fn table(runs: &[Run]) -> String {
                 })
                 .unwrap_or_else(|| "—".into()),
             l.throughput,
-            r.peak_rss_mib
-                .map(|m| format!("{m:.1}"))
-                .unwrap_or_else(|| "—".into()),
-            r.cpu_s_per_1000
-                .map(|c| format!("{c:.3}"))
-                .unwrap_or_else(|| "—".into()),
-            r.switches_per_request
-                .map(|c| format!("{c:.2}"))
-                .unwrap_or_else(|| "—".into()),
+            or_dash(r.peak_rss_mib, 1),
+            or_dash(r.cpu_s_per_1000, 3),
+            or_dash(r.switches_per_request, 2),
             match (r.recorded, r.no_event_lost) {
                 (Some(n), Some(true)) => format!("{n} = sent"),
                 (Some(n), _) => format!("{n} ≠ {} sent", l.sent),
                 _ => "—".into(),
             },
-            r.steal_pct
-                .map(|p| format!("{p:.1}"))
-                .unwrap_or_else(|| "—".into()),
+            or_dash(r.steal_pct, 1),
         ));
     }
     s
