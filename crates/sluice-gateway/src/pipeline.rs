@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -32,7 +32,7 @@ use sluice_core::policy::Constitution;
 use sluice_core::rollout::Status;
 use sluice_core::signals::is_refusal;
 use sluice_core::stream::StreamAccumulator;
-use sluice_providers::{ChunkStream, ProviderError};
+use sluice_providers::{ChunkStream, ProviderError, Reply};
 use sluice_store::RequestRecord;
 
 use crate::error::ApiError;
@@ -77,6 +77,15 @@ impl Drop for Slot {
 /// A new request id: `req_` and a time-ordered UUIDv7 in hex.
 pub fn new_request_id() -> String {
     format!("req_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A body as text for the record, invalid UTF-8 replaced (checked in one
+/// fast pass first: bodies are almost always valid).
+fn body_text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
 }
 
 fn ms_since(t: Instant) -> f64 {
@@ -312,7 +321,11 @@ pub fn assign<'a>(
 /// none. `metadata` is sluice's (used for routing) and is only forwarded when
 /// the client asked the upstream to `store` the completion.
 pub fn prepare(req: &ChatRequest, variant: &VariantConfig) -> Result<ChatRequest, ApiError> {
-    let mut up = req.clone();
+    prepare_owned(req.clone(), variant)
+}
+
+/// [`prepare`] on a request that is not needed afterwards.
+fn prepare_owned(mut up: ChatRequest, variant: &VariantConfig) -> Result<ChatRequest, ApiError> {
     up.model = variant.model.clone();
     if let Some(sp) = &variant.system_prompt {
         up.messages.insert(0, Message::system(sp.clone()));
@@ -364,6 +377,14 @@ impl Drop for Ctx {
     }
 }
 
+/// The response headers sluice adds, as names that cost no copy to insert.
+static H_REQUEST_ID: HeaderName = HeaderName::from_static(REQUEST_ID);
+static H_VARIANT: HeaderName = HeaderName::from_static(VARIANT);
+static H_DEPLOYMENT: HeaderName = HeaderName::from_static(DEPLOYMENT);
+static H_POLICY: HeaderName = HeaderName::from_static(POLICY);
+static H_STAGE: HeaderName = HeaderName::from_static(STAGE);
+static H_FALLBACK_FROM: HeaderName = HeaderName::from_static(FALLBACK_FROM);
+
 fn with_headers(
     mut resp: Response,
     rec: &RequestRecord,
@@ -372,34 +393,34 @@ fn with_headers(
 ) -> Response {
     let h = resp.headers_mut();
     if let Some(v) = policy.and_then(|v| HeaderValue::from_str(&v).ok()) {
-        h.insert(POLICY, v);
+        h.insert(H_POLICY.clone(), v);
     }
     if let Some(v) = stage.and_then(|v| HeaderValue::from_str(v).ok()) {
-        h.insert(STAGE, v);
+        h.insert(H_STAGE.clone(), v);
     }
     if let Ok(v) = HeaderValue::from_str(&rec.id) {
-        h.insert(REQUEST_ID, v);
+        h.insert(H_REQUEST_ID.clone(), v);
     }
     if let Some(v) = rec
         .fallback_from
         .as_deref()
         .and_then(|v| HeaderValue::from_str(v).ok())
     {
-        h.insert(FALLBACK_FROM, v);
+        h.insert(H_FALLBACK_FROM.clone(), v);
     }
     if let Some(v) = rec
         .variant
         .as_deref()
         .and_then(|v| HeaderValue::from_str(v).ok())
     {
-        h.insert(VARIANT, v);
+        h.insert(H_VARIANT.clone(), v);
     }
     if let Some(v) = rec
         .deployment
         .as_deref()
         .and_then(|v| HeaderValue::from_str(v).ok())
     {
-        h.insert(DEPLOYMENT, v);
+        h.insert(H_DEPLOYMENT.clone(), v);
     }
     resp
 }
@@ -589,7 +610,7 @@ fn can_fall_back(e: &ProviderError) -> bool {
 
 /// What a provider call produced.
 enum Answer {
-    Complete(sluice_providers::Completion),
+    Complete(sluice_providers::Reply),
     Stream(ChunkStream),
 }
 
@@ -607,14 +628,14 @@ async fn handle(
     );
     let key = authenticate(snap, headers)?;
     ctx.rec.api_key = key.map(|k| k.name.clone());
-    let bytes = tokio::time::timeout(
+    let bytes = sluice_providers::within(
         limits.body_timeout,
         read_body(headers, body, snap.config.max_body_bytes),
     )
     .await
     .map_err(|_| ApiError::body_timeout(limits.body_timeout))??;
     if ctx.log_full {
-        ctx.rec.request_body = Some(String::from_utf8_lossy(&bytes).into_owned());
+        ctx.rec.request_body = Some(body_text(&bytes));
     }
     let mut req = ChatRequest::parse(&bytes).map_err(ApiError::invalid)?;
     ctx.rec.stream = req.is_stream();
@@ -662,24 +683,35 @@ async fn handle(
             return Err(crate::policy::violation(b));
         }
     }
-    let mut assigned_up = Some(prepare(&req, assignment.variant)?);
-    if assignment.reason == Reason::Stable && ctx.rec.rollout.is_some() {
-        ctx.shadow = crate::shadow::start(app, snap, &rollouts, &ctx.rec, &req);
-    }
+    let mirrored = assignment.reason == Reason::Stable && ctx.rec.rollout.is_some();
     let chain = fallback_chain(deployment, &assignment, &rollouts);
+    let stream = req.is_stream();
+    let stream_usage = req.wants_stream_usage();
+    // The client's request is rewritten in place when nothing else needs
+    // it: no mirror to start, no fallback to rewrite it for.
+    let (mut assigned_up, original) = if chain.len() == 1 && !mirrored {
+        (Some(prepare_owned(req, assignment.variant)?), None)
+    } else {
+        (Some(prepare(&req, assignment.variant)?), Some(req))
+    };
+    if let (true, Some(req)) = (mirrored, &original) {
+        ctx.shadow = crate::shadow::start(app, snap, &rollouts, &ctx.rec, req);
+    }
     let mut first_failure: Option<ProviderError> = None;
     let mut served: Option<(&VariantConfig, Answer)> = None;
     for (i, (variant, upstream)) in chain.iter().enumerate() {
-        let up = match assigned_up.take() {
-            Some(up) => up,
-            None => prepare(&req, variant)?,
+        let up = match (assigned_up.take(), &original) {
+            (Some(up), _) => up,
+            (None, Some(req)) => prepare(req, variant)?,
+            // A chain of one has nothing after its first variant.
+            (None, None) => break,
         };
         let waiting = Instant::now();
-        let (r, attempts) = if req.is_stream() {
+        let (r, attempts) = if stream {
             let (r, n) = upstream.stream_counted(&up).await;
             (r.map(Answer::Stream), n)
         } else {
-            let (r, n) = upstream.complete_counted(&up).await;
+            let (r, n) = upstream.reply_counted(&up).await;
             (r.map(Answer::Complete), n)
         };
         ctx.upstream += waiting.elapsed();
@@ -723,38 +755,64 @@ async fn handle(
             constitution,
             ctx,
             stream,
-            req.wants_stream_usage(),
+            stream_usage,
         )),
-        Answer::Complete(mut completion) => {
-            if crate::policy::check_completion(
-                &app.external,
-                snap,
-                &constitution,
-                &mut completion.body,
-                &mut ctx.policy,
-            )
-            .await
-            {
-                completion.raw = None;
-            }
+        Answer::Complete(reply) => {
+            // An answer read without a tree goes out as it came unless a
+            // principle changes it or calls out; then it is decoded.
+            let (body, usage, finished, refusal) = match reply {
+                Reply::Raw(mut raw)
+                    if crate::policy::check_output_texts(
+                        &constitution,
+                        &raw.texts,
+                        &mut ctx.policy,
+                    ) =>
+                {
+                    let refusal = is_refusal(raw.first_text());
+                    let usage = raw.usage;
+                    let finished = raw.finish_reason.take();
+                    (raw.into_bytes(), usage, finished, refusal)
+                }
+                reply => {
+                    let mut completion = reply
+                        .into_completion(&variant.provider)
+                        .map_err(|e| ApiError::upstream(&e))?;
+                    if crate::policy::check_completion(
+                        &app.external,
+                        snap,
+                        &constitution,
+                        &mut completion.body,
+                        &mut ctx.policy,
+                    )
+                    .await
+                    {
+                        completion.raw = None;
+                    }
+                    let finished = finish_reason(&completion.body);
+                    let refusal = is_refusal(&crate::eval::first_text(&completion.body));
+                    let body = match completion.raw {
+                        Some(raw) => raw,
+                        None => {
+                            Bytes::from(serde_json::to_vec(&completion.body).unwrap_or_default())
+                        }
+                    };
+                    (body, completion.usage, finished, refusal)
+                }
+            };
             let flags = gate_flags(&constitution, &ctx.policy, &ctx.rec);
             let mut rec = std::mem::take(&mut ctx.rec);
             rec.policy = ctx.policy.to_record();
             rec.status = 200;
             rec.latency_ms = ms_since(ctx.started);
-            if let Some(u) = completion.usage {
+            if let Some(u) = usage {
                 rec.tokens_in = Some(u.prompt_tokens);
                 rec.tokens_out = Some(u.completion_tokens);
             }
-            rec.finish_reason = finish_reason(&completion.body);
-            rec.refusal = Some(is_refusal(&crate::eval::first_text(&completion.body)));
+            rec.finish_reason = finished;
+            rec.refusal = Some(refusal);
             rec.cost_usd = price.and_then(|p| Some(p.cost(rec.tokens_in?, rec.tokens_out?)));
-            let body = match completion.raw {
-                Some(raw) => raw,
-                None => Bytes::from(serde_json::to_vec(&completion.body).unwrap_or_default()),
-            };
             if ctx.log_full {
-                rec.response_body = Some(String::from_utf8_lossy(&body).into_owned());
+                rec.response_body = Some(body_text(&body));
             }
             let resp = (
                 StatusCode::OK,

@@ -153,6 +153,40 @@ pub fn check_output(c: &Constitution, body: &mut Value, log: &mut PolicyLog) -> 
     changed
 }
 
+/// The output check of an answer kept as its bytes, on its choices' texts
+/// (`None`: a choice without text). True when the answer can go out
+/// unchanged: no principle blocks or redacts any text and none calls out;
+/// the findings are then logged as [`check_output`] logs them. False (and
+/// nothing logged) when the answer must be decoded and go through
+/// [`check_completion`].
+pub fn check_output_texts(c: &Constitution, texts: &[Option<String>], log: &mut PolicyLog) -> bool {
+    if !c.applies(Applies::Output) {
+        return true;
+    }
+    if has_external(c, Applies::Output) {
+        return false;
+    }
+    let mut checked = Vec::new();
+    for text in texts.iter().flatten() {
+        let started = Instant::now();
+        let findings = c.check(Applies::Output, text);
+        let micros = started.elapsed().as_micros() as u64;
+        if findings
+            .iter()
+            .any(|f| matches!(f.action, PolicyAction::Block | PolicyAction::Redact))
+        {
+            return false;
+        }
+        if !findings.is_empty() {
+            checked.push((findings, micros));
+        }
+    }
+    for (findings, micros) in checked {
+        log.add(&findings, micros, None);
+    }
+    true
+}
+
 /// Phase: every output principle on a whole completion, the detectors that
 /// call out included (skipped when a synchronous `block` already replaced
 /// the answer). Returns whether the body was changed.

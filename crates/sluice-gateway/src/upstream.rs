@@ -270,6 +270,18 @@ impl Upstream {
         (r.map(|(c, _)| c), n)
     }
 
+    /// Like [`Upstream::complete_counted`], taking the answer as the request
+    /// path does (see [`sluice_providers::Reply`]).
+    pub async fn reply_counted(
+        &self,
+        req: &ChatRequest,
+    ) -> (Result<sluice_providers::Reply, ProviderError>, u32) {
+        let (r, n) = self
+            .call(&req.model, false, || self.provider.reply(req))
+            .await;
+        (r.map(|(c, _)| c), n)
+    }
+
     /// A streamed completion, with breaker and retries before the first
     /// chunk. The call's outcome reaches the breaker once, when the stream
     /// ends: a failure part-way through counts as the call's failure (not

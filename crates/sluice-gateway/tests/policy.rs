@@ -306,6 +306,43 @@ detectors = [{{ kind = "webhook", url = "http://{cls}/broken", timeout = "1s", o
     h.stop().await;
 }
 
+/// A principle that only flags leaves a non-streamed answer as the upstream
+/// sent it, byte for byte, while the verdict is still served in the header
+/// and recorded with the usage and finish reason; one that redacts changes
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flagged_answers_pass_byte_for_byte_and_are_recorded() {
+    let h = Harness::start_with(with_constitution).await;
+    let r = chat(&h, ask("support", "hello", false)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-sluice-policy"), "mentions-mock");
+    let id = header(&r, "x-sluice-request-id");
+    let body = r.bytes().await.expect("body");
+    let sent = serde_json::to_vec(&common::openai_completion("gpt-ok", false)).expect("json");
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        String::from_utf8_lossy(&sent),
+        "the upstream's bytes, unchanged"
+    );
+    h.flush().await;
+    let rec = h.store.get(&id).expect("read").expect("recorded");
+    assert_eq!((rec.tokens_in, rec.tokens_out), (Some(11), Some(5)));
+    assert_eq!(rec.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(rec.refusal, Some(false));
+    let policy: Value = serde_json::from_str(&rec.policy.expect("policy")).expect("json");
+    assert_eq!(policy[0]["principle"], "mentions-mock");
+    assert_eq!(policy[0]["action"], "flag");
+    // Redacted: decoded, changed, served re-encoded.
+    let r = chat(&h, ask("pii", "who to call?", false)).await;
+    let b: Value = r.json().await.expect("json");
+    assert_eq!(
+        b["choices"][0]["message"]["content"],
+        "Reach Jane at [REDACTED:email] or card [REDACTED:credit_card]. Thanks."
+    );
+    assert_eq!(b["system_fingerprint"], "fp_mock", "other fields kept");
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flags_on_streams_are_recorded_and_feed_the_gates_flag_rate() {
     let h = Harness::start_with(with_constitution).await;

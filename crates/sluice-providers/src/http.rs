@@ -306,7 +306,7 @@ pub(crate) async fn read_body(
         }
         Ok(first.unwrap_or_else(|| Bytes::from(out)))
     };
-    match tokio::time::timeout(timeout, read).await {
+    match crate::within(timeout, read).await {
         Err(_) => Err(ProviderError::Timeout {
             provider: provider.to_string(),
             after: timeout,
@@ -323,11 +323,26 @@ pub(crate) async fn read_json(
     timeout: Duration,
 ) -> Result<(Value, Bytes), ProviderError> {
     let body = read_body(provider, resp, MAX_RESPONSE_BODY, timeout).await?;
-    let v: Value = serde_json::from_slice(&body).map_err(|e| ProviderError::InvalidResponse {
-        provider: provider.to_string(),
-        message: format!("body is not valid JSON ({e}): {}", snippet(&body)),
-    })?;
+    let v = parse_json(provider, &body)?;
     Ok((v, body))
+}
+
+/// A whole response body read (at most the response limit, within `timeout`),
+/// not yet decoded.
+pub(crate) async fn read_bytes(
+    provider: &str,
+    resp: Response,
+    timeout: Duration,
+) -> Result<Bytes, ProviderError> {
+    read_body(provider, resp, MAX_RESPONSE_BODY, timeout).await
+}
+
+/// Decodes a response body as a JSON tree.
+pub(crate) fn parse_json(provider: &str, body: &[u8]) -> Result<Value, ProviderError> {
+    serde_json::from_slice(body).map_err(|e| ProviderError::InvalidResponse {
+        provider: provider.to_string(),
+        message: format!("body is not valid JSON ({e}): {}", snippet(body)),
+    })
 }
 
 /// The first 200 characters of a body, for error messages.

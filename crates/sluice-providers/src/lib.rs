@@ -17,9 +17,11 @@ pub mod anthropic;
 mod h1;
 mod http;
 pub mod openai;
+mod raw;
 pub mod simulated;
 
 pub use http::use_thread_pool;
+pub use raw::{RawCompletion, Reply};
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -29,6 +31,21 @@ use futures_util::Stream;
 use serde_json::Value;
 use sluice_core::chat::{ChatRequest, Usage};
 use sluice_core::config::{ProviderConfig, ProviderKind};
+
+/// `fut` within `limit`, with the timer armed only if its first poll does
+/// not finish it (a body already received costs no timer). The limit then
+/// counts from that first poll.
+pub async fn within<F: std::future::Future>(
+    limit: Duration,
+    fut: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut fut = std::pin::pin!(fut);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await;
+    match first {
+        std::task::Poll::Ready(v) => Ok(v),
+        std::task::Poll::Pending => tokio::time::timeout(limit, fut).await,
+    }
+}
 
 /// Why an upstream call failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -246,6 +263,16 @@ impl Provider {
         }
     }
 
+    /// A non-streamed completion as the request path takes it: an OpenAI
+    /// answer of the usual shape is kept as its bytes (see [`Reply`]).
+    pub async fn reply(&self, req: &ChatRequest) -> Result<Reply, ProviderError> {
+        match self {
+            Provider::OpenAi(p) => p.reply(req).await,
+            Provider::Anthropic(p) => p.complete(req).await.map(Reply::Complete),
+            Provider::Simulated(p) => p.complete(req).await.map(Reply::Complete),
+        }
+    }
+
     /// A streamed completion. The returned stream already passed the
     /// upstream's status check; errors after that arrive as stream items.
     pub async fn stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
@@ -283,6 +310,28 @@ variants.v1 = { provider = "o", model = "m" }
 #[cfg(test)]
 mod tests {
     use super::Provider;
+    use std::time::Duration;
+
+    /// A future that is already done finishes without waiting, even with
+    /// no time at all; one that waits is cut at the limit, counted from the
+    /// first poll; one that finishes in time gives its output.
+    #[tokio::test]
+    async fn within_limits_only_what_waits() {
+        assert_eq!(
+            super::within(Duration::ZERO, async { 7 }).await.ok(),
+            Some(7)
+        );
+        let started = std::time::Instant::now();
+        let cut = super::within(Duration::from_millis(50), std::future::pending::<()>()).await;
+        assert!(cut.is_err());
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        let late = super::within(Duration::from_secs(5), async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            "done"
+        })
+        .await;
+        assert_eq!(late.ok(), Some("done"));
+    }
 
     /// A provider's key never shows in its debug output (which is what ends
     /// up in logs and panics).

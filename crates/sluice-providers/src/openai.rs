@@ -13,8 +13,8 @@ use serde_json::Value;
 use sluice_core::chat::{ChatRequest, StreamOptions, Usage};
 use sluice_core::config::{OpenAiConfig, ProviderConfig};
 
-use crate::http::{read_json, send, sse_events, status_error};
-use crate::{BuildError, Chunk, ChunkStream, Completion, ProviderError};
+use crate::http::{parse_json, read_bytes, read_json, send, sse_events, status_error};
+use crate::{BuildError, Chunk, ChunkStream, Completion, ProviderError, RawCompletion, Reply};
 
 /// A client for one OpenAI-compatible upstream.
 #[derive(Debug, Clone)]
@@ -71,8 +71,8 @@ impl OpenAiProvider {
         &self.name
     }
 
-    /// A non-streamed completion.
-    pub async fn complete(&self, req: &ChatRequest) -> Result<Completion, ProviderError> {
+    /// Sends a non-streamed request; the successful answer's bytes.
+    async fn answer_bytes(&self, req: &ChatRequest) -> Result<bytes::Bytes, ProviderError> {
         let body = if req.stream.is_none() && req.stream_options.is_none() {
             crate::http::encode(req)?
         } else {
@@ -94,14 +94,23 @@ impl OpenAiProvider {
             return Err(status_error(&self.name, resp).await);
         }
         let remaining = self.timeout.saturating_sub(start.elapsed());
-        let (value, raw) = read_json(&self.name, resp, remaining).await?;
-        check_completion(&self.name, &value)?;
-        let usage = Usage::from_json(&value);
-        Ok(Completion {
-            body: value,
-            raw: Some(raw),
-            usage,
-        })
+        read_bytes(&self.name, resp, remaining).await
+    }
+
+    /// A non-streamed completion.
+    pub async fn complete(&self, req: &ChatRequest) -> Result<Completion, ProviderError> {
+        let raw = self.answer_bytes(req).await?;
+        completion_from_bytes(&self.name, raw)
+    }
+
+    /// A non-streamed completion as the request path takes it: read without
+    /// a JSON tree when its shape allows (see [`RawCompletion`]).
+    pub async fn reply(&self, req: &ChatRequest) -> Result<Reply, ProviderError> {
+        let raw = self.answer_bytes(req).await?;
+        match RawCompletion::read(raw) {
+            Ok(r) => Ok(Reply::Raw(r)),
+            Err(raw) => completion_from_bytes(&self.name, raw).map(Reply::Complete),
+        }
     }
 
     /// A streamed completion.
@@ -227,6 +236,22 @@ impl OpenAiProvider {
 
 /// A 200 answer must still look like a completion: some upstreams report
 /// errors with a success status.
+/// Decodes an answer's bytes as a JSON tree and checks its shape; the bytes
+/// are kept to be sent on unchanged.
+pub(crate) fn completion_from_bytes(
+    provider: &str,
+    raw: bytes::Bytes,
+) -> Result<Completion, ProviderError> {
+    let value = parse_json(provider, &raw)?;
+    check_completion(provider, &value)?;
+    let usage = Usage::from_json(&value);
+    Ok(Completion {
+        body: value,
+        raw: Some(raw),
+        usage,
+    })
+}
+
 fn check_completion(provider: &str, v: &Value) -> Result<(), ProviderError> {
     if let Some(err) = v.get("error") {
         return Err(ProviderError::Status {
