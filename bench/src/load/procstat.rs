@@ -73,19 +73,22 @@ pub fn context_switches(pid: u32) -> u64 {
                 .filter_map(|e| e.ok())
                 .map(|e| e.path().join("status"))
         })
-        .filter_map(|path| {
-            let s = std::fs::read_to_string(path).ok()?;
-            Some(
-                s.lines()
-                    .filter(|l| {
-                        l.starts_with("voluntary_ctxt_switches:")
-                            || l.starts_with("nonvoluntary_ctxt_switches:")
-                    })
-                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                    .sum::<u64>(),
-            )
-        })
+        .filter_map(|path| switches_in(&path))
         .sum()
+}
+
+/// Voluntary plus involuntary switches from one `/proc/.../status` file.
+fn switches_in(path: &std::path::Path) -> Option<u64> {
+    let s = std::fs::read_to_string(path).ok()?;
+    Some(
+        s.lines()
+            .filter(|l| {
+                l.starts_with("voluntary_ctxt_switches:")
+                    || l.starts_with("nonvoluntary_ctxt_switches:")
+            })
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>(),
+    )
 }
 
 /// Samples a process tree's RSS every `every` until stopped; keeps the peak.
@@ -161,19 +164,27 @@ mod tests {
     #[test]
     fn context_switches_count_every_thread_of_the_process() {
         let me = std::process::id();
-        let before = context_switches(me);
-        assert!(before > 0, "a running process has switched at least once");
-        // A helper thread that sleeps 20 times switches out at least 20 times.
-        std::thread::spawn(|| {
+        assert!(
+            context_switches(me) > 0,
+            "a running process has switched at least once"
+        );
+        // A helper thread that sleeps 20 times switches out at least 20
+        // times; the process total, read while it is alive, includes its
+        // own count and the waiting main thread's. (Other test threads of
+        // this process may exit meanwhile, so totals taken at two moments
+        // are not compared.)
+        let (own, total) = std::thread::spawn(|| {
             for _ in 0..20 {
                 std::thread::sleep(Duration::from_millis(1));
             }
-            // Counted while still alive: exited threads are not counted.
-            context_switches(std::process::id())
+            let own = switches_in(std::path::Path::new("/proc/thread-self/status"));
+            (own, context_switches(std::process::id()))
         })
         .join()
-        .map(|after| assert!(after >= before + 20, "{before} → {after}"))
         .expect("helper thread");
+        let own = own.expect("the thread's own status is readable");
+        assert!(own >= 20, "the helper switched {own} times");
+        assert!(total > own, "process total {total}, helper alone {own}");
     }
 
     #[test]
