@@ -160,6 +160,16 @@ ALTER TABLE requests ADD COLUMN fallback_error TEXT;
 ALTER TABLE requests ADD COLUMN attempts INTEGER;
 "#,
     ),
+    (
+        7,
+        // Only requests in a rollout are looked up by rollout; traffic
+        // outside one no longer pays an index insert, and the stage
+        // queries' time bound is now part of the key.
+        r#"
+DROP INDEX requests_rollout;
+CREATE INDEX requests_rollout ON requests (rollout, stage, ts_ms) WHERE rollout IS NOT NULL;
+"#,
+    ),
 ];
 
 /// The newest schema version this build knows.
@@ -192,4 +202,73 @@ pub fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
         tracing::info!(version, "store schema migrated");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Store, StoreLocation};
+
+    /// The query plan SQLite picks for `sql` with three bound values.
+    fn plan(store: &Store, sql: &str) -> String {
+        let c = store.lock();
+        let mut stmt = c
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .expect("prepare");
+        let rows = stmt
+            .query_map(rusqlite::params!["r", 1, 0], |r| r.get::<_, String>(3))
+            .expect("plan");
+        rows.collect::<Result<Vec<_>, _>>()
+            .expect("rows")
+            .join("; ")
+    }
+
+    #[test]
+    fn stage_queries_use_the_partial_rollout_index() {
+        let s = Store::open(StoreLocation::from_config(":memory:")).expect("open");
+        let p = plan(
+            &s,
+            "SELECT COUNT(*) FROM requests WHERE rollout = ?1 AND stage = ?2 AND ts_ms >= ?3",
+        );
+        assert!(
+            p.contains("requests_rollout (rollout=? AND stage=? AND ts_ms>?)"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn requests_outside_a_rollout_are_not_in_the_rollout_index() {
+        let s = Store::open(StoreLocation::from_config(":memory:")).expect("open");
+        let c = s.lock();
+        c.execute_batch(
+            "INSERT INTO requests (id, ts_ms, stream, status, latency_ms) VALUES ('a', 1, 0, 200, 1.0);
+             INSERT INTO requests (id, ts_ms, stream, status, latency_ms, rollout, stage)
+                 VALUES ('b', 2, 0, 200, 1.0, 'r', 0);",
+        )
+        .expect("insert");
+        // PRAGMA index_list: (seq, name, unique, origin, partial).
+        let mut stmt = c
+            .prepare("PRAGMA index_list(requests)")
+            .expect("index list");
+        let partial: Vec<(String, bool)> = stmt
+            .query_map([], |r| Ok((r.get(1)?, r.get(4)?)))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("index list");
+        assert!(
+            partial.contains(&("requests_rollout".to_string(), true)),
+            "{partial:?}"
+        );
+        let indexed: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM requests INDEXED BY requests_rollout WHERE rollout = 'r'",
+                [],
+                |r| r.get(0),
+            )
+            .expect("count");
+        assert_eq!(indexed, 1);
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, super::latest());
+    }
 }
