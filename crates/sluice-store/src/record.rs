@@ -107,56 +107,103 @@ fn to_i64(v: Option<u64>) -> Option<i64> {
     v.map(|x| i64::try_from(x).unwrap_or(i64::MAX))
 }
 
-/// Inserts records in one transaction. A record whose id is already stored is
-/// left as it is (idempotent replay).
+/// Values bound per record in an insert.
+const COLUMN_COUNT: usize = 30;
+
+/// Rows per multi-row `INSERT`, largest first. A batch is split greedily
+/// into these, so at most three statements are ever cached for it.
+const CHUNKS: [usize; 3] = [16, 4, 1];
+
+/// The insert statement for `rows` records.
+fn insert_sql(rows: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<[String; 3]> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        CHUNKS.map(|n| {
+            let row = format!("({})", vec!["?"; COLUMN_COUNT].join(", "));
+            format!(
+                "INSERT OR IGNORE INTO requests ({COLUMNS}) VALUES {}",
+                vec![row.as_str(); n].join(", ")
+            )
+        })
+    });
+    let i = CHUNKS
+        .iter()
+        .position(|&n| n == rows)
+        .unwrap_or(CHUNKS.len() - 1);
+    &all[i]
+}
+
+/// Inserts records in one transaction, up to 16 per statement (each
+/// statement costs a VM start, cursor opens on every index and the
+/// AUTOINCREMENT counter update, whatever its row count). A record whose id
+/// is already stored is left as it is (idempotent replay).
 pub(crate) fn insert_batch(
     conn: &mut Connection,
     records: &[RequestRecord],
 ) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction()?;
-    {
-        let mut stmt = tx.prepare_cached(&format!(
-            "INSERT OR IGNORE INTO requests ({COLUMNS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
-             ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)"
-        ))?;
-        for r in records {
-            stmt.execute(params![
-                r.id,
-                r.ts_ms,
-                r.api_key,
-                r.deployment,
-                r.variant,
-                r.provider,
-                r.model,
-                r.subject,
-                r.stream,
-                r.status,
-                r.error_kind,
-                r.error_message,
-                r.latency_ms,
-                r.ttft_ms,
-                to_i64(r.tokens_in),
-                to_i64(r.tokens_out),
-                r.finish_reason,
-                r.request_body,
-                r.response_body,
-                r.rollout,
-                r.stage,
-                r.assignment,
-                r.sticky,
-                r.refusal,
-                r.cost_usd,
-                r.policy,
-                r.shadow_of,
-                r.fallback_from,
-                r.fallback_error,
-                r.attempts,
-            ])?;
+    let mut rest = records;
+    while !rest.is_empty() {
+        let n = CHUNKS.into_iter().find(|&n| n <= rest.len()).unwrap_or(1);
+        let (chunk, tail) = rest.split_at(n);
+        {
+            let mut stmt = tx.prepare_cached(insert_sql(n))?;
+            for (i, r) in chunk.iter().enumerate() {
+                bind_record(&mut stmt, i * COLUMN_COUNT, r)?;
+            }
+            stmt.raw_execute()?;
+        }
+        for r in chunk {
             insert_review_items(&tx, r)?;
         }
+        rest = tail;
     }
     tx.commit()
+}
+
+/// Binds one record's values after the first `base` parameters, in
+/// [`COLUMNS`] order.
+fn bind_record(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    base: usize,
+    r: &RequestRecord,
+) -> Result<(), rusqlite::Error> {
+    let values: [&dyn rusqlite::ToSql; COLUMN_COUNT] = [
+        &r.id,
+        &r.ts_ms,
+        &r.api_key,
+        &r.deployment,
+        &r.variant,
+        &r.provider,
+        &r.model,
+        &r.subject,
+        &r.stream,
+        &r.status,
+        &r.error_kind,
+        &r.error_message,
+        &r.latency_ms,
+        &r.ttft_ms,
+        &to_i64(r.tokens_in),
+        &to_i64(r.tokens_out),
+        &r.finish_reason,
+        &r.request_body,
+        &r.response_body,
+        &r.rollout,
+        &r.stage,
+        &r.assignment,
+        &r.sticky,
+        &r.refusal,
+        &r.cost_usd,
+        &r.policy,
+        &r.shadow_of,
+        &r.fallback_from,
+        &r.fallback_error,
+        &r.attempts,
+    ];
+    for (i, v) in values.into_iter().enumerate() {
+        stmt.raw_bind_parameter(base + i + 1, v)?;
+    }
+    Ok(())
 }
 
 /// Escalated findings become review items, in the same transaction as
@@ -165,7 +212,8 @@ fn insert_review_items(
     tx: &rusqlite::Transaction<'_>,
     r: &RequestRecord,
 ) -> Result<(), rusqlite::Error> {
-    let Some(policy) = &r.policy else {
+    // Most findings are not escalations; skip decoding those lists.
+    let Some(policy) = r.policy.as_deref().filter(|p| p.contains("escalate")) else {
         return Ok(());
     };
     let Ok(serde_json::Value::Array(findings)) = serde_json::from_str::<serde_json::Value>(policy)
@@ -173,18 +221,22 @@ fn insert_review_items(
         return Ok(());
     };
     for f in findings.iter().filter(|f| f["action"] == "escalate") {
-        tx.execute(
+        // Only for the request as stored: a replayed id whose first
+        // record carried other findings adds nothing.
+        tx.prepare_cached(
             "INSERT OR IGNORE INTO review_items (request_id, principle, severity, stage, detail, created_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                r.id,
-                f["principle"].as_str().unwrap_or(""),
-                f["severity"].as_str().unwrap_or(""),
-                f["stage"].as_str().unwrap_or(""),
-                f.to_string(),
-                r.ts_ms
-            ],
-        )?;
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS \
+             (SELECT 1 FROM requests WHERE id = ?1 AND policy = ?7)",
+        )?
+        .execute(params![
+            r.id,
+            f["principle"].as_str().unwrap_or(""),
+            f["severity"].as_str().unwrap_or(""),
+            f["stage"].as_str().unwrap_or(""),
+            f.to_string(),
+            r.ts_ms,
+            policy
+        ])?;
     }
     Ok(())
 }
@@ -337,6 +389,86 @@ pub(crate) fn summary(conn: &Connection, since_ms: i64) -> Result<Vec<VariantSum
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn arb_text() -> impl Strategy<Value = Option<String>> {
+        proptest::option::of("[a-z\\\"{}é ]{0,12}")
+    }
+
+    /// Records with ids from a small pool (so batches repeat ids) and the
+    /// optional fields set or not.
+    fn arb_record() -> impl Strategy<Value = RequestRecord> {
+        (
+            (0u8..12, any::<i64>(), arb_text(), arb_text(), any::<bool>()),
+            (100u16..600, -1e6f64..1e6, proptest::option::of(0..=i64::MAX as u64)),
+            (arb_text(), proptest::option::of(0u32..9), proptest::option::of(any::<bool>())),
+            (proptest::option::of(0u8..3), proptest::option::of(1u32..4)),
+        )
+            .prop_map(|((id, ts, key, body, stream), (status, lat, tok), (rollout, stage, sticky), (policy, attempts))| {
+                RequestRecord {
+                    id: format!("req_{id}"),
+                    ts_ms: ts,
+                    api_key: key,
+                    request_body: body,
+                    stream,
+                    status,
+                    latency_ms: lat,
+                    tokens_out: tok,
+                    rollout,
+                    stage,
+                    sticky,
+                    // None, a flag (no review item), an escalation.
+                    policy: policy.map(|p| match p {
+                        0 => "[]".to_string(),
+                        1 => r#"[{"principle":"pii","action":"flag","severity":"low","stage":"output"}]"#.to_string(),
+                        _ => r#"[{"principle":"pii","action":"escalate","severity":"high","stage":"output"}]"#.to_string(),
+                    }),
+                    attempts,
+                    ..Default::default()
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// However a stream of records is cut into batches, the store holds
+        /// the first record of each id, field for field, in arrival order,
+        /// and one review item per escalated request.
+        #[test]
+        fn batches_of_any_size_store_first_records_in_order(
+            records in proptest::collection::vec(arb_record(), 0..60),
+            cuts in proptest::collection::vec(1usize..40, 1..6),
+        ) {
+            let store = crate::Store::open(crate::StoreLocation::from_config(":memory:")).expect("open");
+            let mut rest = &records[..];
+            let mut i = 0;
+            while !rest.is_empty() {
+                let n = cuts[i % cuts.len()].min(rest.len());
+                let (batch, tail) = rest.split_at(n);
+                store.insert(batch).expect("insert");
+                rest = tail;
+                i += 1;
+            }
+            let mut expected: Vec<&RequestRecord> = Vec::new();
+            for r in &records {
+                if !expected.iter().any(|e| e.id == r.id) {
+                    expected.push(r);
+                }
+            }
+            let mut stored = store.recent(1000).expect("recent");
+            stored.reverse();
+            prop_assert_eq!(stored.len(), expected.len());
+            for (s, e) in stored.iter().zip(&expected) {
+                prop_assert_eq!(s, *e);
+            }
+            let escalated = expected
+                .iter()
+                .filter(|r| r.policy.as_deref().is_some_and(|p| p.contains("escalate")))
+                .count();
+            prop_assert_eq!(store.pending_reviews(1000).expect("reviews").len(), escalated);
+        }
+    }
 
     #[test]
     fn percentiles_use_nearest_rank() {
