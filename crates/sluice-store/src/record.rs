@@ -114,22 +114,18 @@ const COLUMN_COUNT: usize = 30;
 /// into these, so at most three statements are ever cached for it.
 const CHUNKS: [usize; 3] = [16, 4, 1];
 
-/// The insert statement for `rows` records.
-fn insert_sql(rows: usize) -> &'static str {
+/// The insert statement for `CHUNKS[i]` records.
+fn insert_sql(i: usize) -> &'static str {
     static SQL: std::sync::OnceLock<[String; 3]> = std::sync::OnceLock::new();
     let all = SQL.get_or_init(|| {
+        let row = format!("({})", vec!["?"; COLUMN_COUNT].join(", "));
         CHUNKS.map(|n| {
-            let row = format!("({})", vec!["?"; COLUMN_COUNT].join(", "));
             format!(
                 "INSERT OR IGNORE INTO requests ({COLUMNS}) VALUES {}",
                 vec![row.as_str(); n].join(", ")
             )
         })
     });
-    let i = CHUNKS
-        .iter()
-        .position(|&n| n == rows)
-        .unwrap_or(CHUNKS.len() - 1);
     &all[i]
 }
 
@@ -144,10 +140,14 @@ pub(crate) fn insert_batch(
     let tx = conn.transaction()?;
     let mut rest = records;
     while !rest.is_empty() {
-        let n = CHUNKS.into_iter().find(|&n| n <= rest.len()).unwrap_or(1);
-        let (chunk, tail) = rest.split_at(n);
+        // The last chunk size is 1, so a non-empty rest always fits one.
+        let i = CHUNKS
+            .iter()
+            .position(|&n| n <= rest.len())
+            .unwrap_or(CHUNKS.len() - 1);
+        let (chunk, tail) = rest.split_at(CHUNKS[i]);
         {
-            let mut stmt = tx.prepare_cached(insert_sql(n))?;
+            let mut stmt = tx.prepare_cached(insert_sql(i))?;
             for (i, r) in chunk.iter().enumerate() {
                 bind_record(&mut stmt, i * COLUMN_COUNT, r)?;
             }
