@@ -35,6 +35,15 @@ async fn the_harness_measures_direct_and_sluice_and_counts_every_record() {
     assert_eq!(direct.counted, 200);
     assert_eq!(direct.ok, 200, "{direct:?}");
     assert!(direct.latency_us.p50 > 0 && direct.latency_us.p99 < 1_000_000);
+    // The generator's own lag is measured, and is part of each latency
+    // (both run from the intended send time).
+    let lag = &direct.send_lag_us;
+    assert!(lag.p50 > 0, "{lag:?}");
+    assert!(
+        lag.p50 <= direct.latency_us.p50 && lag.p99 <= direct.latency_us.p99,
+        "{lag:?} vs {:?}",
+        direct.latency_us
+    );
 
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("smoke.db");
@@ -112,7 +121,8 @@ async fn interleaved_targets_take_turns_and_each_gets_the_whole_count() {
         assert_eq!(r.errors + r.saturated, 0);
     }
     // Each target's latency is its own: the slow mock's 5 ms shows on it
-    // alone.
+    // alone, and not in how late its requests left.
+    assert!(out[1].send_lag_us.p50 < 5_000, "{:?}", out[1].send_lag_us);
     assert!(out[1].latency_us.p50 >= 5_000, "{:?}", out[1].latency_us);
     assert!(
         out[0].latency_us.p50 < out[1].latency_us.p50,

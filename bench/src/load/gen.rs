@@ -94,6 +94,12 @@ pub struct LoadResult {
     pub latency_us: Percentiles,
     /// Streams: from intended send to the first content chunk.
     pub ttft_us: Option<Percentiles>,
+    /// From intended send to the moment the request's task started sending
+    /// it: the generator's own timer and scheduling lag, part of every
+    /// latency above and shared by every target of an interleaved run (the
+    /// runtime's timer fires on millisecond ticks, so up to a millisecond
+    /// of it is by design).
+    pub send_lag_us: Percentiles,
     /// Statuses other than 200 seen, with counts.
     pub statuses: std::collections::BTreeMap<u16, u64>,
 }
@@ -101,6 +107,7 @@ pub struct LoadResult {
 struct Acc {
     latency: Histogram<u64>,
     ttft: Histogram<u64>,
+    lag: Histogram<u64>,
     ok: u64,
     errors: u64,
     statuses: std::collections::BTreeMap<u16, u64>,
@@ -159,6 +166,7 @@ pub async fn run_interleaved(
             Arc::new(Mutex::new(Acc {
                 latency: hist(),
                 ttft: hist(),
+                lag: hist(),
                 ok: 0,
                 errors: 0,
                 statuses: Default::default(),
@@ -207,12 +215,14 @@ pub async fn run_interleaved(
         let (stream, timeout) = (spec.stream, spec.timeout);
         let intended = intended.into_std();
         tasks.spawn(async move {
+            let lag = intended.elapsed();
             let r = tokio::time::timeout(timeout, one(&client, req, stream, intended)).await;
             outstanding.fetch_sub(1, Ordering::Relaxed);
             if !counted {
                 return;
             }
             let mut a = acc.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = a.lag.record(lag.as_micros().max(1) as u64);
             match r {
                 Ok(Ok((200, total, first))) => {
                     a.ok += 1;
@@ -255,6 +265,7 @@ pub async fn run_interleaved(
                 throughput: a.ok as f64 / counted_secs,
                 latency_us: Percentiles::of(&a.latency),
                 ttft_us: spec.stream.then(|| Percentiles::of(&a.ttft)),
+                send_lag_us: Percentiles::of(&a.lag),
                 statuses: a.statuses.clone(),
             }
         })

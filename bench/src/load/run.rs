@@ -557,7 +557,7 @@ fn or_dash(v: Option<f64>, decimals: usize) -> String {
 /// A Markdown table of runs.
 pub fn table(runs: &[Run]) -> String {
     let mut s = String::from(
-        "| round | mode | rate | scenario | ok | errors | p50 ms | p99 ms | p99.9 ms | added p50 / p99 / p99.9 ms | added TTFT p50 / p99 ms | own overhead p50 / p99 / p99.9 | throughput | peak RSS MiB | CPU s / 1k req | switches / req | recorded | steal % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| round | mode | rate | scenario | ok | errors | p50 ms | p99 ms | p99.9 ms | added p50 / p99 / p99.9 ms | added TTFT p50 / p99 ms | own overhead p50 / p99 / p99.9 | send lag p50 / p99 ms | throughput | peak RSS MiB | CPU s / 1k req | switches / req | recorded | steal % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
     let add = |v: i64| format!("{:+.2}", v as f64 / 1000.0);
@@ -565,7 +565,7 @@ pub fn table(runs: &[Run]) -> String {
         let l = &r.load;
         if let Some(f) = &r.failed {
             s.push_str(&format!(
-                "| {} | {} | {} | {} | — | — | — | — | — | — | — | — | — | — | — | — | failed: {f} | — |\n",
+                "| {} | {} | {} | {} | — | — | — | — | — | — | — | — | — | — | — | — | — | failed: {f} | — |\n",
                 r.round,
                 if r.stream { "stream" } else { "non-stream" },
                 l.rate,
@@ -574,7 +574,7 @@ pub fn table(runs: &[Run]) -> String {
             continue;
         }
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}/s | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {:.0}/s | {} | {} | {} | {} | {} |\n",
             r.round,
             if r.stream { "stream" } else { "non-stream" },
             l.rate,
@@ -607,6 +607,8 @@ pub fn table(runs: &[Run]) -> String {
                     format!("{} / {} / {}", b(o[0]), b(o[1]), b(o[2]))
                 })
                 .unwrap_or_else(|| "—".into()),
+            ms(l.send_lag_us.p50),
+            ms(l.send_lag_us.p99),
             l.throughput,
             or_dash(r.peak_rss_mib, 1),
             or_dash(r.cpu_s_per_1000, 3),
