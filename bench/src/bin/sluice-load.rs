@@ -27,6 +27,12 @@ use sluice_bench::load::{gen, procstat, targets};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Runtime threads of the harness's own processes (the generator and
+    /// the mock it starts), 0 for one per core. On a machine the target
+    /// shares with them, fewer leaves it more CPU; the target's own
+    /// threads are not affected.
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(clap::Args, Clone)]
@@ -199,7 +205,11 @@ fn pin_self() -> Result<()> {
 
 /// Starts the mock as its own process (so its CPU is not the generator's);
 /// pinned to CPU 0 with the generator when `pin`.
-fn spawn_mock(m: &MockArgs, pin: bool) -> Result<(std::process::Child, SocketAddr)> {
+fn spawn_mock(
+    m: &MockArgs,
+    pin: bool,
+    threads: usize,
+) -> Result<(std::process::Child, SocketAddr)> {
     let exe = std::env::current_exe().context("locating sluice-load")?;
     let mut cmd = if pin {
         let mut c = Command::new("taskset");
@@ -211,6 +221,7 @@ fn spawn_mock(m: &MockArgs, pin: bool) -> Result<(std::process::Child, SocketAdd
     let mut child = cmd
         .arg("mock")
         .args(m.args())
+        .args(["--threads", &threads.to_string()])
         .stdout(Stdio::piped())
         .spawn()
         .context("starting the mock")?;
@@ -241,9 +252,12 @@ fn machine() -> String {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let threads = cli.threads;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    let rt = builder.enable_all().build()?;
     match cli.cmd {
         Cmd::Mock { listen, mock } => rt.block_on(async {
             let l = mock::listen(listen)?;
@@ -275,7 +289,7 @@ fn main() -> Result<()> {
             if programs.pin {
                 pin_self()?;
             }
-            let (mut mock_child, addr) = spawn_mock(&mock, programs.pin)?;
+            let (mut mock_child, addr) = spawn_mock(&mock, programs.pin, threads)?;
             let plan = Plan {
                 scenarios: scenarios.clone(),
                 rates,
@@ -339,6 +353,7 @@ fn main() -> Result<()> {
                     "date": chrono_date(),
                     "machine": machine(),
                     "pinned": programs.pin,
+                    "harness_threads": threads,
                     "mock": {"latency": format!("{:?}", mock.latency), "chunks": mock.chunks, "interval_us": mock.interval.as_micros() as u64},
                     "duration_s": duration.as_secs_f64(),
                     "warmup_s": warmup.as_secs_f64(),
@@ -365,7 +380,7 @@ fn main() -> Result<()> {
             if programs.pin {
                 pin_self()?;
             }
-            let (mut mock_child, addr) = spawn_mock(&mock, programs.pin)?;
+            let (mut mock_child, addr) = spawn_mock(&mock, programs.pin, threads)?;
             let p = programs.programs();
             let target = targets::start(scenario, addr, &p).map_err(anyhow::Error::msg)?;
             let pid = target.pid().context("soak needs a target process")?;
