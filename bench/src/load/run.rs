@@ -426,7 +426,7 @@ fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
 /// One row per scenario that ran; `direct` shows the floor itself.
 pub fn summary(runs: &[Run]) -> String {
     let mut s = String::from(
-        "| mode | rate | scenario | rounds | median p99 ms | median added p50 / p99 / p99.9 ms | added p99 range ms | added p99 ÷ nginx's | median CPU s / 1k req | median switches / req | steal % | every event recorded |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| mode | rate | scenario | rounds | median p99 ms | median added p50 / p99 / p99.9 ms | added p99 range ms | added p99 ÷ nginx's | median CPU s / 1k req | median switches / req | steal % | worst send lag p99 ms | every event recorded |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut keys: Vec<(bool, u32, Scenario)> = Vec::new();
     for r in runs {
@@ -488,6 +488,13 @@ pub fn summary(runs: &[Run]) -> String {
         let cpu = of_runs(|r| r.cpu_s_per_1000, 3);
         let switches = of_runs(|r| r.switches_per_request, 2);
         let steal = of_runs(|r| r.steal_pct, 1);
+        // The generator's own lateness in the worst round: a round in which
+        // it could not send on time measured the machine, not the target.
+        let lag = mine
+            .iter()
+            .map(|r| r.load.send_lag_us.p99)
+            .max()
+            .map_or_else(|| "—".into(), |v| format!("{:.2}", v as f64 / 1000.0));
         let recorded = if mine.iter().all(|r| r.no_event_lost.is_none()) {
             "—".to_string()
         } else if mine.iter().all(|r| r.no_event_lost == Some(true)) {
@@ -496,7 +503,7 @@ pub fn summary(runs: &[Run]) -> String {
             "NO".to_string()
         };
         s.push_str(&format!(
-            "| {} | {rate} | {} | {} | {:.2} | {} | {range} | {ratio} | {cpu} | {switches} | {steal} | {recorded} |\n",
+            "| {} | {rate} | {} | {} | {:.2} | {} | {range} | {ratio} | {cpu} | {switches} | {steal} | {lag} | {recorded} |\n",
             if stream { "stream" } else { "non-stream" },
             scenario.name(),
             mine.len(),
@@ -622,4 +629,42 @@ pub fn table(runs: &[Run]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counted(scenario: Scenario, round: u32, p99_us: u64, lag_p99_us: u64) -> Run {
+        let mut r = blank(scenario, false, 2000, round);
+        r.load.ok = 100;
+        r.load.latency_us.p99 = p99_us;
+        r.load.send_lag_us.p99 = lag_p99_us;
+        r
+    }
+
+    #[test]
+    fn the_summary_shows_each_scenarios_worst_send_lag() {
+        let runs = vec![
+            counted(Scenario::Direct, 1, 2_000, 1_500),
+            counted(Scenario::Direct, 2, 2_100, 7_500),
+            counted(Scenario::Nginx, 1, 2_200, 1_800),
+            counted(Scenario::Nginx, 2, 2_300, 1_900),
+        ];
+        let s = summary(&runs);
+        let row = |name: &str| {
+            s.lines()
+                .find(|l| l.contains(&format!("| {name} |")))
+                .unwrap_or_else(|| panic!("no {name} row in\n{s}"))
+                .to_string()
+        };
+        // The column sits just before "every event recorded".
+        let lag_cell = |line: String| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            cells[cells.len() - 3].to_string()
+        };
+        assert_eq!(lag_cell(row("direct")), "7.50");
+        assert_eq!(lag_cell(row("nginx")), "1.90");
+        assert!(s.starts_with("| mode |") && s.contains("| worst send lag p99 ms |"));
+    }
 }
