@@ -435,7 +435,6 @@ pub fn summary(runs: &[Run]) -> String {
             keys.push(k);
         }
     }
-    let ms = |us: i64| format!("{:+.2}", us as f64 / 1000.0);
     for (stream, rate, scenario) in keys {
         let of = |sc: Scenario| -> Vec<&Run> {
             runs.iter()
@@ -466,7 +465,7 @@ pub fn summary(runs: &[Run]) -> String {
                 .filter_map(|r| r.added_us.map(|a| a[1]))
                 .collect();
             match (v.iter().min(), v.iter().max()) {
-                (Some(a), Some(b)) => format!("{} … {}", ms(*a), ms(*b)),
+                (Some(a), Some(b)) => format!("{} … {}", added_ms(*a), added_ms(*b)),
                 _ => "—".into(),
             }
         };
@@ -494,7 +493,7 @@ pub fn summary(runs: &[Run]) -> String {
             .iter()
             .map(|r| r.load.send_lag_us.p99)
             .max()
-            .map_or_else(|| "—".into(), |v| format!("{:.2}", v as f64 / 1000.0));
+            .map_or_else(|| "—".into(), ms);
         let recorded = if mine.iter().all(|r| r.no_event_lost.is_none()) {
             "—".to_string()
         } else if mine.iter().all(|r| r.no_event_lost == Some(true)) {
@@ -509,7 +508,7 @@ pub fn summary(runs: &[Run]) -> String {
             mine.len(),
             p99 as f64 / 1000.0,
             match (added(0), added(1), added(2)) {
-                (Some(a), Some(b), Some(c)) => format!("{} / {} / {}", ms(a), ms(b), ms(c)),
+                (Some(a), Some(b), Some(c)) => format!("{} / {} / {}", added_ms(a), added_ms(b), added_ms(c)),
                 _ => "(floor)".into(),
             },
         ));
@@ -555,6 +554,16 @@ pub async fn find_max(
     (runs, best)
 }
 
+/// Microseconds as milliseconds with two places.
+fn ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+/// A difference in microseconds as signed milliseconds with two places.
+fn added_ms(us: i64) -> String {
+    format!("{:+.2}", us as f64 / 1000.0)
+}
+
 /// A value with `decimals` places, or a dash when there is none.
 fn or_dash(v: Option<f64>, decimals: usize) -> String {
     v.map(|v| format!("{v:.decimals$}"))
@@ -566,8 +575,6 @@ pub fn table(runs: &[Run]) -> String {
     let mut s = String::from(
         "| round | mode | rate | scenario | ok | errors | p50 ms | p99 ms | p99.9 ms | added p50 / p99 / p99.9 ms | added TTFT p50 / p99 ms | own overhead p50 / p99 / p99.9 | send lag p50 / p99 ms | throughput | peak RSS MiB | CPU s / 1k req | switches / req | recorded | steal % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
-    let ms = |us: u64| format!("{:.2}", us as f64 / 1000.0);
-    let add = |v: i64| format!("{:+.2}", v as f64 / 1000.0);
     for r in runs {
         let l = &r.load;
         if let Some(f) = &r.failed {
@@ -593,11 +600,11 @@ pub fn table(runs: &[Run]) -> String {
             ms(l.latency_us.p999),
             match r.added_us {
                 _ if l.ok == 0 => "—".into(),
-                Some(a) => format!("{} / {} / {}", add(a[0]), add(a[1]), add(a[2])),
+                Some(a) => format!("{} / {} / {}", added_ms(a[0]), added_ms(a[1]), added_ms(a[2])),
                 None => "(floor)".into(),
             },
             match r.added_ttft_us {
-                Some(a) if l.ok > 0 => format!("{} / {}", add(a[0]), add(a[1])),
+                Some(a) if l.ok > 0 => format!("{} / {}", added_ms(a[0]), added_ms(a[1])),
                 _ => "—".into(),
             },
             r.overhead_us

@@ -116,7 +116,7 @@ const CHUNKS: [usize; 3] = [16, 4, 1];
 
 /// The insert statement for `CHUNKS[i]` records.
 fn insert_sql(i: usize) -> &'static str {
-    static SQL: std::sync::OnceLock<[String; 3]> = std::sync::OnceLock::new();
+    static SQL: std::sync::OnceLock<[String; CHUNKS.len()]> = std::sync::OnceLock::new();
     let all = SQL.get_or_init(|| {
         let row = format!("({})", vec!["?"; COLUMN_COUNT].join(", "));
         CHUNKS.map(|n| {
@@ -148,8 +148,8 @@ pub(crate) fn insert_batch(
         let (chunk, tail) = rest.split_at(CHUNKS[i]);
         {
             let mut stmt = tx.prepare_cached(insert_sql(i))?;
-            for (i, r) in chunk.iter().enumerate() {
-                bind_record(&mut stmt, i * COLUMN_COUNT, r)?;
+            for (row, r) in chunk.iter().enumerate() {
+                bind_record(&mut stmt, row * COLUMN_COUNT, r)?;
             }
             stmt.raw_execute()?;
         }
