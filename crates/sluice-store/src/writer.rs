@@ -114,10 +114,16 @@ impl WriterStats {
 
 /// The spill journal: JSON lines appended by the request path when the
 /// queue is full, replayed by the writer.
+///
+/// Its record count is changed only here, under the journal's lock, so a
+/// record spilled while the writer moves the journal aside is counted
+/// against the next journal, never wiped with the old one.
 struct Journal {
     path: PathBuf,
     file: Option<std::io::BufWriter<std::fs::File>>,
-    pending: u64,
+    /// Records in the journal not yet taken for replay; read lock-free by
+    /// the writer and `/metrics`.
+    pending: Arc<AtomicU64>,
 }
 
 impl Journal {
@@ -143,33 +149,56 @@ impl Journal {
         f.write_all(&line)?;
         // Through to the OS: a process crash keeps it.
         f.flush()?;
-        self.pending += 1;
+        self.pending.fetch_add(1, Ordering::Release);
         Ok(())
     }
 
-    /// Moves the journal aside for replay; returns the file to replay.
+    /// Moves the journal aside for replay; returns the file to replay. The
+    /// record count drops to zero only once the journal has been moved (a
+    /// journal that could not be moved stays counted, so it is retried).
     fn take(&mut self) -> Option<PathBuf> {
         let aside = self.replaying_path();
         if let Some(mut f) = self.file.take() {
             let _ = f.flush();
         }
-        self.pending = 0;
         if aside.exists() {
             // A replay that did not finish (crash): append the journal to it.
-            if let Ok(text) = std::fs::read(&self.path) {
-                if let Ok(mut a) = std::fs::OpenOptions::new().append(true).open(&aside) {
-                    if a.write_all(&text).is_ok() {
-                        let _ = std::fs::remove_file(&self.path);
+            match std::fs::read(&self.path) {
+                Ok(text) => {
+                    let appended = std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(&aside)
+                        .and_then(|mut a| a.write_all(&text));
+                    match appended {
+                        Ok(()) => {
+                            let _ = std::fs::remove_file(&self.path);
+                            self.pending.store(0, Ordering::Release);
+                        }
+                        Err(e) => tracing::error!(
+                            "cannot append the spill journal {} to {}: {e}",
+                            self.path.display(),
+                            aside.display()
+                        ),
                     }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.pending.store(0, Ordering::Release);
+                }
+                Err(e) => {
+                    tracing::error!("cannot read the spill journal {}: {e}", self.path.display())
                 }
             }
             return Some(aside);
         }
         if !self.path.exists() {
+            self.pending.store(0, Ordering::Release);
             return None;
         }
         match std::fs::rename(&self.path, &aside) {
-            Ok(()) => Some(aside),
+            Ok(()) => {
+                self.pending.store(0, Ordering::Release);
+                Some(aside)
+            }
             Err(e) => {
                 tracing::error!(
                     "cannot move the spill journal {} aside: {e}",
@@ -185,7 +214,7 @@ struct Shared {
     stats: WriterStats,
     backpressure: Backpressure,
     journal: Option<Mutex<Journal>>,
-    journal_pending: AtomicU64,
+    journal_pending: Arc<AtomicU64>,
     parked: AtomicUsize,
     parked_done: Notify,
     /// The writer thread, woken early when someone waits on a commit.
@@ -193,6 +222,25 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(backpressure: Backpressure, journal: Option<PathBuf>) -> Self {
+        let journal_pending = Arc::new(AtomicU64::new(0));
+        Shared {
+            stats: WriterStats::default(),
+            backpressure,
+            journal: journal.map(|path| {
+                Mutex::new(Journal {
+                    path,
+                    file: None,
+                    pending: journal_pending.clone(),
+                })
+            }),
+            journal_pending,
+            parked: AtomicUsize::new(0),
+            parked_done: Notify::new(),
+            thread: std::sync::OnceLock::new(),
+        }
+    }
+
     /// Ends the writer's gathering wait now: a sender waits on the batch.
     fn wake(&self) {
         if let Some(t) = self.thread.get() {
@@ -237,7 +285,6 @@ impl EventSender {
                 match j.append(rec) {
                     Ok(()) => {
                         s.stats.spilled.fetch_add(1, Ordering::Relaxed);
-                        s.journal_pending.fetch_add(1, Ordering::Release);
                         return;
                     }
                     Err(e) => tracing::error!(
@@ -366,21 +413,7 @@ pub struct EventWriter {
 impl EventWriter {
     pub(crate) fn spawn(mut conn: Connection, opts: WriterOptions) -> Self {
         let (tx, rx) = mpsc::channel(opts.capacity.max(1));
-        let shared = Arc::new(Shared {
-            stats: WriterStats::default(),
-            backpressure: opts.backpressure,
-            journal: opts.journal.map(|path| {
-                Mutex::new(Journal {
-                    path,
-                    file: None,
-                    pending: 0,
-                })
-            }),
-            journal_pending: AtomicU64::new(0),
-            parked: AtomicUsize::new(0),
-            parked_done: Notify::new(),
-            thread: std::sync::OnceLock::new(),
-        });
+        let shared = Arc::new(Shared::new(opts.backpressure, opts.journal));
         let batch_max = opts.batch_max.max(1);
         let window = opts.commit_window;
         // Whatever a previous process left in the journal goes in first.
@@ -444,7 +477,6 @@ fn replay(conn: &mut Connection, shared: &Shared, batch_max: usize) -> u64 {
     let Some(path) = shared.journal().and_then(|mut j| j.take()) else {
         return 0;
     };
-    shared.journal_pending.store(0, Ordering::Release);
     let stats = &shared.stats;
     let file = match std::fs::File::open(&path) {
         Ok(f) => f,
@@ -721,6 +753,37 @@ mod tests {
         assert_eq!(stats.failed, 1, "the torn line is counted");
     }
 
+    /// A crash in the middle of a replay leaves the journal moved aside and
+    /// possibly a newer journal next to it: both go in at the next start,
+    /// each record once.
+    #[tokio::test]
+    async fn an_interrupted_replay_and_a_newer_journal_are_both_recovered() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.db").to_string_lossy().to_string();
+        let store = Store::open(StoreLocation::File(path)).expect("open");
+        let lines = |prefix: &str, n: usize| {
+            (0..n)
+                .map(|i| {
+                    serde_json::to_string(&RequestRecord::sample(&format!("{prefix}{i}")))
+                        .expect("json")
+                        + "\n"
+                })
+                .collect::<String>()
+        };
+        std::fs::write(dir.path().join("w.db.spill.replaying"), lines("old", 3)).expect("write");
+        std::fs::write(dir.path().join("w.db.spill"), lines("new", 4)).expect("write");
+        let w = store
+            .spawn_writer_with(opts(16, Backpressure::Spill, dir.path()))
+            .expect("writer");
+        assert_eq!(w.recovered(), 7);
+        assert_eq!(store.count().expect("count"), 7);
+        assert!(!dir.path().join("w.db.spill").exists());
+        assert!(!dir.path().join("w.db.spill.replaying").exists());
+        assert_eq!(w.sender().journal_depth(), 0);
+        let stats = w.shutdown().await;
+        assert_eq!(stats.lost(), 0, "{stats:?}");
+    }
+
     #[tokio::test]
     async fn record_committed_resolves_after_commit() {
         let store = Store::open(StoreLocation::from_config(":memory:")).expect("open");
@@ -748,5 +811,60 @@ mod tests {
         tx.flush().await;
         assert_eq!(store.count().expect("count"), 50);
         w.shutdown().await;
+    }
+
+    /// Records spilled while the writer moves the journal aside for replay
+    /// stay counted, so the next flush replays them instead of leaving them
+    /// on disk until shutdown. Many short rounds, each checked once its
+    /// appenders stop, give the interleaving many chances to show.
+    #[test]
+    fn records_spilled_during_a_replay_stay_counted() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.db").to_string_lossy().to_string();
+        let location = StoreLocation::File(path);
+        let store = Store::open(location.clone()).expect("open");
+        let mut conn = location.connect().expect("connect");
+        let journal = dir.path().join("w.db.spill");
+        let shared = std::sync::Arc::new(super::Shared::new(
+            Backpressure::Spill,
+            Some(journal.clone()),
+        ));
+        let (rounds, threads, each) = (150, 3, 12);
+        for round in 0..rounds {
+            let appenders: Vec<_> = (0..threads)
+                .map(|t| {
+                    let shared = shared.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..each {
+                            let rec = RequestRecord::sample(&format!("j{round}-{t}-{i}"));
+                            let mut j = shared.journal().expect("journal");
+                            j.append(&rec).expect("append");
+                        }
+                    })
+                })
+                .collect();
+            while appenders.iter().any(|a| !a.is_finished()) {
+                super::replay(&mut conn, &shared, 64);
+            }
+            for a in appenders {
+                a.join().expect("appender");
+            }
+            let on_disk = std::fs::read_to_string(&journal)
+                .map(|t| t.lines().count() as u64)
+                .unwrap_or(0);
+            assert_eq!(
+                shared.journal_pending.load(Ordering::Acquire),
+                on_disk,
+                "round {round}: the depth counter disagrees with the journal"
+            );
+        }
+        super::replay(&mut conn, &shared, 64);
+        assert_eq!(
+            store.count().expect("count"),
+            (rounds * threads * each) as u64
+        );
+        assert_eq!(shared.journal_pending.load(Ordering::Acquire), 0);
+        assert!(!journal.exists());
     }
 }
