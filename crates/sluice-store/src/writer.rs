@@ -161,52 +161,38 @@ impl Journal {
         if let Some(mut f) = self.file.take() {
             let _ = f.flush();
         }
-        if aside.exists() {
-            // A replay that did not finish (crash): append the journal to it.
-            match std::fs::read(&self.path) {
-                Ok(text) => {
-                    let appended = std::fs::OpenOptions::new()
-                        .append(true)
-                        .open(&aside)
-                        .and_then(|mut a| a.write_all(&text));
-                    match appended {
-                        Ok(()) => {
-                            let _ = std::fs::remove_file(&self.path);
-                            self.pending.store(0, Ordering::Release);
-                        }
-                        Err(e) => tracing::error!(
-                            "cannot append the spill journal {} to {}: {e}",
-                            self.path.display(),
-                            aside.display()
-                        ),
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    self.pending.store(0, Ordering::Release);
-                }
-                Err(e) => {
-                    tracing::error!("cannot read the spill journal {}: {e}", self.path.display())
-                }
-            }
-            return Some(aside);
+        match self.move_to(&aside) {
+            Ok(()) => self.pending.store(0, Ordering::Release),
+            Err(e) => tracing::error!(
+                "cannot move the spill journal {} to {}: {e}",
+                self.path.display(),
+                aside.display()
+            ),
         }
-        if !self.path.exists() {
-            self.pending.store(0, Ordering::Release);
-            return None;
+        aside.exists().then_some(aside)
+    }
+
+    /// Moves the journal's records to `aside`: renamed there, or appended to
+    /// what a replay that did not finish (a crash) left there. A missing
+    /// journal has nothing to move.
+    fn move_to(&self, aside: &std::path::Path) -> std::io::Result<()> {
+        use std::io::ErrorKind::NotFound;
+        if !aside.exists() {
+            return match std::fs::rename(&self.path, aside) {
+                Err(e) if e.kind() == NotFound => Ok(()),
+                r => r,
+            };
         }
-        match std::fs::rename(&self.path, &aside) {
-            Ok(()) => {
-                self.pending.store(0, Ordering::Release);
-                Some(aside)
-            }
-            Err(e) => {
-                tracing::error!(
-                    "cannot move the spill journal {} aside: {e}",
-                    self.path.display()
-                );
-                None
-            }
-        }
+        let text = match std::fs::read(&self.path) {
+            Err(e) if e.kind() == NotFound => return Ok(()),
+            r => r?,
+        };
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(aside)?
+            .write_all(&text)?;
+        let _ = std::fs::remove_file(&self.path);
+        Ok(())
     }
 }
 
