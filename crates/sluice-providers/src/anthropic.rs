@@ -17,27 +17,19 @@
 //! max_tokens → `length`, tool_use → `tool_calls`, refusal → `content_filter`;
 //! `usage.input_tokens/output_tokens` → `prompt_tokens/completion_tokens`.
 
-use std::time::{Duration, Instant};
-
 use futures_util::StreamExt;
 use http::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
 use serde_json::{json, Map, Value};
 use sluice_core::chat::{ChatRequest, Content, Role, Usage};
 use sluice_core::config::{AnthropicConfig, ProviderConfig};
 
-use crate::http::{read_json, send, sse_events, status_error};
-
-/// The Messages request as JSON bytes.
+use crate::http::{read_json, sse_events, Endpoint};
 use crate::{now_secs, BuildError, Chunk, ChunkStream, Completion, ProviderError};
 
 /// A client for Anthropic's Messages API.
 #[derive(Debug, Clone)]
 pub struct AnthropicProvider {
-    name: String,
-    url: http::Uri,
-    client: crate::http::HttpClient,
-    timeout: Duration,
-    stream_timeouts: crate::http::StreamTimeouts,
+    ep: Endpoint,
     default_max_tokens: u32,
 }
 
@@ -67,45 +59,25 @@ impl AnthropicProvider {
             headers.insert("x-api-key", v);
         }
         Ok(AnthropicProvider {
-            name: cfg.name.clone(),
-            url: crate::http::endpoint(&cfg.name, &a.base_url, "/v1/messages")?,
-            client: crate::http::build_client(cfg, headers)?,
-            timeout: cfg.timeout,
-            stream_timeouts: crate::http::StreamTimeouts {
-                first_byte: cfg.first_byte_timeout,
-                idle: cfg.idle_timeout,
-                total: cfg.stream_timeout,
-            },
+            ep: Endpoint::new(cfg, &a.base_url, "/v1/messages", headers)?,
             default_max_tokens: a.default_max_tokens,
         })
     }
 
     /// The provider's name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.ep.name
     }
 
     /// A non-streamed completion.
     pub async fn complete(&self, req: &ChatRequest) -> Result<Completion, ProviderError> {
         let body = to_messages_request(req, self.default_max_tokens, false)?;
         let body = crate::http::encode(&body)?;
-        let start = Instant::now();
-        let resp = send(
-            &self.name,
-            &self.client,
-            self.client.post(&self.url, None, body),
-            self.timeout,
-            "response",
-        )
-        .await?;
-        if !resp.status().is_success() {
-            return Err(status_error(&self.name, resp).await);
-        }
-        let remaining = self.timeout.saturating_sub(start.elapsed());
-        let (value, _) = read_json(&self.name, resp, remaining).await?;
+        let (resp, remaining) = self.ep.post(body).await?;
+        let (value, _) = read_json(&self.ep.name, resp, remaining).await?;
         let out = from_messages_response(&value, now_secs()).map_err(|message| {
             ProviderError::InvalidResponse {
-                provider: self.name.clone(),
+                provider: self.ep.name.clone(),
                 message,
             }
         })?;
@@ -116,21 +88,15 @@ impl AnthropicProvider {
     pub async fn stream(&self, req: &ChatRequest) -> Result<ChunkStream, ProviderError> {
         let body = to_messages_request(req, self.default_max_tokens, true)?;
         let body = crate::http::encode(&body)?;
-        let sent = Instant::now();
-        let resp = send(
-            &self.name,
-            &self.client,
-            self.client.post(&self.url, Some("text/event-stream"), body),
-            self.stream_timeouts.first_byte,
-            "first byte",
-        )
-        .await?;
-        if !resp.status().is_success() {
-            return Err(status_error(&self.name, resp).await);
-        }
-        let events = Box::pin(sse_events(&self.name, resp, self.stream_timeouts, sent));
+        let (resp, sent) = self.ep.post_stream(body).await?;
+        let events = Box::pin(sse_events(
+            &self.ep.name,
+            resp,
+            self.ep.stream_timeouts,
+            sent,
+        ));
         let translator = StreamTranslator::new(now_secs());
-        let name = self.name.clone();
+        let name = self.ep.name.clone();
         let s = futures_util::stream::unfold(
             (
                 events,

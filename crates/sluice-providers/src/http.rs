@@ -161,6 +161,72 @@ pub(crate) fn build_client(
     })
 }
 
+/// One upstream endpoint of a provider: where its requests go, the client
+/// that sends them and the waits they are allowed.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoint {
+    /// The provider's name, as errors report it.
+    pub name: String,
+    url: Uri,
+    client: HttpClient,
+    /// The whole non-streamed exchange.
+    pub timeout: Duration,
+    /// The waits of a streamed answer.
+    pub stream_timeouts: StreamTimeouts,
+}
+
+impl Endpoint {
+    /// `base_url` + `path` with a client carrying `headers` on every request.
+    pub(crate) fn new(
+        cfg: &ProviderConfig,
+        base_url: &str,
+        path: &str,
+        headers: HeaderMap,
+    ) -> Result<Self, BuildError> {
+        Ok(Endpoint {
+            name: cfg.name.clone(),
+            url: endpoint(&cfg.name, base_url, path)?,
+            client: build_client(cfg, headers)?,
+            timeout: cfg.timeout,
+            stream_timeouts: StreamTimeouts {
+                first_byte: cfg.first_byte_timeout,
+                idle: cfg.idle_timeout,
+                total: cfg.stream_timeout,
+            },
+        })
+    }
+
+    /// POSTs a non-streamed request: its successful response and what is
+    /// left of `timeout` for reading the body. A non-2xx answer is the
+    /// upstream's error.
+    pub(crate) async fn post(&self, body: Vec<u8>) -> Result<(Response, Duration), ProviderError> {
+        let start = std::time::Instant::now();
+        let req = self.client.post(&self.url, None, body);
+        let resp = send(&self.name, &self.client, req, self.timeout, "response").await?;
+        if !resp.status().is_success() {
+            return Err(status_error(&self.name, resp).await);
+        }
+        Ok((resp, self.timeout.saturating_sub(start.elapsed())))
+    }
+
+    /// POSTs a streamed request: its successful response and when it was
+    /// sent (the first-byte wait runs from then). A non-2xx answer is the
+    /// upstream's error.
+    pub(crate) async fn post_stream(
+        &self,
+        body: Vec<u8>,
+    ) -> Result<(Response, std::time::Instant), ProviderError> {
+        let sent = std::time::Instant::now();
+        let req = self.client.post(&self.url, Some("text/event-stream"), body);
+        let wait = self.stream_timeouts.first_byte;
+        let resp = send(&self.name, &self.client, req, wait, "first byte").await?;
+        if !resp.status().is_success() {
+            return Err(status_error(&self.name, resp).await);
+        }
+        Ok((resp, sent))
+    }
+}
+
 /// A request body as JSON bytes.
 pub(crate) fn encode(body: &impl serde::Serialize) -> Result<Vec<u8>, ProviderError> {
     serde_json::to_vec(body).map_err(|e| ProviderError::Unsupported {

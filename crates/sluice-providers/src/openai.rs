@@ -5,25 +5,19 @@
 //! usage chunk (`stream_options.include_usage`) so every interaction has token
 //! counts; the gateway hides that chunk from clients that did not ask for it.
 
-use std::time::{Duration, Instant};
-
 use futures_util::StreamExt;
 use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::Value;
 use sluice_core::chat::{ChatRequest, StreamOptions, Usage};
 use sluice_core::config::{OpenAiConfig, ProviderConfig};
 
-use crate::http::{parse_json, read_bytes, read_json, send, sse_events, status_error};
+use crate::http::{parse_json, read_bytes, read_json, sse_events, Endpoint};
 use crate::{BuildError, Chunk, ChunkStream, Completion, ProviderError, RawCompletion, Reply};
 
 /// A client for one OpenAI-compatible upstream.
 #[derive(Debug, Clone)]
 pub struct OpenAiProvider {
-    name: String,
-    url: http::Uri,
-    client: crate::http::HttpClient,
-    timeout: Duration,
-    stream_timeouts: crate::http::StreamTimeouts,
+    ep: Endpoint,
 }
 
 impl OpenAiProvider {
@@ -54,21 +48,13 @@ impl OpenAiProvider {
             headers.insert(name, value);
         }
         Ok(OpenAiProvider {
-            name: cfg.name.clone(),
-            url: crate::http::endpoint(&cfg.name, &o.base_url, "/chat/completions")?,
-            client: crate::http::build_client(cfg, headers)?,
-            timeout: cfg.timeout,
-            stream_timeouts: crate::http::StreamTimeouts {
-                first_byte: cfg.first_byte_timeout,
-                idle: cfg.idle_timeout,
-                total: cfg.stream_timeout,
-            },
+            ep: Endpoint::new(cfg, &o.base_url, "/chat/completions", headers)?,
         })
     }
 
     /// The provider's name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.ep.name
     }
 
     /// Sends a non-streamed request; the successful answer's bytes.
@@ -81,26 +67,14 @@ impl OpenAiProvider {
             req.stream_options = None;
             crate::http::encode(&req)?
         };
-        let start = Instant::now();
-        let resp = send(
-            &self.name,
-            &self.client,
-            self.client.post(&self.url, None, body),
-            self.timeout,
-            "response",
-        )
-        .await?;
-        if !resp.status().is_success() {
-            return Err(status_error(&self.name, resp).await);
-        }
-        let remaining = self.timeout.saturating_sub(start.elapsed());
-        read_bytes(&self.name, resp, remaining).await
+        let (resp, remaining) = self.ep.post(body).await?;
+        read_bytes(&self.ep.name, resp, remaining).await
     }
 
     /// A non-streamed completion.
     pub async fn complete(&self, req: &ChatRequest) -> Result<Completion, ProviderError> {
         let raw = self.answer_bytes(req).await?;
-        completion_from_bytes(&self.name, raw)
+        completion_from_bytes(&self.ep.name, raw)
     }
 
     /// A non-streamed completion as the request path takes it: read without
@@ -109,7 +83,7 @@ impl OpenAiProvider {
         let raw = self.answer_bytes(req).await?;
         match RawCompletion::read(raw) {
             Ok(r) => Ok(Reply::Raw(r)),
-            Err(raw) => completion_from_bytes(&self.name, raw).map(Reply::Complete),
+            Err(raw) => completion_from_bytes(&self.ep.name, raw).map(Reply::Complete),
         }
     }
 
@@ -121,18 +95,7 @@ impl OpenAiProvider {
         opts.include_usage = Some(true);
         req.stream_options = Some(StreamOptions { ..opts });
         let body = crate::http::encode(&req)?;
-        let sent = Instant::now();
-        let resp = send(
-            &self.name,
-            &self.client,
-            self.client.post(&self.url, Some("text/event-stream"), body),
-            self.stream_timeouts.first_byte,
-            "first byte",
-        )
-        .await?;
-        if !resp.status().is_success() {
-            return Err(status_error(&self.name, resp).await);
-        }
+        let (resp, sent) = self.ep.post_stream(body).await?;
         let is_sse = resp
             .headers()
             .get(CONTENT_TYPE)
@@ -140,14 +103,14 @@ impl OpenAiProvider {
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if !is_sse {
             // Some compatible servers ignore `stream` and answer in one piece.
-            let (value, _) = read_json(&self.name, resp, self.timeout).await?;
-            check_completion(&self.name, &value)?;
+            let (value, _) = read_json(&self.ep.name, resp, self.ep.timeout).await?;
+            check_completion(&self.ep.name, &value)?;
             return Ok(Box::pin(futures_util::stream::iter(
                 completion_as_chunks(&value).into_iter().map(Ok),
             )));
         }
-        let name = self.name.clone();
-        let events = sse_events(&self.name, resp, self.stream_timeouts, sent);
+        let name = self.ep.name.clone();
+        let events = sse_events(&self.ep.name, resp, self.ep.stream_timeouts, sent);
         struct St<S> {
             events: S,
             done: bool,
