@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! sluice-load mock  [--listen ADDR] [--latency 0|20ms|lognormal:20ms:80ms] [--chunks N] [--interval 1ms]
+//! sluice-load passthrough --upstream ADDR [--listen ADDR]
 //! sluice-load run   [--scenarios direct,nginx,sluice,...] [--rates 500,2000,5000] [--modes non-stream,stream]
 //!                   [--duration 10s] [--warmup 2s] [--find-max] [--out FILE.json]
 //! sluice-load soak  [--scenario sluice-policies] [--rate 1000] [--duration 10m] [--out FILE.json]
@@ -125,9 +126,19 @@ enum Cmd {
         #[command(flatten)]
         mock: MockArgs,
     },
+    /// Serve a bare reverse proxy on sluice's stack (hyper on tokio) to
+    /// `upstream` until killed: the `hyper-proxy` scenario.
+    Passthrough {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Where to forward (the mock).
+        #[arg(long)]
+        upstream: SocketAddr,
+    },
     /// Run scenarios side by side at each rate.
     Run {
-        /// Comma-separated: direct, nginx, sluice, sluice-policies,
+        /// Comma-separated: direct, nginx, hyper-proxy (a bare hyper
+        /// proxy: the stack's own cost), sluice, sluice-policies,
         /// sluice-rollout, litellm.
         #[arg(
             long,
@@ -263,6 +274,12 @@ fn main() -> Result<()> {
             let l = mock::listen(listen)?;
             println!("mock listening on {}", l.local_addr()?);
             mock::serve(l, mock.config()).await;
+            Ok(())
+        }),
+        Cmd::Passthrough { listen, upstream } => rt.block_on(async {
+            let l = mock::listen(listen)?;
+            println!("passthrough listening on {}", l.local_addr()?);
+            sluice_bench::load::passthrough::serve(l, upstream).await;
             Ok(())
         }),
         Cmd::Run {

@@ -16,6 +16,10 @@ pub enum Scenario {
     Direct,
     /// nginx `proxy_pass` with upstream keep-alive.
     Nginx,
+    /// A bare hyper reverse proxy on sluice's stack (see
+    /// [`crate::load::passthrough`]): what the stack costs without sluice's
+    /// work.
+    HyperProxy,
     /// sluice, every request recorded with its bodies, no policies.
     Sluice,
     /// sluice with the default PII (redact) and secrets (block) principles
@@ -29,9 +33,10 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in report order.
-    pub const ALL: [Scenario; 6] = [
+    pub const ALL: [Scenario; 7] = [
         Scenario::Direct,
         Scenario::Nginx,
+        Scenario::HyperProxy,
         Scenario::Sluice,
         Scenario::SluicePolicies,
         Scenario::SluiceRollout,
@@ -43,6 +48,7 @@ impl Scenario {
         match self {
             Scenario::Direct => "direct",
             Scenario::Nginx => "nginx",
+            Scenario::HyperProxy => "hyper-proxy",
             Scenario::Sluice => "sluice",
             Scenario::SluicePolicies => "sluice-policies",
             Scenario::SluiceRollout => "sluice-rollout",
@@ -304,6 +310,27 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
                 .stderr(Stdio::null())
                 .spawn()
                 .map_err(|e| format!("cannot start nginx ({}): {e}", p.nginx.display()))?;
+            wait_port(port, Duration::from_secs(10))?;
+            Ok(Running {
+                scenario,
+                url,
+                bearer: None,
+                child: Some(child),
+                db: None,
+                keep_db: None,
+                _dir: dir,
+            })
+        }
+        Scenario::HyperProxy => {
+            let exe = std::env::current_exe()
+                .map_err(|e| format!("cannot locate sluice-load for the proxy: {e}"))?;
+            let child = command(&exe, &p.target_cpus)
+                .args(["passthrough", "--listen", &format!("127.0.0.1:{port}")])
+                .args(["--upstream", &mock.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start the bare proxy: {e}"))?;
             wait_port(port, Duration::from_secs(10))?;
             Ok(Running {
                 scenario,
