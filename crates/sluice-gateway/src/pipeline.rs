@@ -335,6 +335,12 @@ fn prepare_owned(mut up: ChatRequest, variant: &VariantConfig) -> Result<ChatReq
     if up.store != Some(true) {
         up.metadata = None;
     }
+    // A non-streamed call goes upstream without stream fields; clearing them
+    // here spares the provider a copy of the request to drop them.
+    if !up.is_stream() {
+        up.stream = None;
+        up.stream_options = None;
+    }
     Ok(up)
 }
 
