@@ -74,44 +74,30 @@ pub async fn serve(listener: TcpListener, upstream: SocketAddr) {
 mod tests {
     use super::*;
     use crate::load::mock::{self, Latency, MockConfig};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
 
-    /// Sends `count` requests on one kept-alive connection; the answers.
-    async fn exchange(addr: SocketAddr, count: usize) -> Vec<String> {
-        let mut s = TcpStream::connect(addr).await.expect("connect");
+    /// Sends `count` requests on one kept-alive connection; each answer's
+    /// status and body.
+    async fn exchange(addr: SocketAddr, count: usize) -> Vec<(u16, String)> {
+        let io = TokioIo::new(TcpStream::connect(addr).await.expect("connect"));
+        let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(io)
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
         let body = r#"{"model":"support","messages":[{"role":"user","content":"hi"}]}"#;
         let mut out = Vec::new();
         for _ in 0..count {
-            let req = format!(
-                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-                 Content-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            s.write_all(req.as_bytes()).await.expect("write");
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            // The mock answers with a Content-Length; read until it is all in.
-            loop {
-                let n = s.read(&mut chunk).await.expect("read");
-                assert!(n > 0, "connection closed mid-answer");
-                buf.extend_from_slice(&chunk[..n]);
-                let text = String::from_utf8_lossy(&buf).to_string();
-                if let Some((head, rest)) = text.split_once("\r\n\r\n") {
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            l.to_ascii_lowercase()
-                                .strip_prefix("content-length:")
-                                .map(|v| v.trim().to_string())
-                        })
-                        .and_then(|v| v.parse().ok())
-                        .expect("content-length");
-                    if rest.len() >= len {
-                        out.push(text);
-                        break;
-                    }
-                }
-            }
+            sender.ready().await.expect("connection kept alive");
+            let req = Request::post("/v1/chat/completions")
+                .header("host", "x")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .expect("request");
+            let resp = sender.send_request(req).await.expect("answer");
+            let status = resp.status().as_u16();
+            let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+            out.push((status, String::from_utf8_lossy(&bytes).into_owned()));
         }
         out
     }
@@ -133,9 +119,9 @@ mod tests {
             .await
             .expect("the proxy answered within 10 s");
         assert_eq!(answers.len(), 3);
-        for a in answers {
-            assert!(a.starts_with("HTTP/1.1 200"), "{a}");
-            assert!(a.contains("\"chat.completion\""), "{a}");
+        for (status, body) in answers {
+            assert_eq!(status, 200, "{body}");
+            assert!(body.contains("\"chat.completion\""), "{body}");
         }
     }
 }

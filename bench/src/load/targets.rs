@@ -131,6 +131,26 @@ pub struct Running {
 }
 
 impl Running {
+    /// A target that is one process and keeps no store (nginx, the bare
+    /// proxy, LiteLLM).
+    fn process(
+        scenario: Scenario,
+        url: String,
+        bearer: Option<String>,
+        child: Child,
+        dir: tempfile::TempDir,
+    ) -> Running {
+        Running {
+            scenario,
+            url,
+            bearer,
+            child: Some(child),
+            db: None,
+            keep_db: None,
+            _dir: dir,
+        }
+    }
+
     /// Process id, if the target is its own process.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -311,15 +331,7 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
                 .spawn()
                 .map_err(|e| format!("cannot start nginx ({}): {e}", p.nginx.display()))?;
             wait_port(port, Duration::from_secs(10))?;
-            Ok(Running {
-                scenario,
-                url,
-                bearer: None,
-                child: Some(child),
-                db: None,
-                keep_db: None,
-                _dir: dir,
-            })
+            Ok(Running::process(scenario, url, None, child, dir))
         }
         Scenario::HyperProxy => {
             let exe = std::env::current_exe()
@@ -332,15 +344,7 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
                 .spawn()
                 .map_err(|e| format!("cannot start the bare proxy: {e}"))?;
             wait_port(port, Duration::from_secs(10))?;
-            Ok(Running {
-                scenario,
-                url,
-                bearer: None,
-                child: Some(child),
-                db: None,
-                keep_db: None,
-                _dir: dir,
-            })
+            Ok(Running::process(scenario, url, None, child, dir))
         }
         Scenario::Sluice | Scenario::SluicePolicies | Scenario::SluiceRollout => {
             let db = dir.path().join("load.db");
@@ -417,15 +421,8 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
                 .spawn()
                 .map_err(|e| format!("cannot start litellm ({}): {e}", p.litellm.display()))?;
             wait_port(port, Duration::from_secs(120))?;
-            Ok(Running {
-                scenario,
-                url,
-                bearer: Some("sk-anything".to_string()),
-                child: Some(child),
-                db: None,
-                keep_db: None,
-                _dir: dir,
-            })
+            let bearer = Some("sk-anything".to_string());
+            Ok(Running::process(scenario, url, bearer, child, dir))
         }
     }
 }

@@ -201,11 +201,7 @@ impl Endpoint {
     /// upstream's error.
     pub(crate) async fn post(&self, body: Vec<u8>) -> Result<(Response, Duration), ProviderError> {
         let start = std::time::Instant::now();
-        let req = self.client.post(&self.url, None, body);
-        let resp = send(&self.name, &self.client, req, self.timeout, "response").await?;
-        if !resp.status().is_success() {
-            return Err(status_error(&self.name, resp).await);
-        }
+        let resp = self.exchange(None, self.timeout, "response", body).await?;
         Ok((resp, self.timeout.saturating_sub(start.elapsed())))
     }
 
@@ -217,13 +213,28 @@ impl Endpoint {
         body: Vec<u8>,
     ) -> Result<(Response, std::time::Instant), ProviderError> {
         let sent = std::time::Instant::now();
-        let req = self.client.post(&self.url, Some("text/event-stream"), body);
         let wait = self.stream_timeouts.first_byte;
-        let resp = send(&self.name, &self.client, req, wait, "first byte").await?;
+        let resp = self
+            .exchange(Some("text/event-stream"), wait, "first byte", body)
+            .await?;
+        Ok((resp, sent))
+    }
+
+    /// POSTs `body`, allowing `wait` until the response headers; a non-2xx
+    /// answer is the upstream's error.
+    async fn exchange(
+        &self,
+        accept: Option<&'static str>,
+        wait: Duration,
+        phase: &'static str,
+        body: Vec<u8>,
+    ) -> Result<Response, ProviderError> {
+        let req = self.client.post(&self.url, accept, body);
+        let resp = send(&self.name, &self.client, req, wait, phase).await?;
         if !resp.status().is_success() {
             return Err(status_error(&self.name, resp).await);
         }
-        Ok((resp, sent))
+        Ok(resp)
     }
 }
 
