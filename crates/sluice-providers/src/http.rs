@@ -8,7 +8,7 @@
 //! HTTP/2 by ALPN) use hyper's pooled client.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
@@ -200,7 +200,7 @@ impl Endpoint {
     /// left of `timeout` for reading the body. A non-2xx answer is the
     /// upstream's error.
     pub(crate) async fn post(&self, body: Vec<u8>) -> Result<(Response, Duration), ProviderError> {
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         let resp = self.exchange(None, self.timeout, "response", body).await?;
         Ok((resp, self.timeout.saturating_sub(start.elapsed())))
     }
@@ -211,8 +211,8 @@ impl Endpoint {
     pub(crate) async fn post_stream(
         &self,
         body: Vec<u8>,
-    ) -> Result<(Response, std::time::Instant), ProviderError> {
-        let sent = std::time::Instant::now();
+    ) -> Result<(Response, Instant), ProviderError> {
+        let sent = Instant::now();
         let wait = self.stream_timeouts.first_byte;
         let resp = self
             .exchange(Some("text/event-stream"), wait, "first byte", body)
@@ -495,7 +495,7 @@ pub(crate) fn sse_events(
     provider: &str,
     resp: Response,
     timeouts: StreamTimeouts,
-    sent: std::time::Instant,
+    sent: Instant,
 ) -> impl Stream<Item = Result<SseEvent, ProviderError>> + Send + 'static {
     let sent = tokio::time::Instant::from_std(sent);
     let state = SseState {
