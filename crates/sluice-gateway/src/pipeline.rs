@@ -547,7 +547,7 @@ pub async fn chat_completions(
         slots: Vec::new(),
         upstream: std::time::Duration::ZERO,
     };
-    let out = handle(&app, &snap, &headers, body, &mut ctx).await;
+    let out = handle(&app, &snap, headers, body, &mut ctx).await;
     app.metrics
         .overhead(ctx.started.elapsed().saturating_sub(ctx.upstream));
     match out {
@@ -620,10 +620,14 @@ enum Answer {
     Stream(ChunkStream),
 }
 
+/// Serves one chat request. The client's headers and body are taken by
+/// value and dropped once read: they share their memory with the
+/// connection's read buffer, which would otherwise stay pinned for as long
+/// as the upstream takes to answer.
 async fn handle(
     app: &Arc<AppState>,
     snap: &Arc<Snapshot>,
-    headers: &HeaderMap,
+    headers: HeaderMap,
     body: Body,
     ctx: &mut Ctx,
 ) -> Result<Response, ApiError> {
@@ -632,11 +636,11 @@ async fn handle(
         Slot::try_take(&app.in_flight, limits.max_in_flight)
             .ok_or_else(|| ApiError::overloaded(limits.max_in_flight))?,
     );
-    let key = authenticate(snap, headers)?;
+    let key = authenticate(snap, &headers)?;
     ctx.rec.api_key = key.map(|k| k.name.clone());
     let bytes = sluice_providers::within(
         limits.body_timeout,
-        read_body(headers, body, snap.config.max_body_bytes),
+        read_body(&headers, body, snap.config.max_body_bytes),
     )
     .await
     .map_err(|_| ApiError::body_timeout(limits.body_timeout))??;
@@ -644,6 +648,7 @@ async fn handle(
         ctx.rec.request_body = Some(body_text(&bytes));
     }
     let mut req = ChatRequest::parse(&bytes).map_err(ApiError::invalid)?;
+    drop(bytes);
     ctx.rec.stream = req.is_stream();
     ctx.rec.subject = req.user.clone().or_else(|| ctx.rec.api_key.clone());
     let deployment = resolve(snap, key, &req.model)?;
@@ -655,7 +660,16 @@ async fn handle(
         );
     }
     let rollouts = app.rollouts.load();
-    let assignment = assign(snap, deployment, &rollouts, key, &req, headers, &ctx.rec.id)?;
+    let assignment = assign(
+        snap,
+        deployment,
+        &rollouts,
+        key,
+        &req,
+        &headers,
+        &ctx.rec.id,
+    )?;
+    drop(headers);
     ctx.stage_header = Some(assignment.stage_header.clone());
     ctx.rec.rollout = assignment.rollout.clone();
     ctx.rec.stage = assignment.stage.and_then(|s| u32::try_from(s).ok());
@@ -671,13 +685,15 @@ async fn handle(
     if crate::policy::has_external(&constitution, sluice_core::config::Applies::Input) {
         let started = Instant::now();
         let text = crate::policy::input_text(&req);
-        let found = crate::policy::check_external(
+        // Boxed (as are the other awaits off the common path) so that their
+        // futures do not size the handler's, which every request allocates.
+        let found = Box::pin(crate::policy::check_external(
             &app.external,
             snap,
             &constitution,
             sluice_core::config::Applies::Input,
             &text,
-        )
+        ))
         .await;
         ctx.policy
             .add(&found, started.elapsed().as_micros() as u64, None);
@@ -714,7 +730,7 @@ async fn handle(
         };
         let waiting = Instant::now();
         let (r, attempts) = if stream {
-            let (r, n) = upstream.stream_counted(&up).await;
+            let (r, n) = Box::pin(upstream.stream_counted(&up)).await;
             (r.map(Answer::Stream), n)
         } else {
             let (r, n) = upstream.reply_counted(&up).await;
@@ -783,13 +799,13 @@ async fn handle(
                     let mut completion = reply
                         .into_completion(&variant.provider)
                         .map_err(|e| ApiError::upstream(&e))?;
-                    if crate::policy::check_completion(
+                    if Box::pin(crate::policy::check_completion(
                         &app.external,
                         snap,
                         &constitution,
                         &mut completion.body,
                         &mut ctx.policy,
-                    )
+                    ))
                     .await
                     {
                         completion.raw = None;

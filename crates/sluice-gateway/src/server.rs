@@ -447,11 +447,14 @@ impl Tracked {
                 && req.uri().path() == crate::pipeline::CHAT_PATH
             {
                 let app = app.clone();
+                // Only the headers go on: the rest of the head (its URI
+                // shares the connection's read buffer) is dropped here.
                 let (parts, body) = req.into_parts();
+                let headers = parts.headers;
                 return Box::pin(async move {
                     Ok(crate::pipeline::chat_completions(
                         axum::extract::State(app),
-                        parts.headers,
+                        headers,
                         axum::body::Body::new(body),
                     )
                     .await)
