@@ -327,8 +327,41 @@ pub fn find_pii(text: &str, entities: &[String], allow: &[String], out: &mut Vec
     }
 }
 
+/// A credential shape: one pattern, or a private key block.
+enum Shape {
+    /// Every match of the pattern.
+    Pattern(Regex),
+    /// A key block: its header, through its footer when one starts within
+    /// [`KEY_BODY`] characters of the header's end (the first such footer),
+    /// else the header alone. One pattern saying so (a body of
+    /// `[\s\S]{0,8192}?`) compiles to a 16 MB automaton, most of
+    /// sluice's resident memory; two small ones find the same spans.
+    KeyBlock { begin: Regex, end: Regex },
+}
+
+impl Shape {
+    /// Calls `f` with each match's byte range, left to right, not
+    /// overlapping.
+    fn each(&self, text: &str, mut f: impl FnMut(usize, usize)) {
+        match self {
+            Shape::Pattern(r) => r.find_iter(text).for_each(|m| f(m.start(), m.end())),
+            Shape::KeyBlock { begin, end } => {
+                let mut at = 0;
+                while let Some(h) = begin.find_at(text, at) {
+                    let stop = end
+                        .find_at(text, h.end())
+                        .filter(|e| text[h.end()..e.start()].chars().nth(KEY_BODY).is_none())
+                        .map_or(h.end(), |e| e.end());
+                    f(h.start(), stop);
+                    at = stop;
+                }
+            }
+        }
+    }
+}
+
 struct Secrets {
-    patterns: Vec<(Regex, &'static str)>,
+    patterns: Vec<(Shape, &'static str)>,
     generic: Regex,
     /// Literals at least one of which each pattern's match contains, found
     /// in one pass (ASCII case-insensitive, overlapping) so that a text
@@ -356,15 +389,47 @@ fn secrets() -> &'static Secrets {
     static S: OnceLock<Secrets> = OnceLock::new();
     S.get_or_init(|| Secrets {
         patterns: vec![
-            (re(r"(?-u:\b)(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}(?-u:\b)"), "aws_access_key"),
-            (re(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?:[\s\S]{0,8192}?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?"), "private_key"),
-            (re(r"(?-u:\b)eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), "jwt"),
-            (re(r"(?i)(?-u:\b)bearer\s+[A-Za-z0-9._~+/-]{20,}=*"), "bearer_token"),
-            (re(r"(?-u:\b)gh[pousr]_[A-Za-z0-9]{36,}(?-u:\b)"), "github_token"),
-            (re(r"(?-u:\b)xox[abposr]-[A-Za-z0-9-]{10,}"), "slack_token"),
-            (re(r"(?-u:\b)sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}"), "api_key"),
-            (re(r"(?-u:\b)AIza[0-9A-Za-z_-]{35}(?-u:\b)"), "google_api_key"),
-            (re(r"(?-u:\b)[rs]k_live_[0-9A-Za-z]{20,}(?-u:\b)"), "stripe_key"),
+            (
+                Shape::Pattern(re(r"(?-u:\b)(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}(?-u:\b)")),
+                "aws_access_key",
+            ),
+            (
+                Shape::KeyBlock {
+                    begin: re(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
+                    end: re(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----"),
+                },
+                "private_key",
+            ),
+            (
+                Shape::Pattern(re(
+                    r"(?-u:\b)eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
+                )),
+                "jwt",
+            ),
+            (
+                Shape::Pattern(re(r"(?i)(?-u:\b)bearer\s+[A-Za-z0-9._~+/-]{20,}=*")),
+                "bearer_token",
+            ),
+            (
+                Shape::Pattern(re(r"(?-u:\b)gh[pousr]_[A-Za-z0-9]{36,}(?-u:\b)")),
+                "github_token",
+            ),
+            (
+                Shape::Pattern(re(r"(?-u:\b)xox[abposr]-[A-Za-z0-9-]{10,}")),
+                "slack_token",
+            ),
+            (
+                Shape::Pattern(re(r"(?-u:\b)sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}")),
+                "api_key",
+            ),
+            (
+                Shape::Pattern(re(r"(?-u:\b)AIza[0-9A-Za-z_-]{35}(?-u:\b)")),
+                "google_api_key",
+            ),
+            (
+                Shape::Pattern(re(r"(?-u:\b)[rs]k_live_[0-9A-Za-z]{20,}(?-u:\b)")),
+                "stripe_key",
+            ),
         ],
         generic: re(r"(?-u:\b)[A-Za-z0-9+/_-]{32,}={0,2}"),
         literals: AhoCorasickBuilder::new()
@@ -430,17 +495,17 @@ fn find_secrets_in(text: &str, out: &mut Vec<Span>, gated: bool) {
     } else {
         u32::MAX
     };
-    for (i, (r, label)) in s.patterns.iter().enumerate() {
+    for (i, (shape, label)) in s.patterns.iter().enumerate() {
         if candidates & (1 << i) == 0 {
             continue;
         }
-        for m in r.find_iter(text) {
+        shape.each(text, |start, end| {
             out.push(Span {
-                start: m.start(),
-                end: m.end(),
+                start,
+                end,
                 label: (*label).to_string(),
-            });
-        }
+            })
+        });
     }
     if !has_key_run(text, 32) {
         return;
@@ -660,7 +725,8 @@ pub(crate) fn floor_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
-/// Longest key block body the private-key pattern spans (bytes).
+/// Longest key block body the private-key shape spans (characters; the
+/// holdback counts it in bytes, which only holds back more).
 const KEY_BODY: usize = 8192;
 
 /// How many trailing bytes could still grow into a credential.
@@ -855,6 +921,29 @@ mod tests {
         }
     }
 
+    /// Pieces of key block headers, footers and bodies.
+    const KEY_PIECES: &[&str] = &[
+        "-----BEGIN ",
+        "-----END ",
+        "RSA ",
+        "EC ",
+        "PRIVATE ",
+        "KEY-----",
+        "PRIVATE KEY-----",
+        "OPENSSH ",
+        "rsa ",
+        " ",
+        "\n",
+        "-",
+        "MIIE",
+        "é",
+    ];
+
+    fn reference_key_block() -> &'static Regex {
+        static R: OnceLock<Regex> = OnceLock::new();
+        R.get_or_init(|| re(KEY_BLOCK_PATTERN))
+    }
+
     /// Pieces that build texts near and inside every credential shape.
     const SECRET_PIECES: &[&str] = &[
         "AKIA",
@@ -901,7 +990,59 @@ mod tests {
         "’",
     ];
 
+    /// The private-key shape as one pattern, as it was written before the
+    /// two-part search: the reference the search must agree with.
+    const KEY_BLOCK_PATTERN: &str = r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?:[\s\S]{0,8192}?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----)?";
+
+    fn key_block_spans(text: &str) -> Vec<(usize, usize)> {
+        let mut v = Vec::new();
+        secrets().patterns[1].0.each(text, |s, e| v.push((s, e)));
+        v
+    }
+
+    #[test]
+    fn a_key_block_spans_its_footer_only_within_reach() {
+        let head = "-----BEGIN RSA PRIVATE KEY-----";
+        let foot = "-----END RSA PRIVATE KEY-----";
+        let near = format!("x {head}\n{}\n{foot} y", "é".repeat(KEY_BODY - 2));
+        assert_eq!(key_block_spans(&near), vec![(2, near.len() - 2)]);
+        let far = format!("x {head}{}{foot} y", "é".repeat(KEY_BODY + 1));
+        assert_eq!(key_block_spans(&far), vec![(2, 2 + head.len())]);
+        let two = format!("{head}a{foot}{head}b{foot}");
+        assert_eq!(key_block_spans(&two).len(), 2);
+    }
+
     proptest::proptest! {
+        #[test]
+        fn the_key_block_search_finds_what_the_single_pattern_finds(
+            a in proptest::collection::vec(proptest::sample::select(KEY_PIECES), 0..15),
+            b in proptest::collection::vec(proptest::sample::select(KEY_PIECES), 0..2),
+            c in proptest::collection::vec(proptest::sample::select(KEY_PIECES), 0..15),
+            gap in (KEY_BODY - 4)..(KEY_BODY + 4),
+            wide in 0usize..4,
+            block in proptest::bool::ANY,
+        ) {
+            // A block whose body is just inside or just past the reach
+            // (counted in characters, some of them two bytes), among pieces
+            // of other headers and footers.
+            let filler = if block {
+                format!("{}{}", "é".repeat(wide), "x".repeat(gap - wide))
+            } else {
+                String::new()
+            };
+            let text = format!(
+                "{}-----BEGIN RSA PRIVATE KEY-----{filler}{}-----END RSA PRIVATE KEY-----{}",
+                a.concat(),
+                b.concat(),
+                c.concat()
+            );
+            let want: Vec<(usize, usize)> = reference_key_block()
+                .find_iter(&text)
+                .map(|m| (m.start(), m.end()))
+                .collect();
+            proptest::prop_assert_eq!(key_block_spans(&text), want);
+        }
+
         #[test]
         fn gated_secret_search_finds_what_every_pattern_finds(
             pieces in proptest::collection::vec(proptest::sample::select(SECRET_PIECES), 0..40),
