@@ -647,87 +647,104 @@ async fn handle(
     if ctx.log_full {
         ctx.rec.request_body = Some(body_text(&bytes));
     }
-    let mut req = ChatRequest::parse(&bytes).map_err(ApiError::invalid)?;
-    drop(bytes);
-    ctx.rec.stream = req.is_stream();
-    ctx.rec.subject = req.user.clone().or_else(|| ctx.rec.api_key.clone());
-    let deployment = resolve(snap, key, &req.model)?;
-    ctx.rec.deployment = Some(deployment.config.name.clone());
-    if let Some(limit) = deployment.config.max_in_flight {
-        ctx.slots.push(
-            Slot::try_take(&deployment.in_flight, limit)
-                .ok_or_else(|| ApiError::deployment_busy(&deployment.config.name, limit))?,
-        );
-    }
-    let rollouts = app.rollouts.load();
-    let assignment = assign(
-        snap,
-        deployment,
-        &rollouts,
-        key,
-        &req,
-        &headers,
-        &ctx.rec.id,
-    )?;
-    drop(headers);
-    ctx.stage_header = Some(assignment.stage_header.clone());
-    ctx.rec.rollout = assignment.rollout.clone();
-    ctx.rec.stage = assignment.stage.and_then(|s| u32::try_from(s).ok());
-    ctx.rec.assignment = Some(assignment.reason.name().to_string());
-    ctx.rec.sticky = Some(assignment.sticky);
-    ctx.rec.variant = Some(assignment.variant.name.clone());
-    ctx.rec.provider = Some(assignment.variant.provider.clone());
-    ctx.rec.model = Some(assignment.variant.model.clone());
-    let constitution = deployment.constitution.clone();
-    let checked = crate::policy::check_input(&constitution, &mut req, &mut ctx.policy);
-    ctx.flags = gate_flags(&constitution, &ctx.policy, &ctx.rec);
-    checked?;
-    if crate::policy::has_external(&constitution, sluice_core::config::Applies::Input) {
-        let started = Instant::now();
-        let text = crate::policy::input_text(&req);
-        // Boxed (as are the other awaits off the common path) so that their
-        // futures do not size the handler's, which every request allocates.
-        let found = Box::pin(crate::policy::check_external(
-            &app.external,
-            snap,
-            &constitution,
-            sluice_core::config::Applies::Input,
-            &text,
-        ))
-        .await;
-        ctx.policy
-            .add(&found, started.elapsed().as_micros() as u64, None);
-        ctx.flags = gate_flags(&constitution, &ctx.policy, &ctx.rec);
-        if let Some(b) = found
-            .iter()
-            .find(|f| f.action == sluice_core::config::PolicyAction::Block)
-        {
-            return Err(crate::policy::violation(b));
+    // The request as decoded lives only in this block: it leaves it
+    // rewritten for the upstream (and boxed, when a fallback or a mirror
+    // needs it again), so the handler's future, which every request in
+    // flight holds, keeps no slot for it across the upstream call.
+    let (deployment, constitution, chain, stream, stream_usage, prepared, original) = {
+        let mut req = ChatRequest::parse(&bytes).map_err(ApiError::invalid)?;
+        drop(bytes);
+        ctx.rec.stream = req.is_stream();
+        ctx.rec.subject = req.user.clone().or_else(|| ctx.rec.api_key.clone());
+        let deployment = resolve(snap, key, &req.model)?;
+        ctx.rec.deployment = Some(deployment.config.name.clone());
+        if let Some(limit) = deployment.config.max_in_flight {
+            ctx.slots.push(
+                Slot::try_take(&deployment.in_flight, limit)
+                    .ok_or_else(|| ApiError::deployment_busy(&deployment.config.name, limit))?,
+            );
         }
-    }
-    let mirrored = assignment.reason == Reason::Stable && ctx.rec.rollout.is_some();
-    let chain = fallback_chain(deployment, &assignment, &rollouts);
-    let stream = req.is_stream();
-    let stream_usage = req.wants_stream_usage();
-    // The client's request is rewritten in place when nothing else needs
-    // it: no mirror to start, no fallback to rewrite it for.
-    let (mut assigned_up, original) = if chain.len() == 1 && !mirrored {
-        (Some(prepare_owned(req, assignment.variant)?), None)
-    } else {
-        (Some(prepare(&req, assignment.variant)?), Some(req))
+        let rollouts = app.rollouts.load();
+        let assignment = assign(
+            snap,
+            deployment,
+            &rollouts,
+            key,
+            &req,
+            &headers,
+            &ctx.rec.id,
+        )?;
+        drop(headers);
+        ctx.stage_header = Some(assignment.stage_header.clone());
+        ctx.rec.rollout = assignment.rollout.clone();
+        ctx.rec.stage = assignment.stage.and_then(|s| u32::try_from(s).ok());
+        ctx.rec.assignment = Some(assignment.reason.name().to_string());
+        ctx.rec.sticky = Some(assignment.sticky);
+        ctx.rec.variant = Some(assignment.variant.name.clone());
+        ctx.rec.provider = Some(assignment.variant.provider.clone());
+        ctx.rec.model = Some(assignment.variant.model.clone());
+        let constitution = deployment.constitution.clone();
+        let checked = crate::policy::check_input(&constitution, &mut req, &mut ctx.policy);
+        ctx.flags = gate_flags(&constitution, &ctx.policy, &ctx.rec);
+        checked?;
+        if crate::policy::has_external(&constitution, sluice_core::config::Applies::Input) {
+            let started = Instant::now();
+            let text = crate::policy::input_text(&req);
+            // Boxed (as are the other awaits off the common path) so that their
+            // futures do not size the handler's, which every request allocates.
+            let found = Box::pin(crate::policy::check_external(
+                &app.external,
+                snap,
+                &constitution,
+                sluice_core::config::Applies::Input,
+                &text,
+            ))
+            .await;
+            ctx.policy
+                .add(&found, started.elapsed().as_micros() as u64, None);
+            ctx.flags = gate_flags(&constitution, &ctx.policy, &ctx.rec);
+            if let Some(b) = found
+                .iter()
+                .find(|f| f.action == sluice_core::config::PolicyAction::Block)
+            {
+                return Err(crate::policy::violation(b));
+            }
+        }
+        let mirrored = assignment.reason == Reason::Stable && ctx.rec.rollout.is_some();
+        let chain = fallback_chain(deployment, &assignment, &rollouts);
+        let stream = req.is_stream();
+        let stream_usage = req.wants_stream_usage();
+        // The client's request is rewritten in place when nothing else needs
+        // it: no mirror to start, no fallback to rewrite it for.
+        let (prepared, original) = if chain.len() == 1 && !mirrored {
+            (prepare_owned(req, assignment.variant)?, None)
+        } else {
+            (prepare(&req, assignment.variant)?, Some(Box::new(req)))
+        };
+        if let (true, Some(req)) = (mirrored, original.as_deref()) {
+            ctx.shadow = crate::shadow::start(app, snap, &rollouts, &ctx.rec, req);
+        }
+        (
+            deployment,
+            constitution,
+            chain,
+            stream,
+            stream_usage,
+            prepared,
+            original,
+        )
     };
-    if let (true, Some(req)) = (mirrored, &original) {
-        ctx.shadow = crate::shadow::start(app, snap, &rollouts, &ctx.rec, req);
-    }
     let mut first_failure: Option<ProviderError> = None;
     let mut served: Option<(&VariantConfig, Answer)> = None;
+    let mut up = prepared;
     for (i, (variant, upstream)) in chain.iter().enumerate() {
-        let up = match (assigned_up.take(), &original) {
-            (Some(up), _) => up,
-            (None, Some(req)) => prepare(req, variant)?,
+        if i > 0 {
             // A chain of one has nothing after its first variant.
-            (None, None) => break,
-        };
+            let Some(req) = original.as_deref() else {
+                break;
+            };
+            up = prepare(req, variant)?;
+        }
         let waiting = Instant::now();
         let (r, attempts) = if stream {
             let (r, n) = Box::pin(upstream.stream_counted(&up)).await;
