@@ -385,12 +385,17 @@ const SECRET_LITERALS: &[&[&str]] = &[
     &["k_live_"],
 ];
 
+/// A credential shape that is one pattern, with its label.
+fn pattern(p: &str, label: &'static str) -> (Shape, &'static str) {
+    (Shape::Pattern(re(p)), label)
+}
+
 fn secrets() -> &'static Secrets {
     static S: OnceLock<Secrets> = OnceLock::new();
     S.get_or_init(|| Secrets {
         patterns: vec![
-            (
-                Shape::Pattern(re(r"(?-u:\b)(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}(?-u:\b)")),
+            pattern(
+                r"(?-u:\b)(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}(?-u:\b)",
                 "aws_access_key",
             ),
             (
@@ -400,36 +405,22 @@ fn secrets() -> &'static Secrets {
                 },
                 "private_key",
             ),
-            (
-                Shape::Pattern(re(
-                    r"(?-u:\b)eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
-                )),
+            pattern(
+                r"(?-u:\b)eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
                 "jwt",
             ),
-            (
-                Shape::Pattern(re(r"(?i)(?-u:\b)bearer\s+[A-Za-z0-9._~+/-]{20,}=*")),
+            pattern(
+                r"(?i)(?-u:\b)bearer\s+[A-Za-z0-9._~+/-]{20,}=*",
                 "bearer_token",
             ),
-            (
-                Shape::Pattern(re(r"(?-u:\b)gh[pousr]_[A-Za-z0-9]{36,}(?-u:\b)")),
+            pattern(
+                r"(?-u:\b)gh[pousr]_[A-Za-z0-9]{36,}(?-u:\b)",
                 "github_token",
             ),
-            (
-                Shape::Pattern(re(r"(?-u:\b)xox[abposr]-[A-Za-z0-9-]{10,}")),
-                "slack_token",
-            ),
-            (
-                Shape::Pattern(re(r"(?-u:\b)sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}")),
-                "api_key",
-            ),
-            (
-                Shape::Pattern(re(r"(?-u:\b)AIza[0-9A-Za-z_-]{35}(?-u:\b)")),
-                "google_api_key",
-            ),
-            (
-                Shape::Pattern(re(r"(?-u:\b)[rs]k_live_[0-9A-Za-z]{20,}(?-u:\b)")),
-                "stripe_key",
-            ),
+            pattern(r"(?-u:\b)xox[abposr]-[A-Za-z0-9-]{10,}", "slack_token"),
+            pattern(r"(?-u:\b)sk-(?:proj-|ant-)?[A-Za-z0-9_-]{20,}", "api_key"),
+            pattern(r"(?-u:\b)AIza[0-9A-Za-z_-]{35}(?-u:\b)", "google_api_key"),
+            pattern(r"(?-u:\b)[rs]k_live_[0-9A-Za-z]{20,}(?-u:\b)", "stripe_key"),
         ],
         generic: re(r"(?-u:\b)[A-Za-z0-9+/_-]{32,}={0,2}"),
         literals: AhoCorasickBuilder::new()
