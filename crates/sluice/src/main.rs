@@ -176,12 +176,38 @@ fn init_tracing(default: &str) {
         .try_init();
 }
 
+/// Turns transparent huge pages off for this process (Linux), unless
+/// `MIMALLOC_ALLOW_THP` is set, in which case the allocator's own setting
+/// decides. Returns false when the kernel refused.
+///
+/// mimalloc reserves its arenas committed and asks for huge pages on them.
+/// Then a few small live buffers per 2 MiB region keep the whole region
+/// resident: with a 200 ms upstream and 1 000 requests in flight the gateway
+/// held about 108 MB with huge pages and about 75 MB without, at the same
+/// latency and CPU. The kernel checks the flag at each page fault, so it
+/// covers the memory mapped before this call too.
+fn decline_huge_pages() -> bool {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // SAFETY: PR_SET_THP_DISABLE takes plain integers, touches no memory
+        // of ours and only sets a flag on this process.
+        return unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } == 0;
+    }
+    true
+}
+
 fn main() -> ExitCode {
+    let small_pages = decline_huge_pages();
     let cli = Cli::parse();
     init_tracing(match cli.command {
         Command::Serve { .. } => "info",
         _ => "warn",
     });
+    if !small_pages {
+        // Kernels before 3.15 lack the call: the gateway runs the same, with
+        // more resident memory.
+        tracing::debug!("prctl(PR_SET_THP_DISABLE) failed; transparent huge pages stay on");
+    }
     let result = match cli.command {
         Command::CheckConfig { file, strict } => check_config(&file, strict),
         Command::HashKey { key } => hash_key(key),

@@ -248,6 +248,41 @@ fn serve_refuses_to_start_without_its_secrets() {
     );
 }
 
+/// The `THP_enabled` line of a process's status, if the kernel shows it.
+fn thp_enabled(pid: &str) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim().to_string())
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn serve_runs_without_transparent_huge_pages_unless_the_allocator_is_told() {
+    let Some(ours) = thp_enabled("self") else {
+        eprintln!("this kernel does not show THP_enabled in /proc/PID/status; nothing to check");
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, SIM_CONFIG).expect("write");
+    let db = dir.path().join("s.db").to_string_lossy().into_owned();
+    let server = start_server(&config, &db, &[("TEST_APP_KEY", "sk-app")]);
+    let pid = server.child.id().to_string();
+    assert_eq!(thp_enabled(&pid).as_deref(), Some("0"));
+    drop(server);
+    // MIMALLOC_ALLOW_THP hands the choice back to the allocator; with it set
+    // to 1 the process keeps whatever it inherited.
+    let server = start_server(
+        &config,
+        &db,
+        &[("TEST_APP_KEY", "sk-app"), ("MIMALLOC_ALLOW_THP", "1")],
+    );
+    let pid = server.child.id().to_string();
+    assert_eq!(thp_enabled(&pid), Some(ours));
+}
+
 #[test]
 fn requests_on_a_missing_store_says_so() {
     let out = bin()
