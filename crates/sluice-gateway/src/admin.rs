@@ -638,6 +638,9 @@ pub async fn reload(app: &Arc<AppState>) -> Result<(), Vec<String>> {
     if config.limits.listen_backlog != old.config.limits.listen_backlog {
         notes.push("listen_backlog changed (takes effect on restart)".to_string());
     }
+    if config.limits.max_connections != old.config.limits.max_connections {
+        notes.push("max_connections changed (takes effect on restart)".to_string());
+    }
     if config.limits.workers != old.config.limits.workers {
         notes.push("workers changed (takes effect on restart)".to_string());
     }

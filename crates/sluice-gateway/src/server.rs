@@ -38,7 +38,7 @@ use hyper_util::service::TowerToHyperService;
 use sluice_core::config::ServerLimits;
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 /// The connections still open after the listener stopped.
@@ -219,8 +219,9 @@ impl Connections {
     }
 
     /// Serves one connection (already counted in `open`) on the current
-    /// runtime.
-    fn start(&mut self, stream: TcpStream) {
+    /// runtime; `slot`, its place under `max_connections`, is freed when it
+    /// closes.
+    fn start(&mut self, stream: TcpStream, slot: Slot) {
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new());
         let svc = Tracked {
@@ -250,6 +251,7 @@ impl Connections {
                 }
             }
             open.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
         });
     }
 
@@ -559,17 +561,58 @@ impl hyper::body::Body for TrackedBody {
     }
 }
 
-/// Accepts the next connection, backing off briefly on errors such as
-/// running out of file descriptors instead of spinning; `None` once `stop`
-/// turns true.
-async fn accept(listener: &TcpListener, stop: &mut watch::Receiver<bool>) -> Option<TcpStream> {
+/// A connection's place under `max_connections` (`None`: no cap).
+type Slot = Option<OwnedSemaphorePermit>;
+
+/// The cap on open client connections of one listener (`max_connections`).
+#[derive(Clone)]
+struct ConnectionCap {
+    slots: Option<Arc<Semaphore>>,
+    max: usize,
+}
+
+impl ConnectionCap {
+    fn new(max: usize) -> ConnectionCap {
+        ConnectionCap {
+            slots: (max > 0).then(|| Arc::new(Semaphore::new(max))),
+            max,
+        }
+    }
+
+    /// Waits for a free place; `None` inside when there is no cap.
+    async fn take(&self) -> Slot {
+        let slots = self.slots.as_ref()?;
+        if slots.available_permits() == 0 {
+            tracing::warn!(
+                "{} client connections are open (max_connections): new ones wait in the \
+                 listen queue until one closes",
+                self.max
+            );
+        }
+        // The semaphore is never closed, so acquiring only waits.
+        slots.clone().acquire_owned().await.ok()
+    }
+}
+
+/// Accepts the next connection once `cap` has room for it, backing off
+/// briefly on errors such as running out of file descriptors instead of
+/// spinning; `None` once `stop` turns true.
+async fn accept(
+    listener: &TcpListener,
+    cap: &ConnectionCap,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, Slot)> {
+    let slot = tokio::select! {
+        s = cap.take() => s,
+        _ = stop.wait_for(|s| *s) => return None,
+    };
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.wait_for(|s| *s) => return None,
         };
         match accepted {
-            Ok((s, _)) => return Some(s),
+            Ok((s, _)) => return Some((s, slot)),
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -587,9 +630,10 @@ pub(crate) async fn serve(
     mut stop: watch::Receiver<bool>,
 ) -> Draining {
     let mut conns = Connections::new(routes.into(), &limits, Arc::default());
-    while let Some(stream) = accept(&listener, &mut stop).await {
+    let cap = ConnectionCap::new(limits.max_connections);
+    while let Some((stream, slot)) = accept(&listener, &cap, &mut stop).await {
         conns.open.fetch_add(1, Ordering::Relaxed);
-        conns.start(stream);
+        conns.start(stream, slot);
     }
     conns.draining()
 }
@@ -597,7 +641,7 @@ pub(crate) async fn serve(
 /// One serving thread as the acceptor sees it.
 struct ServingThread {
     /// New connections for it.
-    handoff: mpsc::UnboundedSender<std::net::TcpStream>,
+    handoff: mpsc::UnboundedSender<(std::net::TcpStream, Slot)>,
     /// Connections it has open.
     open: Arc<AtomicUsize>,
 }
@@ -660,7 +704,8 @@ pub(crate) fn serve_on_threads(
         serving.push(ServingThread { handoff, open });
         done.push(rx);
     }
-    tokio::spawn(hand_out(listener, serving, stop));
+    let cap = ConnectionCap::new(limits.max_connections);
+    tokio::spawn(hand_out(listener, serving, cap, stop));
     Ok(done)
 }
 
@@ -669,12 +714,13 @@ pub(crate) fn serve_on_threads(
 async fn hand_out(
     listener: TcpListener,
     mut serving: Vec<ServingThread>,
+    cap: ConnectionCap,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut turn = 0usize;
-    while let Some(stream) = accept(&listener, &mut stop).await {
-        let mut stream = match stream.into_std() {
-            Ok(s) => s,
+    while let Some((stream, slot)) = accept(&listener, &cap, &mut stop).await {
+        let mut conn = match stream.into_std() {
+            Ok(s) => (s, slot),
             Err(e) => {
                 tracing::warn!("cannot hand a connection over: {e}");
                 continue;
@@ -692,14 +738,14 @@ async fn hand_out(
                 .min_by_key(|&i| serving[i].open.load(Ordering::Relaxed))
                 .unwrap_or(0);
             serving[pick].open.fetch_add(1, Ordering::Relaxed);
-            match serving[pick].handoff.send(stream) {
+            match serving[pick].handoff.send(conn) {
                 Ok(()) => break,
                 Err(mpsc::error::SendError(back)) => {
                     // That thread is gone (it failed to start): give the
                     // connection to another and stop giving it work.
                     tracing::error!("a serving thread is not running");
                     serving.remove(pick);
-                    stream = back;
+                    conn = back;
                 }
             }
         }
@@ -708,7 +754,7 @@ async fn hand_out(
 
 /// One serving thread: see [`serve_on_threads`].
 struct ServeThread {
-    incoming: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    incoming: mpsc::UnboundedReceiver<(std::net::TcpStream, Slot)>,
     routes: Routes,
     limits: ServerLimits,
     stop: watch::Receiver<bool>,
@@ -749,9 +795,9 @@ impl ServeThread {
                     n = incoming.recv() => n,
                     _ = stop.wait_for(|s| *s) => None,
                 };
-                let Some(stream) = next else { break };
+                let Some((stream, slot)) = next else { break };
                 match TcpStream::from_std(stream) {
-                    Ok(s) => conns.start(s),
+                    Ok(s) => conns.start(s, slot),
                     Err(e) => {
                         open.fetch_sub(1, Ordering::Relaxed);
                         tracing::warn!("cannot serve a handed-over connection: {e}");

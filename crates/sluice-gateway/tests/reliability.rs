@@ -511,6 +511,64 @@ async fn slow_and_oversized_clients_are_cut_off() {
     h.stop().await;
 }
 
+/// At `max_connections` a new connection waits in the listen queue,
+/// unanswered, until an open one closes, and is then served: on the shared
+/// runtime and on dedicated serving threads alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_holds_new_connections_until_one_closes() {
+    let ask = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+    for workers in [0, 2] {
+        let h = Harness::start_with(move |c| {
+            c.replace(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"127.0.0.1:0\"\nmax_connections = 2\nworkers = {workers}"),
+            )
+        })
+        .await;
+        let mut a = raw(&h).await;
+        a.write_all(ask).await.expect("write");
+        let answer = read_one(&mut a).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "workers {workers}: {answer}"
+        );
+        let mut b = raw(&h).await;
+        b.write_all(ask).await.expect("write");
+        let answer = read_one(&mut b).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "workers {workers}: {answer}"
+        );
+
+        // The kernel completes the third connection, but sluice does not
+        // take it while two are open.
+        let mut c = raw(&h).await;
+        c.write_all(ask).await.expect("write");
+        let mut byte = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(500), c.read(&mut byte)).await;
+        assert!(
+            early.is_err(),
+            "workers {workers}: a third connection was answered with max_connections = 2"
+        );
+
+        // One closes: the waiting one is served, and the other open one
+        // still is.
+        drop(a);
+        let answer = read_one(&mut c).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "workers {workers}: {answer}"
+        );
+        b.write_all(ask).await.expect("write");
+        let answer = read_one(&mut b).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 200"),
+            "workers {workers}: {answer}"
+        );
+        h.stop().await;
+    }
+}
+
 /// Reads one HTTP/1.1 response (head and Content-Length body) off a
 /// kept-alive connection; "" if the connection closed first.
 async fn read_one(s: &mut tokio::net::TcpStream) -> String {

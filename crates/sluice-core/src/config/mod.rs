@@ -860,6 +860,7 @@ fn build(cx: &mut Cx, mut t: toml::Table) -> Config {
         "max_header_bytes",
         "shutdown_grace",
         "listen_backlog",
+        "max_connections",
         "workers",
         "max_body_bytes",
         "allow_anonymous",

@@ -128,6 +128,11 @@ pub struct ServerLimits {
     /// drops connection attempts in a burst, and a dropped SYN costs its
     /// client a one-second retransmit.
     pub listen_backlog: u32,
+    /// Most client connections open at once per listener (0: no cap). At
+    /// the cap sluice stops accepting: new connections wait in the listen
+    /// queue until one closes. Each open connection holds about 16 KiB of
+    /// buffers, idle or not.
+    pub max_connections: usize,
     /// 0: client connections are served on the shared work-stealing runtime.
     /// N: on N dedicated threads, each with its own event loop and upstream
     /// connection pools (less CPU per request; a burst on one thread cannot
@@ -145,6 +150,7 @@ impl Default for ServerLimits {
             max_header_bytes: 64 * 1024,
             shutdown_grace: Duration::from_secs(30),
             listen_backlog: 4096,
+            max_connections: 0,
             workers: 0,
         }
     }
@@ -172,6 +178,8 @@ pub(super) fn server_limits(cx: &mut Cx, t: &mut toml::Table) -> ServerLimits {
             format!("must be between 1 and 65535, got {listen_backlog}"),
         );
     }
+    let max_connections: usize =
+        super::take(cx, t, "", "max_connections").unwrap_or(d.max_connections);
     let workers: usize = super::take(cx, t, "", "workers").unwrap_or(d.workers);
     if workers > 256 {
         cx.err(
@@ -197,6 +205,7 @@ pub(super) fn server_limits(cx: &mut Cx, t: &mut toml::Table) -> ServerLimits {
         max_header_bytes,
         shutdown_grace: dur(cx, "", "shutdown_grace", grace, d.shutdown_grace),
         listen_backlog,
+        max_connections,
         workers,
     }
 }
