@@ -99,6 +99,9 @@ struct ProgramArgs {
     /// runtime, N on N dedicated threads.
     #[arg(long, default_value_t = 0)]
     sluice_workers: usize,
+    /// sluice's `max_connections` setting: 0 for no cap.
+    #[arg(long, default_value_t = 0)]
+    sluice_max_connections: usize,
 }
 
 impl ProgramArgs {
@@ -109,6 +112,7 @@ impl ProgramArgs {
             litellm: self.litellm_bin.clone(),
             logs: self.logs.clone(),
             sluice_workers: self.sluice_workers,
+            sluice_max_connections: self.sluice_max_connections,
             target_cpus: self.pin.then(|| {
                 let n = std::thread::available_parallelism().map_or(2, |n| n.get());
                 format!("1-{}", n.saturating_sub(1).max(1))

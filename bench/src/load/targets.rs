@@ -95,6 +95,8 @@ pub struct Programs {
     pub logs: Option<PathBuf>,
     /// sluice's `workers` setting.
     pub sluice_workers: usize,
+    /// sluice's `max_connections` setting (0: no cap).
+    pub sluice_max_connections: usize,
 }
 
 /// A command for `program`, under `taskset -c CPUS` when pinned.
@@ -351,7 +353,10 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
             let cfg = dir.path().join("sluice.toml");
             let text = sluice_config(scenario, port, mock, &db).replacen(
                 "\n",
-                &format!("\nworkers = {}\n", p.sluice_workers),
+                &format!(
+                    "\nworkers = {}\nmax_connections = {}\n",
+                    p.sluice_workers, p.sluice_max_connections
+                ),
                 1,
             );
             std::fs::write(&cfg, text).map_err(|e| e.to_string())?;

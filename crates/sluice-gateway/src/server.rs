@@ -223,7 +223,7 @@ impl Connections {
     /// closes.
     fn start(&mut self, stream: TcpStream, slot: Slot) {
         let _ = stream.set_nodelay(true);
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(slot.crowded.clone()));
         let svc = Tracked {
             inner: TowerToHyperService::new(self.routes.router.clone()),
             chat: self.routes.chat.clone(),
@@ -275,11 +275,17 @@ struct Activity {
     head_since: AtomicU64,
     /// When the last response finished (0: none yet).
     idle_since: AtomicU64,
+    /// Whether the listener is at `max_connections` (`None`: no cap).
+    crowded: Option<watch::Receiver<bool>>,
+    /// Wakes the watchdog when the connection falls idle while crowded.
+    fell_idle: tokio::sync::Notify,
 }
 
 impl Activity {
-    fn new() -> Activity {
+    fn new(crowded: Option<watch::Receiver<bool>>) -> Activity {
         Activity {
+            crowded,
+            fell_idle: tokio::sync::Notify::new(),
             origin: Instant::now(),
             busy: AtomicUsize::new(0),
             head_since: AtomicU64::new(0),
@@ -307,13 +313,19 @@ impl Drop for Busy {
     fn drop(&mut self) {
         let now = self.0.now();
         self.0.idle_since.store(now, Ordering::Relaxed);
-        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        let was = self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        if was == 1 && self.0.crowded.as_ref().is_some_and(|c| *c.borrow()) {
+            // Idle while the listener is full: its watchdog closes it.
+            self.0.fell_idle.notify_one();
+        }
     }
 }
 
 /// Resolves when the connection should be closed: a request head not
 /// received within `header_timeout` of its first byte (or of connecting),
-/// or no request for `keep_alive_timeout` after the last answer.
+/// no request for `keep_alive_timeout` after the last answer, or idle
+/// between requests while the listener is at `max_connections` (making room
+/// for a connection waiting to be accepted).
 async fn watchdog(
     activity: &Activity,
     header_timeout: Duration,
@@ -321,6 +333,7 @@ async fn watchdog(
 ) -> &'static str {
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4);
     let (head_ms, idle_ms) = (ms(header_timeout), ms(keep_alive));
+    let mut crowded = activity.crowded.clone();
     loop {
         let now = activity.now();
         let wait = if activity.busy.load(Ordering::Relaxed) > 0 {
@@ -328,6 +341,9 @@ async fn watchdog(
         } else {
             let head = activity.head_since.load(Ordering::Relaxed);
             let idle = activity.idle_since.load(Ordering::Relaxed);
+            if head == 0 && idle != 0 && crowded.as_ref().is_some_and(|c| *c.borrow()) {
+                return "idle while max_connections was reached";
+            }
             let (deadline, why) = if head != 0 {
                 (
                     head + head_ms,
@@ -346,8 +362,23 @@ async fn watchdog(
             }
             deadline - now
         };
-        tokio::time::sleep(Duration::from_millis(wait.max(1))).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(wait.max(1))) => {}
+            _ = became_crowded(&mut crowded) => {}
+            _ = activity.fell_idle.notified() => {}
+        }
     }
+}
+
+/// Resolves when the listener's crowded flag changes; never without a cap
+/// (or once the listener is gone).
+async fn became_crowded(crowded: &mut Option<watch::Receiver<bool>>) {
+    if let Some(c) = crowded {
+        if c.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// The client socket, noting when bytes of a new request head arrive.
@@ -561,13 +592,22 @@ impl hyper::body::Body for TrackedBody {
     }
 }
 
-/// A connection's place under `max_connections` (`None`: no cap).
-type Slot = Option<OwnedSemaphorePermit>;
+/// A connection's place under `max_connections`, freed when it is dropped,
+/// and the listener's crowded flag (both `None` without a cap).
+#[derive(Default)]
+struct Slot {
+    _permit: Option<OwnedSemaphorePermit>,
+    crowded: Option<watch::Receiver<bool>>,
+}
 
 /// The cap on open client connections of one listener (`max_connections`).
-#[derive(Clone)]
+/// While a new connection waits for a place, the listener is crowded: idle
+/// kept-alive connections close to make room (as a server at its
+/// connection limit reclaims idle keep-alive connections), busy ones finish
+/// their requests first.
 struct ConnectionCap {
     slots: Option<Arc<Semaphore>>,
+    crowded: watch::Sender<bool>,
     max: usize,
 }
 
@@ -575,26 +615,37 @@ impl ConnectionCap {
     fn new(max: usize) -> ConnectionCap {
         ConnectionCap {
             slots: (max > 0).then(|| Arc::new(Semaphore::new(max))),
+            crowded: watch::Sender::new(false),
             max,
         }
     }
 
-    /// Waits for a free place; `None` inside when there is no cap.
+    /// Waits for a free place (at once without a cap).
     async fn take(&self) -> Slot {
-        let slots = self.slots.as_ref()?;
+        let Some(slots) = self.slots.as_ref() else {
+            return Slot::default();
+        };
         if slots.available_permits() == 0 {
             tracing::warn!(
-                "{} client connections are open (max_connections): new ones wait in the \
-                 listen queue until one closes",
+                "{} client connections are open (max_connections): closing idle ones to make \
+                 room; new connections wait in the listen queue meanwhile",
                 self.max
             );
+            self.crowded.send_replace(true);
         }
         // The semaphore is never closed, so acquiring only waits.
-        slots.clone().acquire_owned().await.ok()
+        let permit = slots.clone().acquire_owned().await.ok();
+        self.crowded
+            .send_if_modified(|c| std::mem::replace(c, false));
+        Slot {
+            _permit: permit,
+            crowded: Some(self.crowded.subscribe()),
+        }
     }
 }
 
-/// Accepts the next connection once `cap` has room for it, backing off
+/// Accepts the next connection and waits until `cap` has room for it (the
+/// connections behind it wait in the listen queue meanwhile), backing off
 /// briefly on errors such as running out of file descriptors instead of
 /// spinning; `None` once `stop` turns true.
 async fn accept(
@@ -602,17 +653,19 @@ async fn accept(
     cap: &ConnectionCap,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<(TcpStream, Slot)> {
-    let slot = tokio::select! {
-        s = cap.take() => s,
-        _ = stop.wait_for(|s| *s) => return None,
-    };
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.wait_for(|s| *s) => return None,
         };
         match accepted {
-            Ok((s, _)) => return Some((s, slot)),
+            Ok((s, _)) => {
+                let slot = tokio::select! {
+                    slot = cap.take() => slot,
+                    _ = stop.wait_for(|s| *s) => return None,
+                };
+                return Some((s, slot));
+            }
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -511,56 +511,96 @@ async fn slow_and_oversized_clients_are_cut_off() {
     h.stop().await;
 }
 
-/// At `max_connections` a new connection waits in the listen queue,
-/// unanswered, until an open one closes, and is then served: on the shared
-/// runtime and on dedicated serving threads alike.
+/// Whether the server has closed `s` (read returns end of file within
+/// `within`).
+async fn closed(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(within, s.read(&mut byte)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+/// At `max_connections`, a new connection is taken once an open one is
+/// idle: idle kept-alive connections close to make room, busy ones finish
+/// their requests first and the new connection waits in the listen queue
+/// meanwhile. On the shared runtime and on dedicated serving threads alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_connections_holds_new_connections_until_one_closes() {
-    let ask = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+async fn max_connections_makes_room_from_idle_connections_only() {
+    let health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+    let body = r#"{"model":"gpt-slow","messages":[{"role":"user","content":"hi"}]}"#;
+    let slow = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        common::CLIENT_KEY,
+        body.len()
+    )
+    .into_bytes();
     for workers in [0, 2] {
         let h = Harness::start_with(move |c| {
             c.replace(
                 "listen = \"127.0.0.1:0\"",
                 &format!("listen = \"127.0.0.1:0\"\nmax_connections = 2\nworkers = {workers}"),
             )
+            .replace("timeout = \"800ms\"", "timeout = \"2s\"")
         })
         .await;
+        // Two idle kept-alive connections fill the listener.
         let mut a = raw(&h).await;
-        a.write_all(ask).await.expect("write");
-        let answer = read_one(&mut a).await;
-        assert!(
-            answer.starts_with("HTTP/1.1 200"),
-            "workers {workers}: {answer}"
-        );
+        a.write_all(&health).await.expect("write");
+        assert!(read_one(&mut a).await.starts_with("HTTP/1.1 200"));
         let mut b = raw(&h).await;
-        b.write_all(ask).await.expect("write");
-        let answer = read_one(&mut b).await;
+        b.write_all(&health).await.expect("write");
+        assert!(read_one(&mut b).await.starts_with("HTTP/1.1 200"));
+        // Not before anyone waits: both stay open.
         assert!(
-            answer.starts_with("HTTP/1.1 200"),
-            "workers {workers}: {answer}"
+            !closed(&mut a, Duration::from_millis(300)).await,
+            "workers {workers}"
         );
-
-        // The kernel completes the third connection, but sluice does not
-        // take it while two are open.
+        // A third is served: an idle one closed for it.
         let mut c = raw(&h).await;
-        c.write_all(ask).await.expect("write");
-        let mut byte = [0u8; 1];
-        let early = tokio::time::timeout(Duration::from_millis(500), c.read(&mut byte)).await;
-        assert!(
-            early.is_err(),
-            "workers {workers}: a third connection was answered with max_connections = 2"
-        );
-
-        // One closes: the waiting one is served, and the other open one
-        // still is.
-        drop(a);
+        c.write_all(&health).await.expect("write");
         let answer = read_one(&mut c).await;
         assert!(
             answer.starts_with("HTTP/1.1 200"),
             "workers {workers}: {answer}"
         );
-        b.write_all(ask).await.expect("write");
-        let answer = read_one(&mut b).await;
+        let a_closed = closed(&mut a, Duration::from_millis(500)).await;
+        let b_closed = closed(&mut b, Duration::from_millis(500)).await;
+        assert!(
+            a_closed || b_closed,
+            "workers {workers}: no idle connection closed"
+        );
+        drop((a, b, c));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        // Two busy connections are left to finish (the upstream call takes
+        // 2 s to time out); the third waits, then is served.
+        let mut a = raw(&h).await;
+        a.write_all(&slow).await.expect("write");
+        let mut b = raw(&h).await;
+        b.write_all(&slow).await.expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut c = raw(&h).await;
+        c.write_all(&health).await.expect("write");
+        let mut byte = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(300), c.read(&mut byte)).await;
+        assert!(
+            early.is_err(),
+            "workers {workers}: a third connection was answered while two were busy"
+        );
+        for s in [&mut a, &mut b] {
+            let answer = read_one(s).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 "),
+                "workers {workers}: {answer}"
+            );
+            assert!(
+                !answer.starts_with("HTTP/1.1 200"),
+                "workers {workers}: {answer}"
+            );
+        }
+        let answer = read_one(&mut c).await;
         assert!(
             answer.starts_with("HTTP/1.1 200"),
             "workers {workers}: {answer}"
