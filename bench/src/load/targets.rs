@@ -351,12 +351,15 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
         Scenario::Sluice | Scenario::SluicePolicies | Scenario::SluiceRollout => {
             let db = dir.path().join("load.db");
             let cfg = dir.path().join("sluice.toml");
+            // max_connections only when set, so binaries from before the
+            // setting still run (for A/B comparisons).
+            let cap = match p.sluice_max_connections {
+                0 => String::new(),
+                n => format!("max_connections = {n}\n"),
+            };
             let text = sluice_config(scenario, port, mock, &db).replacen(
                 "\n",
-                &format!(
-                    "\nworkers = {}\nmax_connections = {}\n",
-                    p.sluice_workers, p.sluice_max_connections
-                ),
+                &format!("\nworkers = {}\n{cap}", p.sluice_workers),
                 1,
             );
             std::fs::write(&cfg, text).map_err(|e| e.to_string())?;
