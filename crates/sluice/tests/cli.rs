@@ -117,12 +117,19 @@ stable = "v1"
 variants.v1 = { provider = "sim", model = "sim-1" }
 "#;
 
-#[test]
-fn sigterm_finishes_in_flight_streams_and_flushes_every_record() {
+/// A temporary directory holding `SIM_CONFIG` as `sluice.toml`, with the
+/// config's path and a store path beside it.
+fn sim_files() -> (tempfile::TempDir, PathBuf, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("sluice.toml");
     std::fs::write(&config, SIM_CONFIG).expect("write");
     let db = dir.path().join("s.db").to_string_lossy().into_owned();
+    (dir, config, db)
+}
+
+#[test]
+fn sigterm_finishes_in_flight_streams_and_flushes_every_record() {
+    let (_dir, config, db) = sim_files();
     let server = start_server(&config, &db, &[("TEST_APP_KEY", "sk-app")]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     const N: usize = 120;
@@ -224,9 +231,7 @@ fn sigterm_finishes_in_flight_streams_and_flushes_every_record() {
 
 #[test]
 fn serve_refuses_to_start_without_its_secrets() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("sluice.toml");
-    std::fs::write(&config, SIM_CONFIG).expect("write");
+    let (_dir, config, _) = sim_files();
     let out = bin()
         .args([
             "serve",
@@ -249,6 +254,7 @@ fn serve_refuses_to_start_without_its_secrets() {
 }
 
 /// The `THP_enabled` line of a process's status, if the kernel shows it.
+#[cfg(target_os = "linux")]
 fn thp_enabled(pid: &str) -> Option<String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
@@ -264,10 +270,7 @@ fn serve_runs_without_transparent_huge_pages_unless_the_allocator_is_told() {
         eprintln!("this kernel does not show THP_enabled in /proc/PID/status; nothing to check");
         return;
     };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("sluice.toml");
-    std::fs::write(&config, SIM_CONFIG).expect("write");
-    let db = dir.path().join("s.db").to_string_lossy().into_owned();
+    let (_dir, config, db) = sim_files();
     let server = start_server(&config, &db, &[("TEST_APP_KEY", "sk-app")]);
     let pid = server.child.id().to_string();
     assert_eq!(thp_enabled(&pid).as_deref(), Some("0"));
@@ -487,10 +490,7 @@ fn rollout_cli_drives_a_rollout_that_survives_kill_9() {
 
 #[test]
 fn sighup_reloads_a_valid_config_and_keeps_the_old_one_otherwise() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("sluice.toml");
-    std::fs::write(&config, SIM_CONFIG).expect("write");
-    let db = dir.path().join("s.db").to_string_lossy().into_owned();
+    let (_dir, config, db) = sim_files();
     let server = start_server(&config, &db, &[("TEST_APP_KEY", "sk-app")]);
     let pid = server.child.id().to_string();
     let rt = tokio::runtime::Runtime::new().expect("runtime");

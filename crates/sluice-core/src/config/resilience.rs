@@ -128,10 +128,10 @@ pub struct ServerLimits {
     /// drops connection attempts in a burst, and a dropped SYN costs its
     /// client a one-second retransmit.
     pub listen_backlog: u32,
-    /// Most client connections open at once per listener (0: no cap). At
-    /// the cap sluice stops accepting: new connections wait in the listen
-    /// queue until one closes. Each open connection holds about 16 KiB of
-    /// buffers, idle or not.
+    /// Most client connections open at once per listener (0: no cap). A
+    /// connection accepted at the cap waits for a place while idle
+    /// kept-alive connections close to make room; busy ones finish first.
+    /// Each open connection holds about 16 KiB of buffers, idle or not.
     pub max_connections: usize,
     /// 0: client connections are served on the shared work-stealing runtime.
     /// N: on N dedicated threads, each with its own event loop and upstream
