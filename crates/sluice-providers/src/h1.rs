@@ -229,7 +229,9 @@ impl Pool {
         let (mut conn, mut reused) =
             match poll_fn(|cx| Poll::Ready(self.take(slot, &authority, cx))).await {
                 Some(c) => (c, true),
-                None => (self.connect(provider, &authority).await?, false),
+                // Boxed, as is the reconnect below: a new connection is the
+                // rare path, and its state would size every exchange's future.
+                None => (Box::pin(self.connect(provider, &authority)).await?, false),
             };
         loop {
             let mut answer = pin!(conn.sender.try_send_request(req));
@@ -254,7 +256,7 @@ impl Pool {
                     Some(back) if reused => {
                         req = back;
                         reused = false;
-                        conn = self.connect(provider, &authority).await?;
+                        conn = Box::pin(self.connect(provider, &authority)).await?;
                     }
                     _ => {
                         let e = e.into_error();

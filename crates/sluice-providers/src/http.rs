@@ -232,7 +232,9 @@ impl Endpoint {
         let req = self.client.post(&self.url, accept, body);
         let resp = send(&self.name, &self.client, req, wait, phase).await?;
         if !resp.status().is_success() {
-            return Err(status_error(&self.name, resp).await);
+            // Boxed: the error path's body read would otherwise size the
+            // future of every exchange.
+            return Err(Box::pin(status_error(&self.name, resp)).await);
         }
         Ok(resp)
     }
@@ -326,7 +328,11 @@ pub(crate) async fn send(
     timeout: Duration,
     phase: &'static str,
 ) -> Result<Response, ProviderError> {
-    let exchange = async {
+    // Boxed: every future that awaits this one holds it inline and is
+    // moved whole at each layer of the request path (provider, breaker,
+    // handler, connection); a pointer here instead of ~2 KB of exchange
+    // state keeps those moves small, for one allocation.
+    let exchange = Box::pin(async {
         if req.uri().scheme() == Some(&http::uri::Scheme::HTTP) {
             client.h1.send(provider, current_slot(), req).await
         } else {
@@ -335,7 +341,7 @@ pub(crate) async fn send(
                 Err(e) => Err(map_send_error(provider, &e, timeout)),
             }
         }
-    };
+    });
     match tokio::time::timeout(timeout, exchange).await {
         Err(_) => Err(ProviderError::Timeout {
             provider: provider.to_string(),
