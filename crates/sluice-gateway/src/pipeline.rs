@@ -15,6 +15,7 @@
 //!   [`RequestRecord`], whatever happens (errors, streams cut by the client);
 //! - the path never waits on the database: records are handed to the writer.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -181,7 +182,7 @@ pub struct Assignment<'a> {
     /// That rollout's stage index.
     pub stage: Option<usize>,
     /// The `x-sluice-stage` value.
-    pub stage_header: String,
+    pub stage_header: Cow<'static, str>,
     /// Whether the subject will get the same variant next time.
     pub sticky: bool,
 }
@@ -352,7 +353,7 @@ fn prepare_owned(mut up: ChatRequest, variant: &VariantConfig) -> Result<ChatReq
 struct Ctx {
     app: Arc<AppState>,
     rec: RequestRecord,
-    stage_header: Option<String>,
+    stage_header: Option<Cow<'static, str>>,
     policy: crate::policy::PolicyLog,
     flags: Vec<(String, bool)>,
     started: Instant,
@@ -394,14 +395,18 @@ static H_FALLBACK_FROM: HeaderName = HeaderName::from_static(FALLBACK_FROM);
 fn with_headers(
     mut resp: Response,
     rec: &RequestRecord,
-    stage: Option<&str>,
+    stage: Option<&Cow<'static, str>>,
     policy: Option<String>,
 ) -> Response {
     let h = resp.headers_mut();
     if let Some(v) = policy.and_then(|v| HeaderValue::from_str(&v).ok()) {
         h.insert(H_POLICY.clone(), v);
     }
-    if let Some(v) = stage.and_then(|v| HeaderValue::from_str(v).ok()) {
+    let stage = stage.and_then(|v| match v {
+        Cow::Borrowed(s) => Some(HeaderValue::from_static(s)),
+        Cow::Owned(s) => HeaderValue::from_str(s).ok(),
+    });
+    if let Some(v) = stage {
         h.insert(H_STAGE.clone(), v);
     }
     if let Ok(v) = HeaderValue::from_str(&rec.id) {
@@ -562,7 +567,7 @@ pub async fn chat_completions(
             let resp = with_headers(
                 e.into_response(),
                 &rec,
-                ctx.stage_header.as_deref(),
+                ctx.stage_header.as_ref(),
                 ctx.policy.header(),
             );
             let ack = finish(&app, rec, std::mem::take(&mut ctx.flags), ctx.shadow.take());
@@ -665,7 +670,7 @@ async fn handle(
             );
         }
         let rollouts = app.rollouts.load();
-        let assignment = assign(
+        let mut assignment = assign(
             snap,
             deployment,
             &rollouts,
@@ -675,7 +680,7 @@ async fn handle(
             &ctx.rec.id,
         )?;
         drop(headers);
-        ctx.stage_header = Some(assignment.stage_header.clone());
+        ctx.stage_header = Some(std::mem::take(&mut assignment.stage_header));
         ctx.rec.rollout = assignment.rollout.clone();
         ctx.rec.stage = assignment.stage.and_then(|s| u32::try_from(s).ok());
         ctx.rec.assignment = Some(assignment.reason.name().to_string());
@@ -862,7 +867,7 @@ async fn handle(
                 body,
             )
                 .into_response();
-            let resp = with_headers(resp, &rec, ctx.stage_header.as_deref(), ctx.policy.header());
+            let resp = with_headers(resp, &rec, ctx.stage_header.as_ref(), ctx.policy.header());
             committed(finish(app, rec, flags, ctx.shadow.take())).await;
             Ok(resp)
         }
@@ -1277,10 +1282,5 @@ fn stream_response(
         .header("x-accel-buffering", "no")
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
-    with_headers(
-        resp,
-        &headers_rec,
-        ctx.stage_header.as_deref(),
-        policy_header,
-    )
+    with_headers(resp, &headers_rec, ctx.stage_header.as_ref(), policy_header)
 }

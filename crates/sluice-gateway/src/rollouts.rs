@@ -7,6 +7,7 @@
 //! routed afterwards sees the new state (a pause or rollback routes nobody to
 //! the candidate from the very next request on).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -444,12 +445,13 @@ fn seed(
     Ok((stable, candidate))
 }
 
-/// The `x-sluice-stage` value for a governing rollout.
-pub fn stage_header(entry: Option<&RolloutEntry>) -> String {
+/// The `x-sluice-stage` value for a governing rollout: a fixed word, with
+/// no allocation, unless a stage is running or paused.
+pub fn stage_header(entry: Option<&RolloutEntry>) -> Cow<'static, str> {
     match entry {
-        None => "none".to_string(),
+        None => Cow::Borrowed("none"),
         Some(e) => match e.state.status {
-            Status::Running => format!(
+            Status::Running => Cow::Owned(format!(
                 "{}:{}",
                 e.state.stage,
                 e.config
@@ -457,10 +459,9 @@ pub fn stage_header(entry: Option<&RolloutEntry>) -> String {
                     .get(e.state.stage)
                     .map(|s| s.kind.label())
                     .unwrap_or_default()
-            ),
-            Status::Paused => format!("{}:paused", e.state.stage),
-            Status::Promoted => "promoted".to_string(),
-            other => other.name().to_string(),
+            )),
+            Status::Paused => Cow::Owned(format!("{}:paused", e.state.stage)),
+            other => Cow::Borrowed(other.name()),
         },
     }
 }

@@ -32,6 +32,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use futures_util::FutureExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -223,7 +224,7 @@ impl Connections {
     /// closes.
     fn start(&mut self, stream: TcpStream, slot: Slot) {
         let _ = stream.set_nodelay(true);
-        let activity = Arc::new(Activity::new(slot.crowded.clone()));
+        let activity = Arc::new(Activity::new(slot.crowding.clone()));
         let svc = Tracked {
             inner: TowerToHyperService::new(self.routes.router.clone()),
             chat: self.routes.chat.clone(),
@@ -276,15 +277,15 @@ struct Activity {
     /// When the last response finished (0: none yet).
     idle_since: AtomicU64,
     /// Whether the listener is at `max_connections` (`None`: no cap).
-    crowded: Option<watch::Receiver<bool>>,
+    crowding: Option<Crowding>,
     /// Wakes the watchdog when the connection falls idle while crowded.
     fell_idle: tokio::sync::Notify,
 }
 
 impl Activity {
-    fn new(crowded: Option<watch::Receiver<bool>>) -> Activity {
+    fn new(crowding: Option<Crowding>) -> Activity {
         Activity {
-            crowded,
+            crowding,
             fell_idle: tokio::sync::Notify::new(),
             origin: Instant::now(),
             busy: AtomicUsize::new(0),
@@ -314,7 +315,7 @@ impl Drop for Busy {
         let now = self.0.now();
         self.0.idle_since.store(now, Ordering::Relaxed);
         let was = self.0.busy.fetch_sub(1, Ordering::Relaxed);
-        if was == 1 && self.0.crowded.as_ref().is_some_and(|c| *c.borrow()) {
+        if was == 1 && self.0.crowding.as_ref().is_some_and(Crowding::is_crowded) {
             // Idle while the listener is full: its watchdog closes it.
             self.0.fell_idle.notify_one();
         }
@@ -333,7 +334,7 @@ async fn watchdog(
 ) -> &'static str {
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4);
     let (head_ms, idle_ms) = (ms(header_timeout), ms(keep_alive));
-    let mut crowded = activity.crowded.clone();
+    let mut crowding = activity.crowding.clone();
     loop {
         let now = activity.now();
         let wait = if activity.busy.load(Ordering::Relaxed) > 0 {
@@ -341,7 +342,9 @@ async fn watchdog(
         } else {
             let head = activity.head_since.load(Ordering::Relaxed);
             let idle = activity.idle_since.load(Ordering::Relaxed);
-            if head == 0 && idle != 0 && crowded.as_ref().is_some_and(|c| *c.borrow()) {
+            // Idle while a new connection waits for a place: this one
+            // closes if no other idle connection has made room yet.
+            if head == 0 && idle != 0 && crowding.as_ref().is_some_and(Crowding::claim) {
                 return "idle while max_connections was reached";
             }
             let (deadline, why) = if head != 0 {
@@ -364,7 +367,7 @@ async fn watchdog(
         };
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(wait.max(1))) => {}
-            _ = became_crowded(&mut crowded) => {}
+            _ = became_crowded(&mut crowding) => {}
             _ = activity.fell_idle.notified() => {}
         }
     }
@@ -372,9 +375,9 @@ async fn watchdog(
 
 /// Resolves when the listener's crowded flag changes; never without a cap
 /// (or once the listener is gone).
-async fn became_crowded(crowded: &mut Option<watch::Receiver<bool>>) {
-    if let Some(c) = crowded {
-        if c.changed().await.is_ok() {
+async fn became_crowded(crowding: &mut Option<Crowding>) {
+    if let Some(c) = crowding {
+        if c.flag.changed().await.is_ok() {
             return;
         }
     }
@@ -484,14 +487,16 @@ impl Tracked {
                 // shares the connection's read buffer) is dropped here.
                 let (parts, body) = req.into_parts();
                 let headers = parts.headers;
-                return Box::pin(async move {
-                    Ok(crate::pipeline::chat_completions(
+                // The handler's own future, boxed as it is: a wrapping
+                // block would copy it whole once more on every request.
+                return Box::pin(
+                    crate::pipeline::chat_completions(
                         axum::extract::State(app),
                         headers,
                         axum::body::Body::new(body),
                     )
-                    .await)
-                });
+                    .map(Ok),
+                );
             }
         }
         Box::pin(hyper::service::Service::call(&self.inner, req))
@@ -593,21 +598,51 @@ impl hyper::body::Body for TrackedBody {
 }
 
 /// A connection's place under `max_connections`, freed when it is dropped,
-/// and the listener's crowded flag (both `None` without a cap).
+/// and the listener's crowding (both `None` without a cap).
 #[derive(Default)]
 struct Slot {
     _permit: Option<OwnedSemaphorePermit>,
-    crowded: Option<watch::Receiver<bool>>,
+    crowding: Option<Crowding>,
+}
+
+/// A listener at `max_connections` as each of its connections sees it:
+/// whether a new connection waits for a place, and how many idle
+/// connections are still to close for it. Every idle connection wakes when
+/// the listener becomes crowded, but only as many close as are wanted (one
+/// per waiting connection); the others stay open for their clients.
+#[derive(Clone)]
+struct Crowding {
+    flag: watch::Receiver<bool>,
+    wanted: Arc<AtomicUsize>,
+}
+
+impl Crowding {
+    /// Whether a new connection waits for a place.
+    fn is_crowded(&self) -> bool {
+        *self.flag.borrow()
+    }
+
+    /// Takes one of the closes wanted: false when none is left (other idle
+    /// connections already made room).
+    fn claim(&self) -> bool {
+        self.is_crowded()
+            && self
+                .wanted
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1))
+                .is_ok()
+    }
 }
 
 /// The cap on open client connections of one listener (`max_connections`).
-/// While a new connection waits for a place, the listener is crowded: idle
-/// kept-alive connections close to make room (as a server at its
-/// connection limit reclaims idle keep-alive connections), busy ones finish
-/// their requests first.
+/// While a new connection waits for a place, the listener is crowded: one
+/// idle kept-alive connection closes to make room (as a server at its
+/// connection limit reclaims idle keep-alive connections), or the first
+/// busy one to finish its request does; busy connections are never cut.
 struct ConnectionCap {
     slots: Option<Arc<Semaphore>>,
     crowded: watch::Sender<bool>,
+    /// Idle connections still to close for the waiting one.
+    wanted: Arc<AtomicUsize>,
     max: usize,
 }
 
@@ -616,6 +651,7 @@ impl ConnectionCap {
         ConnectionCap {
             slots: (max > 0).then(|| Arc::new(Semaphore::new(max))),
             crowded: watch::Sender::new(false),
+            wanted: Arc::new(AtomicUsize::new(0)),
             max,
         }
     }
@@ -627,19 +663,26 @@ impl ConnectionCap {
         };
         if slots.available_permits() == 0 {
             tracing::warn!(
-                "{} client connections are open (max_connections): closing idle ones to make \
+                "{} client connections are open (max_connections): closing an idle one to make \
                  room; new connections wait in the listen queue meanwhile",
                 self.max
             );
+            // The acceptor takes one connection at a time: one place is
+            // wanted. Set before the flag, which wakes the idle ones.
+            self.wanted.store(1, Ordering::Release);
             self.crowded.send_replace(true);
         }
         // The semaphore is never closed, so acquiring only waits.
         let permit = slots.clone().acquire_owned().await.ok();
+        self.wanted.store(0, Ordering::Release);
         self.crowded
             .send_if_modified(|c| std::mem::replace(c, false));
         Slot {
             _permit: permit,
-            crowded: Some(self.crowded.subscribe()),
+            crowding: Some(Crowding {
+                flag: self.crowded.subscribe(),
+                wanted: self.wanted.clone(),
+            }),
         }
     }
 }

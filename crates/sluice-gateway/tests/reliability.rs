@@ -522,9 +522,10 @@ async fn closed(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
 }
 
 /// At `max_connections`, a new connection is taken once an open one is
-/// idle: idle kept-alive connections close to make room, busy ones finish
-/// their requests first and the new connection waits in the listen queue
-/// meanwhile. On the shared runtime and on dedicated serving threads alike.
+/// idle: one idle kept-alive connection closes to make room (the others
+/// stay open and keep serving), busy ones finish their requests first and
+/// the new connection waits in the listen queue meanwhile. On the shared
+/// runtime and on dedicated serving threads alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_makes_room_from_idle_connections_only() {
     let health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
@@ -540,56 +541,75 @@ async fn max_connections_makes_room_from_idle_connections_only() {
         let h = Harness::start_with(move |c| {
             c.replace(
                 "listen = \"127.0.0.1:0\"",
-                &format!("listen = \"127.0.0.1:0\"\nmax_connections = 2\nworkers = {workers}"),
+                &format!("listen = \"127.0.0.1:0\"\nmax_connections = 3\nworkers = {workers}"),
             )
             .replace("timeout = \"800ms\"", "timeout = \"2s\"")
         })
         .await;
-        // Two idle kept-alive connections fill the listener.
-        let mut a = raw(&h).await;
-        a.write_all(&health).await.expect("write");
-        assert!(read_one(&mut a).await.starts_with("HTTP/1.1 200"));
-        let mut b = raw(&h).await;
-        b.write_all(&health).await.expect("write");
-        assert!(read_one(&mut b).await.starts_with("HTTP/1.1 200"));
-        // Not before anyone waits: both stay open.
+        // Three idle kept-alive connections fill the listener.
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            let mut s = raw(&h).await;
+            s.write_all(&health).await.expect("write");
+            assert!(read_one(&mut s).await.starts_with("HTTP/1.1 200"));
+            idle.push(s);
+        }
+        // Not before anyone waits: all stay open.
         assert!(
-            !closed(&mut a, Duration::from_millis(300)).await,
+            !closed(&mut idle[0], Duration::from_millis(300)).await,
             "workers {workers}"
         );
-        // A third is served: an idle one closed for it.
-        let mut c = raw(&h).await;
-        c.write_all(&health).await.expect("write");
-        let answer = read_one(&mut c).await;
+        // A fourth is served: one idle connection, and only one, closed
+        // for it.
+        let mut d = raw(&h).await;
+        d.write_all(&health).await.expect("write");
+        let answer = read_one(&mut d).await;
         assert!(
             answer.starts_with("HTTP/1.1 200"),
             "workers {workers}: {answer}"
         );
-        let a_closed = closed(&mut a, Duration::from_millis(500)).await;
-        let b_closed = closed(&mut b, Duration::from_millis(500)).await;
-        assert!(
-            a_closed || b_closed,
-            "workers {workers}: no idle connection closed"
+        let mut open = Vec::new();
+        for mut s in idle {
+            if !closed(&mut s, Duration::from_millis(300)).await {
+                open.push(s);
+            }
+        }
+        assert_eq!(
+            open.len(),
+            2,
+            "workers {workers}: {} of 3 idle connections closed for one new one",
+            3 - open.len()
         );
-        drop((a, b, c));
+        // The others still serve their clients.
+        for s in &mut open {
+            s.write_all(&health).await.expect("write");
+            let answer = read_one(s).await;
+            assert!(
+                answer.starts_with("HTTP/1.1 200"),
+                "workers {workers}: {answer}"
+            );
+        }
+        drop((open, d));
         tokio::time::sleep(Duration::from_millis(100)).await;
 
-        // Two busy connections are left to finish (the upstream call takes
-        // 2 s to time out); the third waits, then is served.
-        let mut a = raw(&h).await;
-        a.write_all(&slow).await.expect("write");
-        let mut b = raw(&h).await;
-        b.write_all(&slow).await.expect("write");
+        // Three busy connections are left to finish (the upstream call
+        // takes 2 s to time out); the fourth waits, then is served.
+        let mut busy = Vec::new();
+        for _ in 0..3 {
+            let mut s = raw(&h).await;
+            s.write_all(&slow).await.expect("write");
+            busy.push(s);
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut c = raw(&h).await;
-        c.write_all(&health).await.expect("write");
+        let mut d = raw(&h).await;
+        d.write_all(&health).await.expect("write");
         let mut byte = [0u8; 1];
-        let early = tokio::time::timeout(Duration::from_millis(300), c.read(&mut byte)).await;
+        let early = tokio::time::timeout(Duration::from_millis(300), d.read(&mut byte)).await;
         assert!(
             early.is_err(),
-            "workers {workers}: a third connection was answered while two were busy"
+            "workers {workers}: a fourth connection was answered while three were busy"
         );
-        for s in [&mut a, &mut b] {
+        for s in &mut busy {
             let answer = read_one(s).await;
             assert!(
                 answer.starts_with("HTTP/1.1 "),
@@ -600,7 +620,7 @@ async fn max_connections_makes_room_from_idle_connections_only() {
                 "workers {workers}: {answer}"
             );
         }
-        let answer = read_one(&mut c).await;
+        let answer = read_one(&mut d).await;
         assert!(
             answer.starts_with("HTTP/1.1 200"),
             "workers {workers}: {answer}"
