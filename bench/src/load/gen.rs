@@ -80,6 +80,11 @@ pub struct LoadResult {
     pub rate: u32,
     /// Requests sent (warm-up included).
     pub sent: u64,
+    /// Requests sent (warm-up included) whose response head arrived: each
+    /// reached the target's handler. The others failed on the way (a
+    /// connection refused, or closed under a connection cap, before the
+    /// request was read) or timed out waiting.
+    pub answered: u64,
     /// Counted requests (after warm-up).
     pub counted: u64,
     /// Counted requests answered 200 in full.
@@ -174,6 +179,7 @@ pub async fn run_interleaved(
         })
         .collect();
     let sent: Vec<AtomicU64> = targets.iter().map(|_| AtomicU64::new(0)).collect();
+    let answered: Vec<Arc<AtomicU64>> = targets.iter().map(|_| Arc::default()).collect();
     let saturated: Vec<AtomicU64> = targets.iter().map(|_| AtomicU64::new(0)).collect();
     let outstanding = Arc::new(AtomicU64::new(0));
     let rate = f64::from(spec.rate.max(1));
@@ -212,11 +218,13 @@ pub async fn run_interleaved(
             .body(Full::new(spec.body.clone()))
             .expect("a valid request");
         let (client, acc, outstanding) = (client.clone(), accs[t].clone(), outstanding.clone());
+        let answered = answered[t].clone();
         let (stream, timeout) = (spec.stream, spec.timeout);
         let intended = intended.into_std();
         tasks.spawn(async move {
             let lag = intended.elapsed();
-            let r = tokio::time::timeout(timeout, one(&client, req, stream, intended)).await;
+            let r =
+                tokio::time::timeout(timeout, one(&client, req, stream, intended, &answered)).await;
             outstanding.fetch_sub(1, Ordering::Relaxed);
             if !counted {
                 return;
@@ -258,6 +266,7 @@ pub async fn run_interleaved(
             LoadResult {
                 rate: spec.rate,
                 sent: sent[t].load(Ordering::Relaxed),
+                answered: answered[t].load(Ordering::Relaxed),
                 counted,
                 ok: a.ok,
                 errors: a.errors,
@@ -316,14 +325,17 @@ impl Ramp {
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
 /// Sends one request; returns (status, time to the last byte, time to the
-/// first content chunk of a stream), all from the intended send time.
+/// first content chunk of a stream), all from the intended send time, and
+/// counts it in `answered` once its response head arrives.
 async fn one(
     client: &HttpClient,
     req: hyper::Request<Full<Bytes>>,
     stream: bool,
     intended: Instant,
+    answered: &AtomicU64,
 ) -> Result<(u16, Duration, Option<Duration>), ()> {
     let resp = client.request(req).await.map_err(|_| ())?;
+    answered.fetch_add(1, Ordering::Relaxed);
     let status = resp.status().as_u16();
     let mut body = resp.into_body();
     let mut first = None;

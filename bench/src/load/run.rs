@@ -63,7 +63,8 @@ pub struct Run {
     pub offloaded: Option<u64>,
     /// sluice: rows recorded in its store after a graceful stop.
     pub recorded: Option<u64>,
-    /// sluice: whether every request sent was recorded.
+    /// sluice: whether every request that reached it was recorded (see
+    /// [`no_event_lost`]).
     pub no_event_lost: Option<bool>,
     /// Why the run could not happen, if it could not.
     pub failed: Option<String>,
@@ -178,19 +179,28 @@ impl Watched {
         }
         run.overhead_us = target.overhead_us();
         run.offloaded = target.offloaded();
-        let sent = run.load.sent;
+        let (sent, answered) = (run.load.sent, run.load.answered);
         match tokio::task::spawn_blocking(move || target.stop()).await {
             Ok(Ok(Some(rows))) => {
                 // The readiness probes are recorded too.
                 let rows = rows.saturating_sub(probes);
                 run.recorded = Some(rows);
-                run.no_event_lost = Some(rows == sent);
+                run.no_event_lost = Some(no_event_lost(rows, answered, sent));
             }
             Ok(Ok(None)) => {}
             Ok(Err(e)) => run.failed = Some(format!("stopping: {e}")),
             Err(e) => run.failed = Some(e.to_string()),
         }
     }
+}
+
+/// Whether no event was lost: every request sent was recorded, or, when
+/// some never reached sluice (no response head came back: refused, or
+/// written on a connection closed under `max_connections` before it was
+/// read), at least every answered one was and nothing beyond what was
+/// sent. A record missing for a request sluice answered is a lost event.
+pub fn no_event_lost(recorded: u64, answered: u64, sent: u64) -> bool {
+    recorded == sent || (answered..=sent).contains(&recorded)
 }
 
 /// The load every target gets (`url` and `bearer` filled in per target).
@@ -628,7 +638,13 @@ pub fn table(runs: &[Run]) -> String {
             or_dash(r.cpu_s_per_1000, 3),
             or_dash(r.switches_per_request, 2),
             match (r.recorded, r.no_event_lost) {
-                (Some(n), Some(true)) => format!("{n} = sent"),
+                (Some(n), Some(true)) if n == l.sent => format!("{n} = sent"),
+                (Some(n), Some(true)) => {
+                    format!("{n} ≥ {} answered ({} sent)", l.answered, l.sent)
+                }
+                (Some(n), _) if l.answered < l.sent => {
+                    format!("{n} < {} answered ({} sent)", l.answered, l.sent)
+                }
                 (Some(n), _) => format!("{n} ≠ {} sent", l.sent),
                 _ => "—".into(),
             },
@@ -641,6 +657,21 @@ pub fn table(runs: &[Run]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_is_lost_only_when_an_answered_request_has_no_record() {
+        // Every request sent is recorded.
+        assert!(no_event_lost(1000, 1000, 1000));
+        // Three never reached sluice (no response head): their records
+        // cannot exist; any of them that did reach it may be recorded.
+        assert!(no_event_lost(997, 997, 1000));
+        assert!(no_event_lost(999, 997, 1000));
+        // A request sluice answered has no record.
+        assert!(!no_event_lost(996, 997, 1000));
+        assert!(!no_event_lost(999, 1000, 1000));
+        // More records than requests sent: something else wrote rows.
+        assert!(!no_event_lost(1001, 1000, 1000));
+    }
 
     fn counted(scenario: Scenario, round: u32, p99_us: u64, lag_p99_us: u64) -> Run {
         let mut r = blank(scenario, false, 2000, round);
