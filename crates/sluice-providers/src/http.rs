@@ -328,11 +328,7 @@ pub(crate) async fn send(
     timeout: Duration,
     phase: &'static str,
 ) -> Result<Response, ProviderError> {
-    // Boxed: every future that awaits this one holds it inline and is
-    // moved whole at each layer of the request path (provider, breaker,
-    // handler, connection); a pointer here instead of ~2 KB of exchange
-    // state keeps those moves small, for one allocation.
-    let exchange = Box::pin(async {
+    let exchange = async {
         if req.uri().scheme() == Some(&http::uri::Scheme::HTTP) {
             client.h1.send(provider, current_slot(), req).await
         } else {
@@ -341,7 +337,7 @@ pub(crate) async fn send(
                 Err(e) => Err(map_send_error(provider, &e, timeout)),
             }
         }
-    });
+    };
     match tokio::time::timeout(timeout, exchange).await {
         Err(_) => Err(ProviderError::Timeout {
             provider: provider.to_string(),
