@@ -322,19 +322,11 @@ impl Drop for Busy {
     }
 }
 
-/// How long a kept-alive connection must have been idle before it may close
-/// to make room under `max_connections`. One its client is still using
-/// (idle for a moment between requests) stays open: a client that opens new
-/// connections while its pooled ones are busy would otherwise have sluice
-/// trade an old connection for a new one on every request, spending its
-/// CPU on connection churn just when it is short of it.
-const RECLAIM_AFTER_IDLE_MS: u64 = 250;
-
 /// Resolves when the connection should be closed: a request head not
 /// received within `header_timeout` of its first byte (or of connecting),
 /// no request for `keep_alive_timeout` after the last answer, or idle
-/// between requests for [`RECLAIM_AFTER_IDLE_MS`] while the listener is at
-/// `max_connections` (making room for a connection waiting to be accepted).
+/// between requests while the listener is at `max_connections` (making room
+/// for a connection waiting to be accepted).
 async fn watchdog(
     activity: &Activity,
     header_timeout: Duration,
@@ -350,13 +342,9 @@ async fn watchdog(
         } else {
             let head = activity.head_since.load(Ordering::Relaxed);
             let idle = activity.idle_since.load(Ordering::Relaxed);
-            // Idle (for long enough) while a new connection waits for a
-            // place: this one closes if no other idle connection has made
-            // room yet.
-            let reclaim_at = idle + RECLAIM_AFTER_IDLE_MS;
-            let waiting =
-                head == 0 && idle != 0 && crowding.as_ref().is_some_and(Crowding::is_crowded);
-            if waiting && now >= reclaim_at && crowding.as_ref().is_some_and(Crowding::claim) {
+            // Idle while a new connection waits for a place: this one
+            // closes if no other idle connection has made room yet.
+            if head == 0 && idle != 0 && crowding.as_ref().is_some_and(Crowding::claim) {
                 return "idle while max_connections was reached";
             }
             let (deadline, why) = if head != 0 {
@@ -375,11 +363,7 @@ async fn watchdog(
             if now >= deadline {
                 return why;
             }
-            if waiting && now < reclaim_at {
-                (deadline - now).min(reclaim_at - now)
-            } else {
-                deadline - now
-            }
+            deadline - now
         };
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(wait.max(1))) => {}

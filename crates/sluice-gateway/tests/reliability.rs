@@ -629,49 +629,6 @@ async fn max_connections_makes_room_from_idle_connections_only() {
     }
 }
 
-/// At `max_connections`, a connection its client keeps using is not
-/// traded for a new one: only a connection idle for a while closes to make
-/// room, so a client that opens connections while its pooled ones are busy
-/// does not make sluice reconnect someone on every request.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_connections_keeps_connections_their_clients_use() {
-    let health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
-    let h = Harness::start_with(|c| {
-        c.replace(
-            "listen = \"127.0.0.1:0\"",
-            "listen = \"127.0.0.1:0\"\nmax_connections = 1",
-        )
-    })
-    .await;
-    let mut a = raw(&h).await;
-    a.write_all(&health).await.expect("write");
-    assert!(read_one(&mut a).await.starts_with("HTTP/1.1 200"));
-    // A newcomer waits while `a` keeps sending, a request every 20 ms.
-    let mut b = raw(&h).await;
-    b.write_all(&health).await.expect("write");
-    let mut byte = [0u8; 1];
-    for i in 0..25 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        a.write_all(&health).await.expect("write");
-        let answer = read_one(&mut a).await;
-        assert!(
-            answer.starts_with("HTTP/1.1 200"),
-            "request {i} on a connection in use: {answer:?}"
-        );
-        assert!(
-            tokio::time::timeout(Duration::from_millis(1), b.read(&mut byte))
-                .await
-                .is_err(),
-            "the newcomer was answered while the only place was in use"
-        );
-    }
-    // Once `a` has been left idle, it makes room and the newcomer is served.
-    let answer = read_one(&mut b).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(closed(&mut a, Duration::from_secs(1)).await);
-    h.stop().await;
-}
-
 /// Reads one HTTP/1.1 response (head and Content-Length body) off a
 /// kept-alive connection; "" if the connection closed first.
 async fn read_one(s: &mut tokio::net::TcpStream) -> String {
