@@ -644,6 +644,21 @@ struct ConnectionCap {
     /// Idle connections still to close for the waiting one.
     wanted: Arc<AtomicUsize>,
     max: usize,
+    origin: Instant,
+    /// When the cap's warning was last logged (ms since `origin`, plus
+    /// one; 0: never).
+    last_warn: AtomicU64,
+    /// New connections that waited since then.
+    waited: AtomicU64,
+}
+
+/// Least time between two warnings that the connection cap is reached.
+const CAP_WARN_EVERY_MS: u64 = 10_000;
+
+/// Whether the cap's warning is due at `now`, last logged at `last` (both
+/// ms plus one; `last` 0: never).
+fn warn_due(last: u64, now: u64) -> bool {
+    last == 0 || now >= last.saturating_add(CAP_WARN_EVERY_MS)
 }
 
 impl ConnectionCap {
@@ -653,7 +668,30 @@ impl ConnectionCap {
             crowded: watch::Sender::new(false),
             wanted: Arc::new(AtomicUsize::new(0)),
             max,
+            origin: Instant::now(),
+            last_warn: AtomicU64::new(0),
+            waited: AtomicU64::new(0),
         }
+    }
+
+    /// Logs that the cap is reached: the first time at once, then at most
+    /// once every [`CAP_WARN_EVERY_MS`] with how many new connections had
+    /// to wait meanwhile (past capacity, thousands a second would).
+    fn warn_full(&self) {
+        let waited = self.waited.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        if !warn_due(self.last_warn.load(Ordering::Relaxed), now) {
+            return;
+        }
+        self.last_warn.store(now, Ordering::Relaxed);
+        self.waited.store(0, Ordering::Relaxed);
+        tracing::warn!(
+            waited,
+            "{} client connections are open (max_connections): each new one waits in the \
+             listen queue until an idle one closes to make room ({waited} waited since the \
+             last such warning)",
+            self.max
+        );
     }
 
     /// Waits for a free place (at once without a cap).
@@ -662,11 +700,7 @@ impl ConnectionCap {
             return Slot::default();
         };
         if slots.available_permits() == 0 {
-            tracing::warn!(
-                "{} client connections are open (max_connections): closing an idle one to make \
-                 room; new connections wait in the listen queue meanwhile",
-                self.max
-            );
+            self.warn_full();
             // The acceptor takes one connection at a time: one place is
             // wanted. Set before the flag, which wakes the idle ones.
             self.wanted.store(1, Ordering::Release);
@@ -926,6 +960,27 @@ impl ServeThread {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Past capacity thousands of connections a second wait at the cap; the
+    /// warning is logged the first time, then at most every ten seconds
+    /// with the count of those that waited meanwhile.
+    #[test]
+    fn the_cap_warning_is_logged_at_most_every_ten_seconds() {
+        assert!(warn_due(0, 1));
+        assert!(!warn_due(5, 5));
+        assert!(!warn_due(5, 5 + CAP_WARN_EVERY_MS - 1));
+        assert!(warn_due(5, 5 + CAP_WARN_EVERY_MS));
+        let cap = ConnectionCap::new(2);
+        cap.warn_full();
+        let first = cap.last_warn.load(Ordering::Relaxed);
+        assert_ne!(first, 0, "the first wait is logged at once");
+        assert_eq!(cap.waited.load(Ordering::Relaxed), 0);
+        for _ in 0..1000 {
+            cap.warn_full();
+        }
+        assert_eq!(cap.last_warn.load(Ordering::Relaxed), first, "logged again");
+        assert_eq!(cap.waited.load(Ordering::Relaxed), 1000);
+    }
 
     /// Sends one keep-alive request on `conn` and returns the body (the
     /// name of the thread that answered).
