@@ -295,7 +295,7 @@ impl Activity {
     }
 
     fn now(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+        ms_since(self.origin)
     }
 
     /// A request head was parsed and handed to the router.
@@ -487,8 +487,8 @@ impl Tracked {
                 // shares the connection's read buffer) is dropped here.
                 let (parts, body) = req.into_parts();
                 let headers = parts.headers;
-                // The handler's own future, boxed as it is: a wrapping
-                // block would copy it whole once more on every request.
+                // The handler's own future, boxed as it is (no wrapping
+                // block around it).
                 return Box::pin(
                     crate::pipeline::chat_completions(
                         axum::extract::State(app),
@@ -652,6 +652,11 @@ struct ConnectionCap {
     waited: AtomicU64,
 }
 
+/// Milliseconds since `origin`, plus one, so that 0 can mean "never".
+fn ms_since(origin: Instant) -> u64 {
+    u64::try_from(origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+}
+
 /// Least time between two warnings that the connection cap is reached.
 const CAP_WARN_EVERY_MS: u64 = 10_000;
 
@@ -679,7 +684,7 @@ impl ConnectionCap {
     /// to wait meanwhile (past capacity, thousands a second would).
     fn warn_full(&self) {
         let waited = self.waited.fetch_add(1, Ordering::Relaxed) + 1;
-        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        let now = ms_since(self.origin);
         if !warn_due(self.last_warn.load(Ordering::Relaxed), now) {
             return;
         }

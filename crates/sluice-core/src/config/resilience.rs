@@ -129,8 +129,8 @@ pub struct ServerLimits {
     /// client a one-second retransmit.
     pub listen_backlog: u32,
     /// Most client connections open at once per listener (0: no cap). A
-    /// connection accepted at the cap waits for a place while idle
-    /// kept-alive connections close to make room; busy ones finish first.
+    /// connection accepted at the cap waits for a place while one idle
+    /// kept-alive connection closes to make room; busy ones finish first.
     /// Each open connection holds about 16 KiB of buffers, idle or not.
     pub max_connections: usize,
     /// 0: client connections are served on the shared work-stealing runtime.
