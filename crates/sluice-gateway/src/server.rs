@@ -24,10 +24,11 @@
 //! With `workers = 0`, [`serve`] runs them on the caller's work-stealing
 //! runtime.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -251,6 +252,9 @@ impl Connections {
                     tracing::debug!("connection closed: {why}");
                 }
             }
+            if let Some(c) = &activity.crowding {
+                c.idle.remove(&activity);
+            }
             open.fetch_sub(1, Ordering::Relaxed);
             drop(slot);
         });
@@ -276,17 +280,22 @@ struct Activity {
     head_since: AtomicU64,
     /// When the last response finished (0: none yet).
     idle_since: AtomicU64,
-    /// Whether the listener is at `max_connections` (`None`: no cap).
+    /// The listener's `max_connections` as this connection sees it (`None`:
+    /// no cap).
     crowding: Option<Crowding>,
-    /// Wakes the watchdog when the connection falls idle while crowded.
-    fell_idle: tokio::sync::Notify,
+    /// Its place in the listener's [`IdleQueue`] (0: not queued).
+    idle_seq: AtomicU64,
+    /// Wakes the watchdog to close the connection if it is still the one
+    /// idle longest and a place is still wanted.
+    evict: tokio::sync::Notify,
 }
 
 impl Activity {
     fn new(crowding: Option<Crowding>) -> Activity {
         Activity {
             crowding,
-            fell_idle: tokio::sync::Notify::new(),
+            idle_seq: AtomicU64::new(0),
+            evict: tokio::sync::Notify::new(),
             origin: Instant::now(),
             busy: AtomicUsize::new(0),
             head_since: AtomicU64::new(0),
@@ -302,7 +311,19 @@ impl Activity {
     fn dispatched(self: &Arc<Self>) -> Busy {
         self.busy.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(0, Ordering::Relaxed);
+        self.left_idle();
         Busy(self.clone())
+    }
+
+    /// The connection is no longer idle (a request head began, or was
+    /// dispatched): it leaves the idle queue, and if it was asked to make
+    /// room the next idle one is asked instead.
+    fn left_idle(&self) {
+        if let Some(c) = &self.crowding {
+            if c.idle.remove(self) && c.is_crowded() {
+                c.idle.nudge_oldest();
+            }
+        }
     }
 }
 
@@ -315,9 +336,13 @@ impl Drop for Busy {
         let now = self.0.now();
         self.0.idle_since.store(now, Ordering::Relaxed);
         let was = self.0.busy.fetch_sub(1, Ordering::Relaxed);
-        if was == 1 && self.0.crowding.as_ref().is_some_and(Crowding::is_crowded) {
-            // Idle while the listener is full: its watchdog closes it.
-            self.0.fell_idle.notify_one();
+        if let (1, Some(c)) = (was, &self.0.crowding) {
+            c.idle.push(&self.0);
+            // Queued before reading the flag: a connection waiting for a
+            // place either sees this one queued or is seen here.
+            if c.is_crowded() {
+                c.idle.nudge_oldest();
+            }
         }
     }
 }
@@ -325,8 +350,8 @@ impl Drop for Busy {
 /// Resolves when the connection should be closed: a request head not
 /// received within `header_timeout` of its first byte (or of connecting),
 /// no request for `keep_alive_timeout` after the last answer, or idle
-/// between requests while the listener is at `max_connections` (making room
-/// for a connection waiting to be accepted).
+/// between requests longer than any other while the listener is at
+/// `max_connections` (making room for a connection waiting to be accepted).
 async fn watchdog(
     activity: &Activity,
     header_timeout: Duration,
@@ -334,7 +359,6 @@ async fn watchdog(
 ) -> &'static str {
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 4);
     let (head_ms, idle_ms) = (ms(header_timeout), ms(keep_alive));
-    let mut crowding = activity.crowding.clone();
     loop {
         let now = activity.now();
         let wait = if activity.busy.load(Ordering::Relaxed) > 0 {
@@ -342,10 +366,16 @@ async fn watchdog(
         } else {
             let head = activity.head_since.load(Ordering::Relaxed);
             let idle = activity.idle_since.load(Ordering::Relaxed);
-            // Idle while a new connection waits for a place: this one
-            // closes if no other idle connection has made room yet.
-            if head == 0 && idle != 0 && crowding.as_ref().is_some_and(Crowding::claim) {
-                return "idle while max_connections was reached";
+            // Idle longest while a new connection waits for a place: this
+            // one closes, unless the place was found meanwhile.
+            if head == 0
+                && idle != 0
+                && activity
+                    .crowding
+                    .as_ref()
+                    .is_some_and(|c| c.claim(activity))
+            {
+                return "idle longest while max_connections was reached";
             }
             let (deadline, why) = if head != 0 {
                 (
@@ -367,21 +397,9 @@ async fn watchdog(
         };
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(wait.max(1))) => {}
-            _ = became_crowded(&mut crowding) => {}
-            _ = activity.fell_idle.notified() => {}
+            _ = activity.evict.notified() => {}
         }
     }
-}
-
-/// Resolves when the listener's crowded flag changes; never without a cap
-/// (or once the listener is gone).
-async fn became_crowded(crowding: &mut Option<Crowding>) {
-    if let Some(c) = crowding {
-        if c.flag.changed().await.is_ok() {
-            return;
-        }
-    }
-    std::future::pending().await
 }
 
 /// The client socket, noting when bytes of a new request head arrive.
@@ -402,6 +420,7 @@ impl tokio::io::AsyncRead for Watched {
             let a = &self.activity;
             if a.busy.load(Ordering::Relaxed) == 0 && a.head_since.load(Ordering::Relaxed) == 0 {
                 a.head_since.store(a.now(), Ordering::Relaxed);
+                a.left_idle();
             }
         }
         r
@@ -606,43 +625,121 @@ struct Slot {
 }
 
 /// A listener at `max_connections` as each of its connections sees it:
-/// whether a new connection waits for a place, and how many idle
-/// connections are still to close for it. Every idle connection wakes when
-/// the listener becomes crowded, but only as many close as are wanted (one
-/// per waiting connection); the others stay open for their clients.
+/// how many idle connections are still to close for a new one waiting for
+/// a place (the listener is crowded while that is not 0), and the idle
+/// connections in the order they fell idle. Only the one idle longest is
+/// asked to close, and only as many close as are wanted (one per waiting
+/// connection); the others stay open for their clients.
 #[derive(Clone)]
 struct Crowding {
-    flag: watch::Receiver<bool>,
     wanted: Arc<AtomicUsize>,
+    idle: Arc<IdleQueue>,
 }
 
 impl Crowding {
     /// Whether a new connection waits for a place.
     fn is_crowded(&self) -> bool {
-        *self.flag.borrow()
+        self.wanted.load(Ordering::Acquire) > 0
     }
 
-    /// Takes one of the closes wanted: false when none is left (other idle
-    /// connections already made room).
-    fn claim(&self) -> bool {
-        self.is_crowded()
-            && self
-                .wanted
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1))
-                .is_ok()
+    /// Whether `a` closes to make room: it is the connection idle longest
+    /// and a close is still wanted (then it takes it and leaves the queue).
+    fn claim(&self, a: &Activity) -> bool {
+        let mut q = self.idle.lock();
+        let seq = a.idle_seq.load(Ordering::Relaxed);
+        if seq == 0 || q.by_age.first_key_value().map(|(k, _)| *k) != Some(seq) {
+            return false;
+        }
+        let took = self
+            .wanted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1))
+            .is_ok();
+        if took {
+            q.by_age.remove(&seq);
+            a.idle_seq.store(0, Ordering::Relaxed);
+        }
+        took
+    }
+}
+
+/// The idle kept-alive connections of a listener with `max_connections`, in
+/// the order they fell idle. At the cap the one idle longest closes: its
+/// client is the least likely to send on it next, so the close is the least
+/// likely to cross a request on its way in (nginx reclaims its oldest
+/// kept-alive connections the same way).
+#[derive(Default)]
+struct IdleQueue {
+    inner: std::sync::Mutex<IdleInner>,
+}
+
+#[derive(Default)]
+struct IdleInner {
+    /// The last place handed out (places start at 1).
+    last: u64,
+    /// Idle connections by place, oldest first.
+    by_age: BTreeMap<u64, Weak<Activity>>,
+}
+
+impl IdleQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdleInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `a`, which just fell idle, as the youngest idle connection.
+    fn push(&self, a: &Arc<Activity>) {
+        let mut q = self.lock();
+        q.last += 1;
+        let seq = q.last;
+        let old = a.idle_seq.swap(seq, Ordering::Relaxed);
+        if old != 0 {
+            q.by_age.remove(&old);
+        }
+        q.by_age.insert(seq, Arc::downgrade(a));
+    }
+
+    /// Takes `a` out of the queue; whether it was queued.
+    fn remove(&self, a: &Activity) -> bool {
+        if a.idle_seq.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let mut q = self.lock();
+        let seq = a.idle_seq.swap(0, Ordering::Relaxed);
+        seq != 0 && q.by_age.remove(&seq).is_some()
+    }
+
+    /// Asks the connection idle longest to close (it does if a place is
+    /// still wanted when its watchdog runs); connections already gone are
+    /// dropped from the queue on the way.
+    fn nudge_oldest(&self) {
+        let mut q = self.lock();
+        while let Some((&seq, w)) = q.by_age.first_key_value() {
+            if let Some(a) = w.upgrade() {
+                a.evict.notify_one();
+                return;
+            }
+            q.by_age.remove(&seq);
+        }
+    }
+
+    /// How many connections are queued (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().by_age.len()
     }
 }
 
 /// The cap on open client connections of one listener (`max_connections`).
-/// While a new connection waits for a place, the listener is crowded: one
-/// idle kept-alive connection closes to make room (as a server at its
-/// connection limit reclaims idle keep-alive connections), or the first
-/// busy one to finish its request does; busy connections are never cut.
+/// While a new connection waits for a place, the listener is crowded: the
+/// kept-alive connection idle longest closes to make room (as a server at
+/// its connection limit reclaims idle keep-alive connections), or, with
+/// none idle, the first busy one to finish its request does; busy
+/// connections are never cut.
 struct ConnectionCap {
     slots: Option<Arc<Semaphore>>,
-    crowded: watch::Sender<bool>,
     /// Idle connections still to close for the waiting one.
     wanted: Arc<AtomicUsize>,
+    /// The idle connections, oldest first.
+    idle: Arc<IdleQueue>,
     max: usize,
     origin: Instant,
     /// When the cap's warning was last logged (ms since `origin`, plus
@@ -670,8 +767,8 @@ impl ConnectionCap {
     fn new(max: usize) -> ConnectionCap {
         ConnectionCap {
             slots: (max > 0).then(|| Arc::new(Semaphore::new(max))),
-            crowded: watch::Sender::new(false),
             wanted: Arc::new(AtomicUsize::new(0)),
+            idle: Arc::new(IdleQueue::default()),
             max,
             origin: Instant::now(),
             last_warn: AtomicU64::new(0),
@@ -707,20 +804,19 @@ impl ConnectionCap {
         if slots.available_permits() == 0 {
             self.warn_full();
             // The acceptor takes one connection at a time: one place is
-            // wanted. Set before the flag, which wakes the idle ones.
+            // wanted. Set before the queue is read: a connection falling
+            // idle meanwhile queues itself first, then reads it.
             self.wanted.store(1, Ordering::Release);
-            self.crowded.send_replace(true);
+            self.idle.nudge_oldest();
         }
         // The semaphore is never closed, so acquiring only waits.
         let permit = slots.clone().acquire_owned().await.ok();
         self.wanted.store(0, Ordering::Release);
-        self.crowded
-            .send_if_modified(|c| std::mem::replace(c, false));
         Slot {
             _permit: permit,
             crowding: Some(Crowding {
-                flag: self.crowded.subscribe(),
                 wanted: self.wanted.clone(),
+                idle: self.idle.clone(),
             }),
         }
     }
@@ -985,6 +1081,45 @@ mod tests {
         }
         assert_eq!(cap.last_warn.load(Ordering::Relaxed), first, "logged again");
         assert_eq!(cap.waited.load(Ordering::Relaxed), 1000);
+    }
+
+    /// At the cap, only the connection idle longest may close, only while
+    /// a place is wanted, and only once per place; a connection that
+    /// leaves the queue (busy again, or closed) passes its turn on.
+    #[test]
+    fn the_connection_idle_longest_makes_room_once() {
+        let crowding = Crowding {
+            wanted: Arc::new(AtomicUsize::new(0)),
+            idle: Arc::new(IdleQueue::default()),
+        };
+        let conn = || Arc::new(Activity::new(Some(crowding.clone())));
+        let (a, b, c) = (conn(), conn(), conn());
+        for x in [&b, &a, &c] {
+            crowding.idle.push(x);
+        }
+        assert!(!crowding.claim(&b), "no place wanted");
+        crowding.wanted.store(1, Ordering::Release);
+        assert!(!crowding.claim(&a), "a fell idle after b");
+        assert!(!crowding.claim(&c));
+        // b is asked; it turns busy first, so a is asked instead.
+        crowding.idle.nudge_oldest();
+        b.left_idle();
+        assert!(!crowding.claim(&b), "b is no longer idle");
+        assert!(crowding.claim(&a));
+        assert!(!crowding.claim(&c), "one place, one close");
+        assert_eq!(crowding.idle.len(), 1);
+        // Idle again: b is now the youngest.
+        crowding.idle.push(&b);
+        crowding.wanted.store(1, Ordering::Release);
+        assert!(!crowding.claim(&b));
+        assert!(crowding.claim(&c));
+        // A connection gone without leaving the queue is skipped.
+        let d = conn();
+        crowding.idle.push(&d);
+        crowding.idle.remove(&b);
+        drop(d);
+        crowding.idle.nudge_oldest();
+        assert_eq!(crowding.idle.len(), 0);
     }
 
     /// Sends one keep-alive request on `conn` and returns the body (the

@@ -522,8 +522,8 @@ async fn closed(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
 }
 
 /// At `max_connections`, a new connection is taken once an open one is
-/// idle: one idle kept-alive connection closes to make room (the others
-/// stay open and keep serving), busy ones finish their requests first and
+/// idle: the kept-alive connection idle longest closes to make room (the
+/// others stay open and keep serving), busy ones finish their requests first and
 /// the new connection waits in the listen queue meanwhile. On the shared
 /// runtime and on dedicated serving threads alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -559,8 +559,15 @@ async fn max_connections_makes_room_from_idle_connections_only() {
             !closed(&mut idle[0], Duration::from_millis(300)).await,
             "workers {workers}"
         );
+        // Used again in another order: the second connection is now the
+        // one idle longest, neither the first accepted nor the last used.
+        for i in [1, 2, 0] {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            idle[i].write_all(&health).await.expect("write");
+            assert!(read_one(&mut idle[i]).await.starts_with("HTTP/1.1 200"));
+        }
         // A fourth is served: one idle connection, and only one, closed
-        // for it.
+        // for it: the one idle longest.
         let mut d = raw(&h).await;
         d.write_all(&health).await.expect("write");
         let answer = read_one(&mut d).await;
@@ -569,16 +576,19 @@ async fn max_connections_makes_room_from_idle_connections_only() {
             "workers {workers}: {answer}"
         );
         let mut open = Vec::new();
-        for mut s in idle {
-            if !closed(&mut s, Duration::from_millis(300)).await {
+        let mut gone = Vec::new();
+        for (i, mut s) in idle.into_iter().enumerate() {
+            if closed(&mut s, Duration::from_millis(300)).await {
+                gone.push(i);
+            } else {
                 open.push(s);
             }
         }
         assert_eq!(
-            open.len(),
-            2,
-            "workers {workers}: {} of 3 idle connections closed for one new one",
-            3 - open.len()
+            gone,
+            vec![1],
+            "workers {workers}: connections closed for one new one (by order of \
+             acceptance; the second was idle longest)"
         );
         // The others still serve their clients.
         for s in &mut open {
