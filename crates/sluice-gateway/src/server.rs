@@ -338,8 +338,9 @@ impl Drop for Busy {
         let was = self.0.busy.fetch_sub(1, Ordering::Relaxed);
         if let (1, Some(c)) = (was, &self.0.crowding) {
             c.idle.push(&self.0);
-            // Queued before reading the flag: a connection waiting for a
-            // place either sees this one queued or is seen here.
+            // Queued before reading whether a place is wanted: a new
+            // connection waiting for one either finds this one queued or is
+            // seen here.
             if c.is_crowded() {
                 c.idle.nudge_oldest();
             }
