@@ -45,7 +45,6 @@ fn bench(c: &mut Criterion) {
                 backpressure: sluice_core::config::Backpressure::Spill,
                 journal: store.journal_path(),
                 commit_window: Duration::from_millis(50),
-                background: true,
             })
             .expect("writer")
     });

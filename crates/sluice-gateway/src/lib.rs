@@ -198,8 +198,6 @@ impl Gateway {
             backpressure: config.store.on_backpressure,
             journal: store.journal_path(),
             commit_window: config.store.commit_window,
-            // Strictly durable requests wait on the writer's commits.
-            background: config.store.durability != sluice_core::config::Durability::Strict,
         })?;
         let recovery = RecoveryReport {
             schema: store.schema_version()?,

@@ -206,7 +206,6 @@ impl Store {
             backpressure: sluice_core::config::Backpressure::Spill,
             journal: self.journal_path(),
             commit_window: std::time::Duration::from_millis(50),
-            background: true,
         })
     }
 

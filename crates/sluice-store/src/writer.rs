@@ -387,12 +387,6 @@ pub struct WriterOptions {
     pub journal: Option<PathBuf>,
     /// Longest a batch keeps gathering records before it is committed.
     pub commit_window: Duration,
-    /// Whether the writer runs only when no other thread wants the CPU
-    /// (`SCHED_IDLE` on Linux) rather than at a lowered priority (nice
-    /// 10). Right when no request waits for its commit: a busy core then
-    /// never delays a request for a group commit, and the queue (and the
-    /// spill journal) absorb a writer held back by a saturated machine.
-    pub background: bool,
 }
 
 /// The writer thread and the means to stop it.
@@ -408,7 +402,6 @@ impl EventWriter {
         let shared = Arc::new(Shared::new(opts.backpressure, opts.journal));
         let batch_max = opts.batch_max.max(1);
         let window = opts.commit_window;
-        let background = opts.background;
         // Whatever a previous process left in the journal goes in first.
         let recovered = replay(&mut conn, &shared, batch_max);
         let thread_shared = shared.clone();
@@ -416,7 +409,7 @@ impl EventWriter {
             .name("sluice-writer".into())
             .spawn(move || {
                 let _ = thread_shared.thread.set(std::thread::current());
-                lower_priority(background);
+                lower_priority();
                 run(conn, rx, batch_max, window, &thread_shared)
             })
             .expect("spawning the writer thread");
@@ -450,30 +443,19 @@ impl EventWriter {
     }
 }
 
-/// Lowers this thread's scheduling priority, so that on a busy machine a
-/// group commit yields the CPU to requests being served instead of delaying
-/// them; the writer has a whole commit window of slack. In the background
-/// (`SCHED_IDLE`) a woken request thread preempts it at once; otherwise it
-/// runs at nice 10, for when requests wait on its commits.
-fn lower_priority(background: bool) {
+/// Lowers this thread's scheduling priority (nice 10), so that on a busy
+/// machine a group commit yields the CPU to requests being served instead
+/// of delaying them; the writer has a whole commit window of slack.
+fn lower_priority() {
     #[cfg(target_os = "linux")]
-    // SAFETY: gettid, sched_setscheduler and setpriority only read their
-    // arguments (`param` lives across the call); on Linux a thread id names
-    // just this thread.
+    // SAFETY: gettid and setpriority only read their integer arguments;
+    // on Linux a thread id names just this thread for PRIO_PROCESS.
     unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::pid_t;
-        if background {
-            let param = libc::sched_param { sched_priority: 0 };
-            if libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) == 0 {
-                return;
-            }
-        }
-        if libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10) != 0 {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        if libc::setpriority(libc::PRIO_PROCESS, tid, 10) != 0 {
             tracing::debug!("could not lower the writer thread's priority");
         }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = background;
 }
 
 /// Replays the spill journal into the store; returns the records committed.
@@ -679,7 +661,6 @@ mod tests {
             backpressure,
             journal: Some(dir.join("w.db.spill")),
             commit_window: std::time::Duration::from_millis(50),
-            background: true,
         }
     }
 
@@ -717,53 +698,6 @@ mod tests {
         assert_eq!(stats.replayed, stats.spilled, "{stats:?}");
         assert_eq!(stats.lost(), 0, "{stats:?}");
         assert!(!dir.path().join("w.db.spill").exists());
-    }
-
-    /// The scheduling policy of this process's writer thread, once it has
-    /// set it (within 2 s).
-    #[cfg(target_os = "linux")]
-    fn writer_policy(want: libc::c_int) -> libc::c_int {
-        let mut seen = -1;
-        for _ in 0..200 {
-            for t in std::fs::read_dir("/proc/self/task")
-                .expect("tasks")
-                .flatten()
-            {
-                let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-                if comm.trim() != "sluice-writer" {
-                    continue;
-                }
-                let tid: libc::pid_t = t.file_name().to_string_lossy().parse().expect("tid");
-                // SAFETY: only reads the thread id.
-                seen = unsafe { libc::sched_getscheduler(tid) };
-                if seen == want {
-                    return seen;
-                }
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        seen
-    }
-
-    /// A writer nobody waits on runs only when no other thread wants the
-    /// CPU; one that strictly durable requests wait on keeps the normal
-    /// policy (at nice 10).
-    #[cfg(target_os = "linux")]
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_writer_runs_in_the_background_unless_requests_wait_on_it() {
-        for (background, want) in [(true, libc::SCHED_IDLE), (false, libc::SCHED_OTHER)] {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let path = dir.path().join("w.db").to_string_lossy().to_string();
-            let store = Store::open(StoreLocation::File(path)).expect("open");
-            let mut o = opts(64, Backpressure::Spill, dir.path());
-            o.background = background;
-            let w = store.spawn_writer_with(o).expect("writer");
-            assert_eq!(writer_policy(want), want, "background {background}");
-            hammer(&w, 2, 50).await;
-            w.sender().flush().await;
-            assert_eq!(store.count().expect("count"), 100);
-            w.shutdown().await;
-        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
