@@ -252,9 +252,6 @@ impl Connections {
                     tracing::debug!("connection closed: {why}");
                 }
             }
-            if let Some(c) = &activity.crowding {
-                c.idle.remove(&activity);
-            }
             open.fetch_sub(1, Ordering::Relaxed);
             drop(slot);
         });
@@ -323,6 +320,16 @@ impl Activity {
             if c.idle.remove(self) && c.is_crowded() {
                 c.idle.nudge_oldest();
             }
+        }
+    }
+}
+
+impl Drop for Activity {
+    /// A closed connection (or one whose task was cut at a stop) leaves the
+    /// idle queue.
+    fn drop(&mut self) {
+        if let Some(c) = &self.crowding {
+            c.idle.remove(self);
         }
     }
 }
@@ -737,10 +744,9 @@ impl IdleQueue {
 /// connections are never cut.
 struct ConnectionCap {
     slots: Option<Arc<Semaphore>>,
-    /// Idle connections still to close for the waiting one.
-    wanted: Arc<AtomicUsize>,
-    /// The idle connections, oldest first.
-    idle: Arc<IdleQueue>,
+    /// What each connection is handed: the closes wanted for the waiting
+    /// one, and the idle connections, oldest first.
+    crowding: Crowding,
     max: usize,
     origin: Instant,
     /// When the cap's warning was last logged (ms since `origin`, plus
@@ -768,8 +774,10 @@ impl ConnectionCap {
     fn new(max: usize) -> ConnectionCap {
         ConnectionCap {
             slots: (max > 0).then(|| Arc::new(Semaphore::new(max))),
-            wanted: Arc::new(AtomicUsize::new(0)),
-            idle: Arc::new(IdleQueue::default()),
+            crowding: Crowding {
+                wanted: Arc::new(AtomicUsize::new(0)),
+                idle: Arc::new(IdleQueue::default()),
+            },
             max,
             origin: Instant::now(),
             last_warn: AtomicU64::new(0),
@@ -807,18 +815,15 @@ impl ConnectionCap {
             // The acceptor takes one connection at a time: one place is
             // wanted. Set before the queue is read: a connection falling
             // idle meanwhile queues itself first, then reads it.
-            self.wanted.store(1, Ordering::Release);
-            self.idle.nudge_oldest();
+            self.crowding.wanted.store(1, Ordering::Release);
+            self.crowding.idle.nudge_oldest();
         }
         // The semaphore is never closed, so acquiring only waits.
         let permit = slots.clone().acquire_owned().await.ok();
-        self.wanted.store(0, Ordering::Release);
+        self.crowding.wanted.store(0, Ordering::Release);
         Slot {
             _permit: permit,
-            crowding: Some(Crowding {
-                wanted: self.wanted.clone(),
-                idle: self.idle.clone(),
-            }),
+            crowding: Some(self.crowding.clone()),
         }
     }
 }
@@ -1114,7 +1119,8 @@ mod tests {
         crowding.wanted.store(1, Ordering::Release);
         assert!(!crowding.claim(&b));
         assert!(crowding.claim(&c));
-        // A connection gone without leaving the queue is skipped.
+        // A connection gone leaves the queue (dropped, or skipped if it
+        // is being dropped).
         let d = conn();
         crowding.idle.push(&d);
         crowding.idle.remove(&b);
