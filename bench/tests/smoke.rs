@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use sluice_bench::load::gen::{self, LoadSpec};
 use sluice_bench::load::mock::{self, MockConfig};
-use sluice_bench::load::run;
 use sluice_bench::load::targets::{self, Scenario};
+use sluice_bench::load::{rollback, run};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_harness_measures_direct_and_sluice_and_counts_every_record() {
@@ -129,5 +129,76 @@ async fn interleaved_targets_take_turns_and_each_gets_the_whole_count() {
         "{:?} vs {:?}",
         out[0].latency_us,
         out[1].latency_us
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_under_load_is_timed_and_nothing_after_it_reaches_the_candidate() {
+    let mock = mock::spawn("127.0.0.1:0".parse().expect("addr"), MockConfig::default())
+        .await
+        .expect("mock binds");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("rollback.db");
+    let text = targets::sluice_config(Scenario::SluiceRollback, 0, mock, &db).replacen(
+        "\n",
+        "\nadmin_listen = \"127.0.0.1:0\"\n",
+        1,
+    );
+    let config = sluice_core::Config::parse(&text).expect("the harness config is valid");
+    let gw = sluice_gateway::Gateway::bind(config, Arc::new(sluice_gateway::EnvSecrets))
+        .await
+        .expect("gateway binds");
+    let url = format!("http://{}/v1/chat/completions", gw.local_addr());
+    let admin_port = gw.admin_addr().expect("an admin listener").port();
+    let store = gw.store();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(gw.run(
+        async move {
+            let _ = rx.await;
+        },
+        Duration::from_secs(5),
+    ));
+    tokio::task::spawn_blocking(move || targets::start_rollout(admin_port))
+        .await
+        .expect("join")
+        .expect("the rollout starts");
+    let spec = rollback::RollbackSpec {
+        url,
+        bearer: targets::KEY.into(),
+        admin_port,
+        admin_token: targets::OPS.into(),
+        rollout: "support-v2".into(),
+        body: run::body(false),
+        rate: 300,
+        warmup: Duration::from_millis(200),
+        before: Duration::from_millis(500),
+        after: Duration::from_millis(500),
+        timeout: Duration::from_secs(5),
+        max_outstanding: 1000,
+    };
+    let t = rollback::trial(&spec).await;
+    assert_eq!(t.rollback_status, 200, "{t:?}");
+    assert_eq!((t.ok, t.errors, t.saturated), (t.sent, 0, 0), "{t:?}");
+    // Everyone was on the candidate until the rollback, nobody after it.
+    assert!(t.on_candidate >= 150, "{t:?}");
+    assert!(t.sent_after_answer >= 100, "{t:?}");
+    assert_eq!(t.candidate_after_answer, 0, "{t:?}");
+    let last = t
+        .last_candidate_sent_ms
+        .expect("some reached the candidate");
+    assert!(last <= t.answer_ms, "{t:?}");
+    assert!(t.answer_ms > 0.0 && t.p99_around_us > 0, "{t:?}");
+    let _ = tx.send(());
+    let report = task.await.expect("join").expect("clean stop");
+    assert_eq!(report.events.lost(), 0);
+    assert_eq!(store.count().expect("count"), t.sent);
+    let table = rollback::table(&[t]);
+    assert!(
+        table
+            .lines()
+            .nth(2)
+            .expect("a row")
+            .starts_with("| 300 | 1 |"),
+        "{table}"
     );
 }

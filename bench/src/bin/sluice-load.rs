@@ -6,6 +6,7 @@
 //! sluice-load run   [--scenarios direct,nginx,sluice,...] [--rates 500,2000,5000] [--modes non-stream,stream]
 //!                   [--duration 10s] [--warmup 2s] [--find-max] [--out FILE.json]
 //! sluice-load soak  [--scenario sluice-policies] [--rate 1000] [--duration 10m] [--out FILE.json]
+//! sluice-load rollback [--rates 2000,5000] [--trials 5] [--before 3s] [--after 1s] [--out FILE.json]
 //! ```
 
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use clap::{Parser, Subcommand};
 use sluice_bench::load::mock::{self, Latency, MockConfig};
 use sluice_bench::load::run::{self, Plan};
 use sluice_bench::load::targets::{Programs, Scenario};
-use sluice_bench::load::{gen, procstat, targets};
+use sluice_bench::load::{gen, procstat, rollback, targets};
 
 #[derive(Parser)]
 #[command(
@@ -180,6 +181,33 @@ enum Cmd {
         #[arg(long, value_parser = humantime::parse_duration)]
         interleave: Option<Duration>,
         /// Write every result as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        mock: MockArgs,
+        #[command(flatten)]
+        programs: ProgramArgs,
+    },
+    /// Roll a rollout back while sluice serves at each rate: how long the
+    /// rollback takes to answer, and that nothing sent after it reaches the
+    /// candidate. Each trial starts sluice fresh.
+    Rollback {
+        /// Comma-separated arrival rates (requests per second).
+        #[arg(long, value_delimiter = ',', default_value = "500,2000,5000")]
+        rates: Vec<u32>,
+        /// Trials per rate.
+        #[arg(long, default_value_t = 5)]
+        trials: u32,
+        /// Ramp-up before the full rate.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        warmup: Duration,
+        /// Full-rate time before the rollback.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        before: Duration,
+        /// Full-rate time after the rollback is sent.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        after: Duration,
+        /// Write every trial as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
         #[command(flatten)]
@@ -387,6 +415,96 @@ fn main() -> Result<()> {
                 });
                 std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
                 eprintln!("wrote {}", path.display());
+            }
+            Ok(())
+        }
+        Cmd::Rollback {
+            rates,
+            trials,
+            warmup,
+            before,
+            after,
+            out,
+            mock,
+            programs,
+        } => {
+            if programs.pin {
+                pin_self()?;
+            }
+            let (mut mock_child, addr) = spawn_mock(&mock, programs.pin, threads)?;
+            let p = programs.programs();
+            let mut all = Vec::new();
+            for &rate in &rates {
+                for n in 1..=trials {
+                    let target = targets::start(Scenario::SluiceRollback, addr, &p)
+                        .map_err(anyhow::Error::msg)?;
+                    let probes = rt
+                        .block_on(run::ready(
+                            &target.url,
+                            target.bearer.as_deref(),
+                            Duration::from_secs(10),
+                        ))
+                        .map_err(anyhow::Error::msg)?;
+                    let spec = rollback::RollbackSpec {
+                        url: target.url.clone(),
+                        bearer: targets::KEY.to_string(),
+                        admin_port: target
+                            .admin_port
+                            .context("the rollback scenario has an admin listener")?,
+                        admin_token: targets::OPS.to_string(),
+                        rollout: "support-v2".to_string(),
+                        body: run::body(false),
+                        rate,
+                        warmup,
+                        before,
+                        after,
+                        timeout: Duration::from_secs(30),
+                        max_outstanding: 20_000,
+                    };
+                    let mut t = rt.block_on(rollback::trial(&spec));
+                    let rows = target.stop().map_err(anyhow::Error::msg)?;
+                    if let Some(rows) = rows {
+                        let rows = rows.saturating_sub(probes);
+                        t.recorded = Some(rows);
+                        t.no_event_lost = Some(run::no_event_lost(rows, t.answered, t.sent));
+                    }
+                    eprintln!(
+                        "rollback at {rate}/s, trial {n}: status {}, answered in {:.1} ms, last candidate send {:?} ms, {} of {} sent after the answer reached the candidate, p99 {:.2} ms the second before, {:.2} ms around it, recorded {:?} of {} sent",
+                        t.rollback_status,
+                        t.answer_ms,
+                        t.last_candidate_sent_ms.map(|m| (m * 10.0).round() / 10.0),
+                        t.candidate_after_answer,
+                        t.sent_after_answer,
+                        t.p99_before_us as f64 / 1000.0,
+                        t.p99_around_us as f64 / 1000.0,
+                        t.recorded,
+                        t.sent,
+                    );
+                    all.push(t);
+                }
+            }
+            let _ = mock_child.kill();
+            let _ = mock_child.wait();
+            println!("{}", rollback::table(&all));
+            if let Some(path) = out {
+                let doc = serde_json::json!({
+                    "date": chrono_date(),
+                    "machine": machine(),
+                    "sluice_workers": programs.sluice_workers,
+                    "sluice_max_connections": programs.sluice_max_connections,
+                    "warmup_s": warmup.as_secs_f64(),
+                    "before_s": before.as_secs_f64(),
+                    "after_s": after.as_secs_f64(),
+                    "trials": all,
+                });
+                std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+                eprintln!("wrote {}", path.display());
+            }
+            if all
+                .iter()
+                .any(|t| t.rollback_status != 200 || t.candidate_after_answer > 0)
+            {
+                bail!("a rollback failed, or a request sent after it reached the candidate");
             }
             Ok(())
         }

@@ -288,7 +288,7 @@ pub async fn run_interleaved(
 /// balancer, instead of taking the full rate from its first millisecond;
 /// the counted part is a constant rate either way.
 #[derive(Debug, Clone, Copy)]
-struct Ramp {
+pub(crate) struct Ramp {
     /// Requests sent during the warm-up.
     warm: u64,
     /// The full rate, per second.
@@ -300,7 +300,7 @@ struct Ramp {
 }
 
 impl Ramp {
-    fn new(warm: u64, rate: f64) -> Ramp {
+    pub(crate) fn new(warm: u64, rate: f64) -> Ramp {
         let from = rate / 10.0;
         Ramp {
             warm,
@@ -311,7 +311,7 @@ impl Ramp {
     }
 
     /// When request `i` is due, from the start.
-    fn at(&self, i: u64) -> Duration {
+    pub(crate) fn at(&self, i: u64) -> Duration {
         if i >= self.warm {
             return Duration::from_secs_f64(self.secs + (i - self.warm) as f64 / self.rate);
         }

@@ -27,19 +27,24 @@ pub enum Scenario {
     SluicePolicies,
     /// sluice with policies during an active 5 % rollout.
     SluiceRollout,
+    /// sluice with policies during a rollout whose one stage sends everyone
+    /// to the candidate, with the admin API on its own listener (what
+    /// `sluice-load rollback` rolls back under load).
+    SluiceRollback,
     /// The LiteLLM proxy.
     Litellm,
 }
 
 impl Scenario {
     /// Every scenario, in report order.
-    pub const ALL: [Scenario; 7] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::Direct,
         Scenario::Nginx,
         Scenario::HyperProxy,
         Scenario::Sluice,
         Scenario::SluicePolicies,
         Scenario::SluiceRollout,
+        Scenario::SluiceRollback,
         Scenario::Litellm,
     ];
 
@@ -52,6 +57,7 @@ impl Scenario {
             Scenario::Sluice => "sluice",
             Scenario::SluicePolicies => "sluice-policies",
             Scenario::SluiceRollout => "sluice-rollout",
+            Scenario::SluiceRollback => "sluice-rollback",
             Scenario::Litellm => "litellm",
         }
     }
@@ -60,7 +66,10 @@ impl Scenario {
     pub fn is_sluice(self) -> bool {
         matches!(
             self,
-            Scenario::Sluice | Scenario::SluicePolicies | Scenario::SluiceRollout
+            Scenario::Sluice
+                | Scenario::SluicePolicies
+                | Scenario::SluiceRollout
+                | Scenario::SluiceRollback
         )
     }
 }
@@ -113,7 +122,8 @@ fn command(program: &Path, cpus: &Option<String>) -> Command {
 
 /// The API key the sluice targets accept.
 pub const KEY: &str = "sk-load";
-const OPS: &str = "ops-load";
+/// The operator token the sluice targets accept on their admin API.
+pub const OPS: &str = "ops-load";
 
 /// A started target.
 pub struct Running {
@@ -129,6 +139,8 @@ pub struct Running {
     pub db: Option<PathBuf>,
     /// Where to keep a copy of the store after the stop (with `--logs`).
     keep_db: Option<PathBuf>,
+    /// sluice's separate admin listener, when the scenario has one.
+    pub admin_port: Option<u16>,
     _dir: tempfile::TempDir,
 }
 
@@ -149,6 +161,7 @@ impl Running {
             child: Some(child),
             db: None,
             keep_db: None,
+            admin_port: None,
             _dir: dir,
         }
     }
@@ -303,6 +316,7 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
             child: None,
             db: None,
             keep_db: None,
+            admin_port: None,
             _dir: dir,
         }),
         Scenario::Nginx => {
@@ -348,7 +362,10 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
             wait_port(port, Duration::from_secs(10))?;
             Ok(Running::process(scenario, url, None, child, dir))
         }
-        Scenario::Sluice | Scenario::SluicePolicies | Scenario::SluiceRollout => {
+        Scenario::Sluice
+        | Scenario::SluicePolicies
+        | Scenario::SluiceRollout
+        | Scenario::SluiceRollback => {
             let db = dir.path().join("load.db");
             let cfg = dir.path().join("sluice.toml");
             // max_connections only when set, so binaries from before the
@@ -357,9 +374,17 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
                 0 => String::new(),
                 n => format!("max_connections = {n}\n"),
             };
+            let admin_port = match scenario {
+                Scenario::SluiceRollback => Some(free_port()?),
+                _ => None,
+            };
+            let admin = match admin_port {
+                Some(a) => format!("admin_listen = \"127.0.0.1:{a}\"\n"),
+                None => String::new(),
+            };
             let text = sluice_config(scenario, port, mock, &db).replacen(
                 "\n",
-                &format!("\nworkers = {}\n{cap}", p.sluice_workers),
+                &format!("\nworkers = {}\n{cap}{admin}", p.sluice_workers),
                 1,
             );
             std::fs::write(&cfg, text).map_err(|e| e.to_string())?;
@@ -390,8 +415,8 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
                 return Err(format!("sluice did not start: {first}"));
             }
             std::thread::spawn(move || for _ in lines {});
-            if scenario == Scenario::SluiceRollout {
-                start_rollout(port)?;
+            if matches!(scenario, Scenario::SluiceRollout | Scenario::SluiceRollback) {
+                start_rollout(admin_port.unwrap_or(port))?;
             }
             Ok(Running {
                 scenario,
@@ -403,6 +428,7 @@ pub fn start(scenario: Scenario, mock: SocketAddr, p: &Programs) -> Result<Runni
                     .logs
                     .as_ref()
                     .map(|d| d.join(format!("{}-{port}.db", scenario.name()))),
+                admin_port,
                 _dir: dir,
             })
         }
@@ -445,7 +471,8 @@ fn http_get(port: u16, path: &str) -> Result<String, String> {
     Ok(out)
 }
 
-fn start_rollout(port: u16) -> Result<(), String> {
+/// Starts the `support-v2` rollout through the admin API on `port`.
+pub fn start_rollout(port: u16) -> Result<(), String> {
     use std::io::{Read, Write};
     let body = r#"{"reason":"load test"}"#;
     let req = format!(
@@ -526,6 +553,16 @@ detectors = [{ kind = "secrets" }]
 deployment = "support"
 candidate = "v2"
 stages = [{ kind = "percent", percent = 5 }, { kind = "percent", percent = 100 }]
+"#,
+        );
+    }
+    if scenario == Scenario::SluiceRollback {
+        s.push_str(
+            r#"
+[rollouts.support-v2]
+deployment = "support"
+candidate = "v2"
+stages = [{ kind = "percent", percent = 100 }]
 "#,
         );
     }
