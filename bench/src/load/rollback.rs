@@ -123,16 +123,20 @@ pub async fn trial(spec: &RollbackSpec) -> RollbackTrial {
     let mut saturated = 0;
     let mut sent = 0;
 
-    // The operator's rollback, on its own connection to the admin listener.
-    let admin = {
+    // The operator's rollback, on its own connection to the admin listener
+    // and from a thread of its own: past capacity the generator's runtime
+    // is as busy as the target, and would delay the call and its timing.
+    let (rb_tx, rb_rx) = tokio::sync::oneshot::channel();
+    {
         let spec = spec.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep_until(rollback_at).await;
+        let due = rollback_at.into_std();
+        std::thread::spawn(move || {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
             let at = origin.elapsed();
-            let status = rollback(&spec).await;
-            (at, origin.elapsed(), status)
-        })
-    };
+            let status = rollback(&spec);
+            let _ = rb_tx.send((at, origin.elapsed(), status));
+        });
+    }
 
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..warm + full {
@@ -185,7 +189,7 @@ pub async fn trial(spec: &RollbackSpec) -> RollbackTrial {
     }
     while tasks.join_next().await.is_some() {}
     let (rb_sent, rb_answered, rollback_status) =
-        admin.await.unwrap_or((Duration::ZERO, Duration::ZERO, 0));
+        rb_rx.await.unwrap_or((Duration::ZERO, Duration::ZERO, 0));
     let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
     let ms = |d: Duration| (d.as_secs_f64() - rb_sent.as_secs_f64()) * 1000.0;
     let hist = || {
@@ -237,30 +241,35 @@ pub async fn trial(spec: &RollbackSpec) -> RollbackTrial {
     }
 }
 
-/// Posts the rollback; returns its status (0 when it failed on the way).
-async fn rollback(spec: &RollbackSpec) -> u16 {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let url = format!(
-        "http://127.0.0.1:{}/admin/rollouts/{}/rollback",
-        spec.admin_port, spec.rollout
+/// Posts the rollback (blocking, on a fresh connection); returns its status
+/// (0 when it failed on the way).
+fn rollback(spec: &RollbackSpec) -> u16 {
+    use std::io::{Read, Write};
+    let body = r#"{"reason":"rollback under load"}"#;
+    let req = format!(
+        "POST /admin/rollouts/{}/rollback HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        spec.rollout,
+        spec.admin_token,
+        body.len()
     );
-    let Ok(req) = hyper::Request::post(url)
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {}", spec.admin_token))
-        .body(Full::new(Bytes::from_static(
-            br#"{"reason":"rollback under load"}"#,
-        )))
-    else {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", spec.admin_port)) else {
         return 0;
     };
-    match client.request(req).await {
-        Ok(resp) => {
-            let status = resp.status().as_u16();
-            let _ = resp.into_body().collect().await;
-            status
-        }
-        Err(_) => 0,
+    let _ = s.set_nodelay(true);
+    let _ = s.set_read_timeout(Some(spec.timeout));
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
     }
+    // The status line is all that is needed; the answer comes with it.
+    let mut head = [0u8; 12];
+    if s.read_exact(&mut head).is_err() {
+        return 0;
+    }
+    std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Medians and maxima of a rate's trials, for the table.

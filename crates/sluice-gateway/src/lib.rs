@@ -8,6 +8,7 @@
 //! ([`pipeline`]).
 
 pub mod admin;
+mod control;
 pub mod controller;
 pub mod error;
 pub mod eval;
@@ -314,7 +315,19 @@ impl Gateway {
             store: _store,
         } = self;
         let limits = app.snapshot.load().config.limits.clone();
-        let controller = tokio::spawn(controller::run(app.clone()));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let has_admin = admin_listener.is_some();
+        // The controller and the admin listener get a thread of their own,
+        // so rollbacks take effect while client traffic is past capacity.
+        let mut control = control::ControlPlane::spawn(
+            app.clone(),
+            admin_listener,
+            limits.clone(),
+            stop_rx.clone(),
+            grace,
+            limits.workers + 1,
+        )
+        .map_err(GatewayError::Serve)?;
         #[cfg(unix)]
         let hup = {
             let app = app.clone();
@@ -336,20 +349,11 @@ impl Gateway {
                 }
             })
         };
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut servers = Vec::new();
-        let client_router = match admin_listener {
-            Some(admin) => {
-                // The admin API is light: it shares the caller's runtime.
-                servers.push(tokio::spawn(server::serve(
-                    admin,
-                    admin_router(app.clone()),
-                    limits.clone(),
-                    stop_rx.clone(),
-                )));
-                public_router(app.clone())
-            }
-            None => router(app.clone()),
+        let client_router = if has_admin {
+            public_router(app.clone())
+        } else {
+            router(app.clone())
         };
         // Both carry the chat route.
         let client_router = server::Routes {
@@ -406,6 +410,7 @@ impl Gateway {
                 }
             }
         }
+        drained &= control.admin_drained().await.map_err(GatewayError::Serve)?;
         if !drained {
             tracing::warn!(
                 ?grace,
@@ -415,7 +420,7 @@ impl Gateway {
         // Give in-flight stream bodies dropped by the deadline a moment to
         // hand their records over, then flush everything.
         tokio::task::yield_now().await;
-        controller.abort();
+        control.end().await;
         #[cfg(unix)]
         hup.abort();
         drop(app);

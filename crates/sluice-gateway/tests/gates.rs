@@ -196,6 +196,60 @@ min_samples = 30
     h.stop().await;
 }
 
+/// The controller runs on the control plane's own thread: with every thread
+/// serving clients held busy, a failing gate still rolls the candidate back
+/// (and the first request served afterwards goes to stable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_rolls_back_while_client_serving_is_stuck() {
+    let h = Harness::start_with(|c| {
+        with_gated_rollout(
+            "gpt-500",
+            r#"[{ kind = "percent", percent = 50 }, { kind = "percent", percent = 100 }]"#,
+            r#"
+[[rollouts.support-v2.gates]]
+signal = "error_rate"
+max_regression = 0.05
+min_samples = 30
+"#,
+        )(c)
+        // Evaluated at the start (nothing to judge yet), then not again
+        // until the serving side is stuck.
+        .replace("evaluate_every = \"100ms\"", "evaluate_every = \"4s\"")
+    })
+    .await;
+    start(&h).await;
+    for i in 0..120 {
+        ask(&h, &format!("user-{i}")).await;
+    }
+    assert_eq!(
+        status(&h).await["status"],
+        "running",
+        "the controller acted before the serving side was stuck"
+    );
+
+    let stuck = common::Stuck::runtime(2);
+    let t = Instant::now();
+    let mut rolled_back = false;
+    while !rolled_back && t.elapsed() < Duration::from_secs(15) {
+        std::thread::sleep(Duration::from_millis(20));
+        rolled_back = h
+            .store
+            .rollout("support-v2")
+            .expect("read")
+            .is_some_and(|r| r.state.status == sluice_core::rollout::Status::RolledBack);
+    }
+    let while_stuck = stuck.still();
+    stuck.release();
+    assert!(rolled_back, "not rolled back within 15 s");
+    assert!(
+        while_stuck,
+        "the controller acted only once client serving was free again"
+    );
+    let (code, variant, _) = ask(&h, "user-after").await;
+    assert_eq!((code, variant.as_str()), (200, "v1"));
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_healthy_candidate_is_promoted_by_the_gates() {
     let h = Harness::start_with(with_gated_rollout(

@@ -323,6 +323,48 @@ async fn a_rollback_during_a_burst_routes_nobody_to_the_candidate_afterwards() {
     h.stop().await;
 }
 
+/// The admin API on `admin_listen` runs on the control plane's own thread:
+/// with every thread serving clients held busy, a rollback is still
+/// answered, and the first request served afterwards goes to stable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_is_answered_while_client_serving_is_stuck() {
+    let h = Harness::start_with(|c| {
+        with_rollout(r#"[{ kind = "percent", percent = 100 }]"#)(c).replacen(
+            "listen = \"127.0.0.1:0\"",
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"",
+            1,
+        )
+    })
+    .await;
+    let admin_base = h.admin_base.clone().expect("an admin listener");
+    let (s, b) = common::post_blocking(
+        &admin_base,
+        "/admin/rollouts/support-v2/start",
+        OPS,
+        r#"{"reason":"go"}"#,
+    );
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(variant_for(&h, ask("u1")).await.0, "v2");
+
+    let stuck = common::Stuck::runtime(2);
+    let (s, b) = common::post_blocking(
+        &admin_base,
+        "/admin/rollouts/support-v2/rollback",
+        OPS,
+        r#"{"reason":"error spike"}"#,
+    );
+    let answered_while_stuck = stuck.still();
+    stuck.release();
+    assert_eq!(s, 200, "{b}");
+    assert!(b.contains(r#""status":"rolled_back""#), "{b}");
+    assert!(
+        answered_while_stuck,
+        "the rollback was answered only once client serving was free again"
+    );
+    assert_eq!(variant_for(&h, ask("u2")).await.0, "v1");
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_resumes_the_stage_with_clocks_and_counters() {
     let h = Harness::start_with(with_rollout(WALK)).await;

@@ -735,3 +735,74 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// Every thread of the calling test's runtime held busy (the serving side
+/// of a gateway the harness started stops answering) until released.
+pub struct Stuck {
+    release: Arc<std::sync::atomic::AtomicBool>,
+    ended: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Stuck {
+    /// Occupies the runtime's `threads` worker threads with tasks that block
+    /// them for up to 20 s. Call from the test's body (which runs on a
+    /// thread of its own), and only use blocking I/O until [`Stuck::release`].
+    pub fn runtime(threads: usize) -> Stuck {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let release = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(AtomicUsize::new(0));
+        let started = Arc::new(AtomicUsize::new(0));
+        for _ in 0..threads {
+            let (release, ended, started) = (release.clone(), ended.clone(), started.clone());
+            tokio::spawn(async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                let t = std::time::Instant::now();
+                while !release.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(20) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                ended.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        let t = std::time::Instant::now();
+        while started.load(Ordering::SeqCst) < threads {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the runtime never got stuck"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Stuck { release, ended }
+    }
+
+    /// Whether every thread is still held.
+    pub fn still(&self) -> bool {
+        self.ended.load(std::sync::atomic::Ordering::SeqCst) == 0
+    }
+
+    /// Lets the threads go.
+    pub fn release(self) {
+        self.release
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// `POST`s `body` to `base` + `path` with blocking I/O on a fresh
+/// connection, bearer `token`; returns the status and the response text.
+pub fn post_blocking(base: &str, path: &str, token: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out)
+}
