@@ -14,6 +14,7 @@ mod evals;
 mod migrations;
 mod record;
 mod rollouts;
+mod write_gate;
 mod writer;
 
 use std::path::Path;
@@ -149,6 +150,9 @@ static MEM_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 pub struct Store {
     location: StoreLocation,
     conn: Mutex<Connection>,
+    /// Turns at the write lock between the record writer and rollout
+    /// transitions (see `write_gate.rs`).
+    gate: std::sync::Arc<write_gate::WriteGate>,
 }
 
 impl Store {
@@ -159,6 +163,7 @@ impl Store {
         Ok(Store {
             location,
             conn: Mutex::new(conn),
+            gate: std::sync::Arc::default(),
         })
     }
 
@@ -213,7 +218,7 @@ impl Store {
     /// left by a previous process is replayed before this returns.
     pub fn spawn_writer_with(&self, opts: WriterOptions) -> Result<EventWriter, StoreError> {
         let conn = self.location.connect()?;
-        Ok(EventWriter::spawn(conn, opts))
+        Ok(EventWriter::spawn(conn, opts, self.gate.clone()))
     }
 
     /// Where the spill journal of this store lives: next to a file store;

@@ -137,6 +137,17 @@ pub(crate) fn insert_batch(
     conn: &mut Connection,
     records: &[RequestRecord],
 ) -> Result<(), rusqlite::Error> {
+    insert_prefix(conn, records, || false).map(|_| ())
+}
+
+/// [`insert_batch`], except that when `yield_now` turns true after a
+/// statement the transaction commits there; returns how many records (a
+/// prefix of `records`, at least one statement's worth) it committed.
+pub(crate) fn insert_prefix(
+    conn: &mut Connection,
+    records: &[RequestRecord],
+    yield_now: impl Fn() -> bool,
+) -> Result<usize, rusqlite::Error> {
     let tx = conn.transaction()?;
     let mut rest = records;
     while !rest.is_empty() {
@@ -157,8 +168,12 @@ pub(crate) fn insert_batch(
             insert_review_items(&tx, r)?;
         }
         rest = tail;
+        if !rest.is_empty() && yield_now() {
+            break;
+        }
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(records.len() - rest.len())
 }
 
 /// Binds one record's values after the first `base` parameters, in

@@ -79,6 +79,8 @@ impl Store {
     ) -> Result<i64, StoreError> {
         let json = serde_json::to_string(state)
             .map_err(|e| StoreError::Corrupt(format!("rollout {name}: {e}")))?;
+        // Next at the write lock, ahead of the record writer's next group.
+        let _turn = self.gate.priority();
         let mut c = self.lock();
         let tx = c.transaction()?;
         let new_version = match expected {
@@ -397,6 +399,7 @@ impl Store {
         outcome: &str,
         verdict_json: &str,
     ) -> Result<(), StoreError> {
+        let _turn = self.gate.priority();
         let c = self.lock();
         c.execute(
             "INSERT INTO gate_verdicts (rollout, stage, ts_ms, signal, outcome, verdict) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",

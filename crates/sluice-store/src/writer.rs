@@ -34,7 +34,8 @@ use serde::Serialize;
 use sluice_core::config::Backpressure;
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::record::{insert_batch, RequestRecord};
+use crate::record::{insert_prefix, RequestRecord};
+use crate::write_gate::WriteGate;
 
 type Ack = oneshot::Sender<()>;
 
@@ -205,10 +206,12 @@ struct Shared {
     parked_done: Notify,
     /// The writer thread, woken early when someone waits on a commit.
     thread: std::sync::OnceLock<std::thread::Thread>,
+    /// Turns at the write lock with rollout transitions.
+    gate: Arc<WriteGate>,
 }
 
 impl Shared {
-    fn new(backpressure: Backpressure, journal: Option<PathBuf>) -> Self {
+    fn new(backpressure: Backpressure, journal: Option<PathBuf>, gate: Arc<WriteGate>) -> Self {
         let journal_pending = Arc::new(AtomicU64::new(0));
         Shared {
             stats: WriterStats::default(),
@@ -224,6 +227,7 @@ impl Shared {
             parked: AtomicUsize::new(0),
             parked_done: Notify::new(),
             thread: std::sync::OnceLock::new(),
+            gate,
         }
     }
 
@@ -397,9 +401,9 @@ pub struct EventWriter {
 }
 
 impl EventWriter {
-    pub(crate) fn spawn(mut conn: Connection, opts: WriterOptions) -> Self {
+    pub(crate) fn spawn(mut conn: Connection, opts: WriterOptions, gate: Arc<WriteGate>) -> Self {
         let (tx, rx) = mpsc::channel(opts.capacity.max(1));
-        let shared = Arc::new(Shared::new(opts.backpressure, opts.journal));
+        let shared = Arc::new(Shared::new(opts.backpressure, opts.journal, gate));
         let batch_max = opts.batch_max.max(1);
         let window = opts.commit_window;
         // Whatever a previous process left in the journal goes in first.
@@ -501,12 +505,12 @@ fn replay(conn: &mut Connection, shared: &Shared, batch_max: usize) -> u64 {
             }
         }
         if batch.len() >= batch_max {
-            write_with_retry(conn, &batch, stats);
+            write_with_retry(conn, &batch, shared);
             batch.clear();
         }
     }
     if !batch.is_empty() {
-        write_with_retry(conn, &batch, stats);
+        write_with_retry(conn, &batch, shared);
     }
     let n = stats.written.load(Ordering::Relaxed) - before;
     stats.replayed.fetch_add(n, Ordering::Relaxed);
@@ -545,7 +549,6 @@ fn run(
     window: Duration,
     shared: &Shared,
 ) {
-    let stats = &shared.stats;
     let mut batch: Vec<RequestRecord> = Vec::with_capacity(batch_max);
     let mut acks: Vec<Ack> = Vec::new();
     let mut flushes: Vec<Ack> = Vec::new();
@@ -581,7 +584,7 @@ fn run(
             }
         }
         if !batch.is_empty() {
-            write_with_retry(&mut conn, &batch, stats);
+            write_with_retry(&mut conn, &batch, shared);
             batch.clear();
         }
         for a in acks.drain(..) {
@@ -605,7 +608,7 @@ fn run(
                 }
             }
             if !batch.is_empty() {
-                write_with_retry(&mut conn, &batch, stats);
+                write_with_retry(&mut conn, &batch, shared);
             }
             for a in acks.drain(..) {
                 let _ = a.send(());
@@ -616,36 +619,48 @@ fn run(
     }
 }
 
-fn write_with_retry(conn: &mut Connection, batch: &[RequestRecord], stats: &WriterStats) {
+/// Commits `batch`, in more than one transaction when a rollout transition
+/// wants the write lock meanwhile (see [`crate::write_gate`]), retrying a failed
+/// transaction with backoff; records still failing after 8 tries are
+/// counted as failed.
+fn write_with_retry(conn: &mut Connection, batch: &[RequestRecord], shared: &Shared) {
+    let stats = &shared.stats;
+    let mut rest = batch;
     let mut delay = Duration::from_millis(20);
-    for attempt in 1..=8 {
-        match insert_batch(conn, batch) {
-            Ok(()) => {
-                stats
-                    .written
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    let mut attempt = 1;
+    while !rest.is_empty() {
+        let turn = shared.gate.writer();
+        let result = insert_prefix(conn, rest, || shared.gate.wanted());
+        drop(turn);
+        match result {
+            Ok(n) => {
+                stats.written.fetch_add(n as u64, Ordering::Relaxed);
                 stats.batches.fetch_add(1, Ordering::Relaxed);
-                return;
+                rest = &rest[n..];
+                attempt = 1;
+                delay = Duration::from_millis(20);
             }
             Err(e) => {
                 stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                if attempt == 8 {
+                    stats.failed.fetch_add(rest.len() as u64, Ordering::Relaxed);
+                    tracing::error!(
+                        records = rest.len(),
+                        "store write failed 8 times: {e}; these request records are lost (counted in sluice_events_failed_total)"
+                    );
+                    return;
+                }
                 tracing::warn!(
                     attempt,
-                    records = batch.len(),
+                    records = rest.len(),
                     "store write failed: {e}; retrying"
                 );
+                attempt += 1;
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
     }
-    stats
-        .failed
-        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-    tracing::error!(
-        records = batch.len(),
-        "store write failed 8 times; these request records are lost (counted in sluice_events_failed_total)"
-    );
 }
 
 #[cfg(test)]
@@ -786,6 +801,41 @@ mod tests {
         w.shutdown().await;
     }
 
+    /// A rollout transition waiting at the write lock goes first: the writer
+    /// starts no transaction while one waits, and commits what it has at the
+    /// next statement when one arrives, the rest of its batch following.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_waiting_rollout_transition_goes_before_the_next_group() {
+        let store = Store::open(StoreLocation::from_config(":memory:")).expect("open");
+        let w = store.spawn_writer(4096, 1024).expect("writer");
+        let tx = w.sender();
+        let turn = store.gate.priority();
+        let ack = tx.record_committed(RequestRecord::sample("held"));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(
+            store.count().expect("count"),
+            0,
+            "the writer committed while a transition waited"
+        );
+        drop(turn);
+        ack.await.expect("acked");
+        assert_eq!(store.count().expect("count"), 1);
+
+        // A batch cut short at the first statement when the gate is wanted.
+        let records: Vec<RequestRecord> = (0..40)
+            .map(|i| RequestRecord::sample(&format!("cut{i}")))
+            .collect();
+        let mut conn = store.location.connect().expect("connect");
+        let n = crate::record::insert_prefix(&mut conn, &records, || true).expect("insert");
+        assert_eq!(n, 16, "one statement's worth, then the turn is given up");
+        let rest =
+            crate::record::insert_prefix(&mut conn, &records[n..], || false).expect("insert");
+        assert_eq!(rest, 24);
+        assert_eq!(store.count().expect("count"), 41);
+        let stats = w.shutdown().await;
+        assert_eq!(stats.lost(), 0, "{stats:?}");
+    }
+
     #[tokio::test]
     async fn flush_waits_for_commit() {
         let store = Store::open(StoreLocation::from_config(":memory:")).expect("open");
@@ -815,6 +865,7 @@ mod tests {
         let shared = std::sync::Arc::new(super::Shared::new(
             Backpressure::Spill,
             Some(journal.clone()),
+            std::sync::Arc::default(),
         ));
         let (rounds, threads, each) = (150, 3, 12);
         for round in 0..rounds {
