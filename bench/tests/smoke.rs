@@ -10,6 +10,37 @@ use sluice_bench::load::mock::{self, MockConfig};
 use sluice_bench::load::targets::{self, Scenario};
 use sluice_bench::load::{rollback, run};
 
+/// An in-process gateway started from the harness's config text.
+struct Started {
+    url: String,
+    admin_port: Option<u16>,
+    store: Arc<sluice_store::Store>,
+}
+
+type Stop = tokio::sync::oneshot::Sender<()>;
+type Running =
+    tokio::task::JoinHandle<Result<sluice_gateway::ShutdownReport, sluice_gateway::GatewayError>>;
+
+async fn gateway(text: &str) -> (Started, Stop, Running) {
+    let config = sluice_core::Config::parse(text).expect("the harness config is valid");
+    let gw = sluice_gateway::Gateway::bind(config, Arc::new(sluice_gateway::EnvSecrets))
+        .await
+        .expect("gateway binds");
+    let started = Started {
+        url: format!("http://{}/v1/chat/completions", gw.local_addr()),
+        admin_port: gw.admin_addr().map(|a| a.port()),
+        store: gw.store(),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(gw.run(
+        async move {
+            let _ = rx.await;
+        },
+        Duration::from_secs(5),
+    ));
+    (started, tx, task)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_harness_measures_direct_and_sluice_and_counts_every_record() {
     let mock = mock::spawn("127.0.0.1:0".parse().expect("addr"), MockConfig::default())
@@ -48,19 +79,9 @@ async fn the_harness_measures_direct_and_sluice_and_counts_every_record() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("smoke.db");
     let text = targets::sluice_config(Scenario::SluicePolicies, 0, mock, &db);
-    let config = sluice_core::Config::parse(&text).expect("the harness config is valid");
-    let gw = sluice_gateway::Gateway::bind(config, Arc::new(sluice_gateway::EnvSecrets))
-        .await
-        .expect("gateway binds");
-    let url = format!("http://{}/v1/chat/completions", gw.local_addr());
-    let store = gw.store();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(gw.run(
-        async move {
-            let _ = rx.await;
-        },
-        Duration::from_secs(5),
-    ));
+    let (gw, tx, task) = gateway(&text).await;
+    let url = gw.url;
+    let store = gw.store;
     let plain = gen::run(spec(url.clone(), Some(targets::KEY.into()), false)).await;
     let streamed = gen::run(spec(url, Some(targets::KEY.into()), true)).await;
     assert_eq!(plain.ok, 200, "{plain:?}");
@@ -144,20 +165,9 @@ async fn a_rollback_under_load_is_timed_and_nothing_after_it_reaches_the_candida
         "\nadmin_listen = \"127.0.0.1:0\"\n",
         1,
     );
-    let config = sluice_core::Config::parse(&text).expect("the harness config is valid");
-    let gw = sluice_gateway::Gateway::bind(config, Arc::new(sluice_gateway::EnvSecrets))
-        .await
-        .expect("gateway binds");
-    let url = format!("http://{}/v1/chat/completions", gw.local_addr());
-    let admin_port = gw.admin_addr().expect("an admin listener").port();
-    let store = gw.store();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(gw.run(
-        async move {
-            let _ = rx.await;
-        },
-        Duration::from_secs(5),
-    ));
+    let (gw, tx, task) = gateway(&text).await;
+    let (url, store) = (gw.url, gw.store);
+    let admin_port = gw.admin_port.expect("an admin listener");
     tokio::task::spawn_blocking(move || targets::start_rollout(admin_port))
         .await
         .expect("join")

@@ -246,6 +246,18 @@ fn pin_self() -> Result<()> {
     Ok(())
 }
 
+/// Pins this process when `pin`, then starts the mock (see [`spawn_mock`]).
+fn start_mock(
+    m: &MockArgs,
+    pin: bool,
+    threads: usize,
+) -> Result<(std::process::Child, SocketAddr)> {
+    if pin {
+        pin_self()?;
+    }
+    spawn_mock(m, pin, threads)
+}
+
 /// Starts the mock as its own process (so its CPU is not the generator's);
 /// pinned to CPU 0 with the generator when `pin`.
 fn spawn_mock(
@@ -335,10 +347,7 @@ fn main() -> Result<()> {
                     other => bail!("unknown mode {other:?} (non-stream, stream)"),
                 }
             }
-            if programs.pin {
-                pin_self()?;
-            }
-            let (mut mock_child, addr) = spawn_mock(&mock, programs.pin, threads)?;
+            let (mut mock_child, addr) = start_mock(&mock, programs.pin, threads)?;
             let plan = Plan {
                 scenarios: scenarios.clone(),
                 rates,
@@ -428,10 +437,7 @@ fn main() -> Result<()> {
             mock,
             programs,
         } => {
-            if programs.pin {
-                pin_self()?;
-            }
-            let (mut mock_child, addr) = spawn_mock(&mock, programs.pin, threads)?;
+            let (mut mock_child, addr) = start_mock(&mock, programs.pin, threads)?;
             let p = programs.programs();
             let mut all = Vec::new();
             for &rate in &rates {
@@ -516,10 +522,7 @@ fn main() -> Result<()> {
             mock,
             programs,
         } => {
-            if programs.pin {
-                pin_self()?;
-            }
-            let (mut mock_child, addr) = spawn_mock(&mock, programs.pin, threads)?;
+            let (mut mock_child, addr) = start_mock(&mock, programs.pin, threads)?;
             let p = programs.programs();
             let target = targets::start(scenario, addr, &p).map_err(anyhow::Error::msg)?;
             let pid = target.pid().context("soak needs a target process")?;

@@ -546,25 +546,17 @@ detectors = [{ kind = "secrets" }]
 "#,
         );
     }
-    if scenario == Scenario::SluiceRollout {
-        s.push_str(
-            r#"
-[rollouts.support-v2]
-deployment = "support"
-candidate = "v2"
-stages = [{ kind = "percent", percent = 5 }, { kind = "percent", percent = 100 }]
-"#,
-        );
-    }
-    if scenario == Scenario::SluiceRollback {
-        s.push_str(
-            r#"
-[rollouts.support-v2]
-deployment = "support"
-candidate = "v2"
-stages = [{ kind = "percent", percent = 100 }]
-"#,
-        );
+    let stages = match scenario {
+        Scenario::SluiceRollout => {
+            Some(r#"[{ kind = "percent", percent = 5 }, { kind = "percent", percent = 100 }]"#)
+        }
+        Scenario::SluiceRollback => Some(r#"[{ kind = "percent", percent = 100 }]"#),
+        _ => None,
+    };
+    if let Some(stages) = stages {
+        s.push_str(&format!(
+            "\n[rollouts.support-v2]\ndeployment = \"support\"\ncandidate = \"v2\"\nstages = {stages}\n"
+        ));
     }
     s
 }

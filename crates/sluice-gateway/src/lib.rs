@@ -318,7 +318,7 @@ impl Gateway {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let has_admin = admin_listener.is_some();
         // The controller and the admin listener get a thread of their own,
-        // so rollbacks take effect while client traffic is past capacity.
+        // so a rollback does not wait on the runtime serving clients.
         let mut control = control::ControlPlane::spawn(
             app.clone(),
             admin_listener,

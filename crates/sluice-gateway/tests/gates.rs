@@ -99,17 +99,24 @@ async fn ask(h: &Harness, user: &str) -> (u16, String, String) {
     (s, v, id)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_candidate_is_rolled_back_by_the_gates() {
-    let h = Harness::start_with(with_gated_rollout(
-        "gpt-500",
-        r#"[{ kind = "percent", percent = 50 }, { kind = "percent", percent = 100 }]"#,
-        r#"
+/// Half the traffic to the candidate, then all of it.
+const HALF_THEN_ALL: &str =
+    r#"[{ kind = "percent", percent = 50 }, { kind = "percent", percent = 100 }]"#;
+
+/// Fails a candidate whose error rate is 5 points worse than stable's.
+const ERROR_RATE_GATE: &str = r#"
 [[rollouts.support-v2.gates]]
 signal = "error_rate"
 max_regression = 0.05
 min_samples = 30
-"#,
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_candidate_is_rolled_back_by_the_gates() {
+    let h = Harness::start_with(with_gated_rollout(
+        "gpt-500",
+        HALF_THEN_ALL,
+        ERROR_RATE_GATE,
     ))
     .await;
     start(&h).await;
@@ -202,19 +209,10 @@ min_samples = 30
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_rolls_back_while_client_serving_is_stuck() {
     let h = Harness::start_with(|c| {
-        with_gated_rollout(
-            "gpt-500",
-            r#"[{ kind = "percent", percent = 50 }, { kind = "percent", percent = 100 }]"#,
-            r#"
-[[rollouts.support-v2.gates]]
-signal = "error_rate"
-max_regression = 0.05
-min_samples = 30
-"#,
-        )(c)
-        // Evaluated at the start (nothing to judge yet), then not again
-        // until the serving side is stuck.
-        .replace("evaluate_every = \"100ms\"", "evaluate_every = \"4s\"")
+        with_gated_rollout("gpt-500", HALF_THEN_ALL, ERROR_RATE_GATE)(c)
+            // Evaluated at the start (nothing to judge yet), then not again
+            // until the serving side is stuck.
+            .replace("evaluate_every = \"100ms\"", "evaluate_every = \"4s\"")
     })
     .await;
     start(&h).await;

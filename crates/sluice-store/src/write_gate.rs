@@ -22,48 +22,40 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 /// See the module docs.
 #[derive(Debug, Default)]
 pub(crate) struct WriteGate {
-    state: Mutex<State>,
+    /// Whether the record writer is inside a transaction.
+    writer: Mutex<bool>,
     changed: Condvar,
     /// Priority writes waiting or in progress; read by the writer between
-    /// statements without taking the mutex.
+    /// statements without taking the mutex, changed only under it (so a
+    /// waiter never misses the wake-up).
     wanted: AtomicUsize,
 }
 
-#[derive(Debug, Default)]
-struct State {
-    /// The record writer is inside a transaction.
-    writer: bool,
-    /// Priority writes past the gate.
-    priority: usize,
-}
-
 impl WriteGate {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // The state is two plain fields updated together; a panic elsewhere
-        // cannot leave them half-written.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, bool> {
+        // One flag; a panic elsewhere cannot leave it half-written.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits for the writer's current transaction (which ends early, see
     /// [`WriteGate::wanted`]) and keeps it out until the turn is dropped.
     pub(crate) fn priority(&self) -> PriorityTurn<'_> {
+        let mut writer = self.lock();
         self.wanted.fetch_add(1, Ordering::SeqCst);
-        let mut s = self.lock();
-        while s.writer {
-            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        while *writer {
+            writer = self.changed.wait(writer).unwrap_or_else(|p| p.into_inner());
         }
-        s.priority += 1;
         PriorityTurn { gate: self }
     }
 
     /// Waits until no priority write waits or runs; the writer then holds
     /// the turn for one transaction.
     pub(crate) fn writer(&self) -> WriterTurn<'_> {
-        let mut s = self.lock();
-        while s.priority > 0 || self.wanted.load(Ordering::SeqCst) > 0 {
-            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        let mut writer = self.lock();
+        while self.wanted.load(Ordering::SeqCst) > 0 {
+            writer = self.changed.wait(writer).unwrap_or_else(|p| p.into_inner());
         }
-        s.writer = true;
+        *writer = true;
         WriterTurn { gate: self }
     }
 
@@ -81,10 +73,9 @@ pub(crate) struct PriorityTurn<'a> {
 
 impl Drop for PriorityTurn<'_> {
     fn drop(&mut self) {
-        let mut s = self.gate.lock();
-        s.priority -= 1;
+        let writer = self.gate.lock();
         self.gate.wanted.fetch_sub(1, Ordering::SeqCst);
-        drop(s);
+        drop(writer);
         self.gate.changed.notify_all();
     }
 }
@@ -96,7 +87,7 @@ pub(crate) struct WriterTurn<'a> {
 
 impl Drop for WriterTurn<'_> {
     fn drop(&mut self) {
-        self.gate.lock().writer = false;
+        *self.gate.lock() = false;
         self.gate.changed.notify_all();
     }
 }
