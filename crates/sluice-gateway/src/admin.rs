@@ -17,7 +17,7 @@ use sluice_core::config::Role;
 use sluice_core::controller::gate_blockers;
 use sluice_core::rollout::{Action, Actor, Facts, Refusal, Status};
 use sluice_core::Config;
-use sluice_store::{RolloutEvent, StoreError};
+use sluice_store::RolloutEvent;
 
 use crate::error::ApiError;
 use crate::rollouts::{RolloutEntry, Rollouts};
@@ -244,35 +244,10 @@ pub async fn show(
             v["history"] = json!(h);
             v["verdict_history"] = json!(verdicts);
         }
-        Ok(Err(err)) => return store_error(&err).into_response(),
-        Err(err) => {
-            return api(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "api_error",
-                "internal",
-                err.to_string(),
-            )
-            .into_response()
-        }
+        Ok(Err(err)) => return ApiError::store(&err).into_response(),
+        Err(err) => return ApiError::internal(&err).into_response(),
     }
     Json(v).into_response()
-}
-
-fn store_error(e: &StoreError) -> ApiError {
-    match e {
-        StoreError::Conflict(_) => api(
-            StatusCode::CONFLICT,
-            "invalid_request_error",
-            "conflict",
-            e.to_string(),
-        ),
-        _ => api(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "api_error",
-            "store_error",
-            e.to_string(),
-        ),
-    }
 }
 
 async fn reason_from(body: Body) -> Result<Option<String>, ApiError> {
@@ -555,15 +530,8 @@ pub async fn transition(
         store.commit_rollout(&rn, &dep, &cand, expected, &st, &event)
     })
     .await
-    .map_err(|e| {
-        api(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "api_error",
-            "internal",
-            e.to_string(),
-        )
-    })?
-    .map_err(|e| store_error(&e))?;
+    .map_err(|e| ApiError::internal(&e))?
+    .map_err(|e| ApiError::store(&e))?;
     // Committed: now make it visible to the very next request.
     let mut updated = RolloutEntry {
         config: entry.config.clone(),

@@ -188,6 +188,40 @@ impl ApiError {
         )
     }
 
+    /// 409 for a rollout changed concurrently; 500 `store_error` for any
+    /// other failure of the store (the message says what SQLite reported).
+    pub fn store(e: &sluice_store::StoreError) -> Self {
+        let (status, kind, code) = match e {
+            sluice_store::StoreError::Conflict(_) => {
+                (StatusCode::CONFLICT, "invalid_request_error", "conflict")
+            }
+            _ => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                "store_error",
+            ),
+        };
+        ApiError {
+            code: Some(code),
+            record_kind: "store_error",
+            ..Self::new(status, kind, e.to_string())
+        }
+    }
+
+    /// 500 `internal`: a background task sluice started failed (it
+    /// panicked or was cancelled).
+    pub fn internal(e: &dyn std::fmt::Display) -> Self {
+        ApiError {
+            code: Some("internal"),
+            record_kind: "internal",
+            ..Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                e.to_string(),
+            )
+        }
+    }
+
     /// Maps an upstream failure to what the client receives.
     pub fn upstream(e: &ProviderError) -> Self {
         let record_kind = e.kind();

@@ -155,15 +155,15 @@ async fn handle(app: &Arc<AppState>, headers: &HeaderMap, body: Body) -> Result<
     };
     let mut rec = lookup(fb.request_id.clone())
         .await
-        .map_err(|e| ApiError::unreadable_body(&e))?
-        .map_err(|e| ApiError::unreadable_body(&e))?;
+        .map_err(|e| ApiError::internal(&e))?
+        .map_err(|e| ApiError::store(&e))?;
     if rec.is_none() {
         // A request answered a moment ago may still be on its way to the store.
         app.events.flush().await;
         rec = lookup(fb.request_id.clone())
             .await
-            .map_err(|e| ApiError::unreadable_body(&e))?
-            .map_err(|e| ApiError::unreadable_body(&e))?;
+            .map_err(|e| ApiError::internal(&e))?
+            .map_err(|e| ApiError::store(&e))?;
     }
     let Some(rec) = rec.filter(|r| r.api_key == key) else {
         return Err(not_found(&fb.request_id));
@@ -180,8 +180,8 @@ async fn handle(app: &Arc<AppState>, headers: &HeaderMap, body: Body) -> Result<
     let store = app.store.clone();
     let previous = tokio::task::spawn_blocking(move || store.put_feedback(&stored))
         .await
-        .map_err(|e| ApiError::unreadable_body(&e))?
-        .map_err(|e| ApiError::unreadable_body(&e))?;
+        .map_err(|e| ApiError::internal(&e))?
+        .map_err(|e| ApiError::store(&e))?;
     // Count it toward the stage the request was served in, if that stage is
     // still being judged.
     let mut counted = Value::Null;

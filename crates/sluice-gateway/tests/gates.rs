@@ -409,6 +409,82 @@ min_samples = 1000
     h.stop().await;
 }
 
+/// Feedback given while traffic flows is accepted and counted every time:
+/// the record writer committing group after group must not make a feedback
+/// write fail with "database is locked".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_given_during_traffic_is_never_refused() {
+    let h = std::sync::Arc::new(
+        Harness::start_with(with_gated_rollout(
+            "gpt-ok",
+            r#"[{ kind = "percent", percent = 50 }]"#,
+            r#"
+[[rollouts.support-v2.gates]]
+signal = "feedback_down_rate"
+max_regression = 0.05
+min_samples = 100000
+"#,
+        ))
+        .await,
+    );
+    start(&h).await;
+    // Traffic that only asks, keeping the writer busy.
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..250 {
+                ask(&h, &format!("busy-{t}-{i}")).await;
+            }
+            Vec::new()
+        }));
+    }
+    // Traffic that gives feedback on each answer as soon as it arrives.
+    for t in 0..2 {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut refused = Vec::new();
+            for i in 0..100 {
+                let (_, _, id) = ask(&h, &format!("fb-{t}-{i}")).await;
+                let r = c
+                    .post(h.url("/v1/feedback"))
+                    .bearer_auth(CLIENT_KEY)
+                    .json(&json!({"request_id": id, "thumbs": if i % 2 == 0 { "down" } else { "up" }}))
+                    .send()
+                    .await
+                    .expect("sent");
+                if r.status() != 200 {
+                    refused.push(format!("{} {}", r.status(), r.text().await.unwrap_or_default()));
+                }
+            }
+            refused
+        }));
+    }
+    let mut refused = Vec::new();
+    for t in tasks {
+        refused.extend(t.await.expect("task"));
+    }
+    assert!(
+        refused.is_empty(),
+        "{} of 200 feedback posts refused, first: {:?}",
+        refused.len(),
+        refused.first()
+    );
+    let gate = status(&h).await["gates"][0].clone();
+    assert_eq!(
+        gate["n_stable"].as_u64().unwrap_or(0) + gate["n_candidate"].as_u64().unwrap_or(0),
+        200,
+        "{gate}"
+    );
+    match std::sync::Arc::try_unwrap(h) {
+        Ok(h) => {
+            h.stop().await;
+        }
+        Err(_) => panic!("harness still shared"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_fallback_the_client_sees_the_candidates_error() {
     let h = Harness::start_with(with_gated_rollout(

@@ -352,7 +352,11 @@ impl Store {
     /// feedback) and returns what was stored before.
     pub fn put_feedback(&self, f: &Feedback) -> Result<Option<Feedback>, StoreError> {
         let mut c = self.lock();
-        let tx = c.transaction()?;
+        // Immediate: the write lock is taken (waiting for it if need be)
+        // before the read. A deferred transaction would read first and then
+        // fail at once with "database is locked" whenever the record writer
+        // committed in between, which under traffic is most of the time.
+        let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let previous = tx
             .query_row(
                 "SELECT request_id, ts_ms, api_key, thumbs_down, score, comment FROM feedback WHERE request_id = ?1",

@@ -904,4 +904,69 @@ mod tests {
         assert_eq!(shared.journal_pending.load(Ordering::Acquire), 0);
         assert!(!journal.exists());
     }
+
+    /// Feedback is stored while the record writer commits group after
+    /// group. A transaction that reads before it writes fails at once with
+    /// "database is locked" when another connection committed in between
+    /// (a third or more of these writes did, before feedback took the write
+    /// lock first).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn feedback_is_stored_while_the_writer_commits_continuously() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db").to_string_lossy().to_string();
+        let store = Store::open(StoreLocation::File(path)).expect("open");
+        let w = store.spawn_writer(100_000, 1024).expect("writer");
+        let tx = w.sender();
+        let stop = Arc::new(AtomicBool::new(false));
+        let feeding = stop.clone();
+        let feeder = std::thread::spawn(move || {
+            // Bounded: stops when told or after 2 million records.
+            for i in 0..2_000_000u64 {
+                if feeding.load(Ordering::Relaxed) {
+                    break;
+                }
+                tx.record(RequestRecord::sample(&format!("r{i}")));
+                if i % 50 == 49 {
+                    std::thread::sleep(Duration::from_micros(500));
+                }
+            }
+        });
+        let mut failed = Vec::new();
+        for i in 0..200u32 {
+            let fb = crate::Feedback {
+                request_id: format!("r{}", i % 20),
+                ts_ms: i64::from(i),
+                api_key: None,
+                thumbs_down: Some(i % 2 == 0),
+                score: None,
+                comment: Some(format!("note {i}")),
+            };
+            if let Err(e) = store.put_feedback(&fb) {
+                failed.push(e.to_string());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        stop.store(true, Ordering::Relaxed);
+        feeder.join().expect("feeder");
+        let stats = w.shutdown().await;
+        assert!(
+            failed.is_empty(),
+            "{} of 200 feedback writes failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(3)]
+        );
+        assert!(stats.written > 1_000, "the writer was busy: {stats:?}");
+        let c = store.lock();
+        let (rows, last): (i64, String) = c
+            .query_row(
+                "SELECT COUNT(*), MAX(comment) FROM feedback WHERE request_id = 'r19'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("feedback");
+        assert_eq!((rows, last.as_str()), (1, "note 199"));
+    }
 }
