@@ -91,7 +91,11 @@ pub enum StoreLocation {
     /// A SQLite file.
     File(String),
     /// An in-memory database shared by this process's connections under a
-    /// unique name; gone when the last connection closes.
+    /// unique name; gone when the last connection closes. It lives in
+    /// SQLite's `memdb` VFS, whose locks behave like a file's (a connection
+    /// that meets another's lock waits out `busy_timeout`), not in the shared
+    /// cache, which refuses such a connection at once with "database table
+    /// is locked".
     Memory(String),
 }
 
@@ -125,7 +129,7 @@ impl StoreLocation {
         let conn = match self {
             StoreLocation::File(p) => Connection::open_with_flags(Path::new(p), flags),
             StoreLocation::Memory(name) => {
-                Connection::open_with_flags(format!("file:{name}?mode=memory&cache=shared"), flags)
+                Connection::open_with_flags(format!("file:/{name}?vfs=memdb"), flags)
             }
         }
         .map_err(|source| StoreError::Open {
