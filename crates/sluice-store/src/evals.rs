@@ -81,7 +81,7 @@ impl Store {
 
     /// The most recent runs, newest first.
     pub fn eval_runs(&self, limit: usize) -> Result<Vec<EvalRun>, StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         let mut stmt = c.prepare_cached(
             "SELECT id, ts_ms, suite, suite_hash, deployment, variant, trigger, passed, total \
              FROM eval_runs ORDER BY ts_ms DESC, rowid DESC LIMIT ?1",
@@ -105,7 +105,7 @@ impl Store {
 
     /// A stored run's full report.
     pub fn eval_report(&self, id: &str) -> Result<Option<SuiteReport>, StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         let mut stmt = c.prepare_cached("SELECT report FROM eval_runs WHERE id = ?1")?;
         let mut rows = stmt.query([id])?;
         match rows.next()? {
@@ -121,7 +121,7 @@ impl Store {
 
     /// Per-case pass/fail of a stored run.
     pub fn eval_cases(&self, id: &str) -> Result<Vec<(String, bool)>, StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         let mut stmt = c.prepare_cached(
             "SELECT case_id, pass FROM eval_cases WHERE run_id = ?1 ORDER BY rowid",
         )?;

@@ -150,10 +150,23 @@ impl StoreLocation {
 
 static MEM_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Idle read connections a file store keeps open for the next read.
+const IDLE_READERS: usize = 4;
+
 /// The sluice store: a SQLite database with sluice's schema.
+///
+/// Writes other than the record writer's (rollout transitions, verdicts,
+/// feedback, eval runs) go through one connection. Reads of a file store
+/// use connections of their own, so a long read (a stage's rows rebuilt on
+/// reload, a history) never holds a rollback back; in WAL mode they read a
+/// snapshot and do not block the writers either. An in-memory store reads
+/// through the write connection (without WAL a reader would block writers
+/// anyway).
 pub struct Store {
     location: StoreLocation,
     conn: Mutex<Connection>,
+    /// Idle read connections (file stores only).
+    readers: Mutex<Vec<Connection>>,
     /// Turns at the write lock between the record writer and rollout
     /// transitions (see `write_gate.rs`).
     gate: std::sync::Arc<write_gate::WriteGate>,
@@ -167,6 +180,7 @@ impl Store {
         Ok(Store {
             location,
             conn: Mutex::new(conn),
+            readers: Mutex::new(Vec::new()),
             gate: std::sync::Arc::default(),
         })
     }
@@ -193,7 +207,7 @@ impl Store {
 
     /// The schema version of the open database.
     pub fn schema_version(&self) -> Result<i64, StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         Ok(c.query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
 
@@ -201,6 +215,27 @@ impl Store {
         // A panic while holding the lock cannot leave SQLite inconsistent
         // (statements are atomic), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A connection to read with: an idle read connection (or a new one) of
+    /// a file store, the write connection of an in-memory store.
+    pub(crate) fn read(&self) -> Result<Reader<'_>, StoreError> {
+        if matches!(self.location, StoreLocation::Memory(_)) {
+            return Ok(Reader::Shared(self.lock()));
+        }
+        let idle = self.readers.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let conn = match idle {
+            Some(c) => c,
+            None => {
+                let c = self.location.connect()?;
+                c.pragma_update(None, "query_only", true)?;
+                c
+            }
+        };
+        Ok(Reader::Pooled {
+            conn: Some(conn),
+            idle: &self.readers,
+        })
     }
 
     /// Starts the batching writer on its own connection.
@@ -237,7 +272,7 @@ impl Store {
     /// Checks the database's integrity (`PRAGMA quick_check`); `Ok(())` when
     /// it is sound, otherwise what SQLite found.
     pub fn quick_check(&self) -> Result<(), StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         let mut stmt = c.prepare("PRAGMA quick_check")?;
         let found: Vec<String> = stmt
             .query_map([], |r| r.get::<_, String>(0))?
@@ -258,19 +293,19 @@ impl Store {
 
     /// The most recent `limit` requests, newest first.
     pub fn recent(&self, limit: usize) -> Result<Vec<RequestRecord>, StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         record::recent(&c, limit)
     }
 
     /// Looks one request up by id.
     pub fn get(&self, id: &str) -> Result<Option<RequestRecord>, StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         record::get(&c, id)
     }
 
     /// Review items waiting for a person, oldest first.
     pub fn pending_reviews(&self, limit: usize) -> Result<Vec<ReviewItem>, StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         let mut stmt = c.prepare_cached(
             "SELECT request_id, principle, severity, stage, created_ms FROM review_items \
              WHERE status = 'pending' ORDER BY seq LIMIT ?1",
@@ -290,7 +325,7 @@ impl Store {
 
     /// How many requests are recorded.
     pub fn count(&self) -> Result<u64, StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         let n: i64 = c.query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))?;
         Ok(n.max(0) as u64)
     }
@@ -298,8 +333,46 @@ impl Store {
     /// Per deployment and variant: requests, errors and latency percentiles,
     /// over requests recorded at or after `since_ms` (unix milliseconds).
     pub fn summary(&self, since_ms: i64) -> Result<Vec<VariantSummary>, StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         record::summary(&c, since_ms)
+    }
+}
+
+/// A connection lent for reading; see [`Store::read`].
+pub(crate) enum Reader<'a> {
+    /// A read connection, returned to the idle list when done.
+    Pooled {
+        conn: Option<Connection>,
+        idle: &'a Mutex<Vec<Connection>>,
+    },
+    /// The write connection, held for the read.
+    Shared(std::sync::MutexGuard<'a, Connection>),
+}
+
+impl std::ops::Deref for Reader<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        match self {
+            Reader::Pooled { conn: Some(c), .. } => c,
+            Reader::Pooled { conn: None, .. } => {
+                unreachable!("a read connection is only taken on drop")
+            }
+            Reader::Shared(c) => c,
+        }
+    }
+}
+
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        if let Reader::Pooled { conn, idle } = self {
+            let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < IDLE_READERS {
+                if let Some(c) = conn.take() {
+                    idle.push(c);
+                }
+            }
+        }
     }
 }
 
@@ -349,6 +422,54 @@ mod tests {
             .err()
             .expect("refused");
         assert!(e.to_string().contains("/nonexistent/dir/x.db"));
+    }
+
+    /// A rollout transition commits while a read is in progress on another
+    /// thread (before reads had connections of their own, it waited for the
+    /// read to end), and the read still sees the snapshot it started with.
+    #[test]
+    fn a_transition_does_not_wait_for_a_read_in_progress() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.db").to_string_lossy().to_string();
+        let s = std::sync::Arc::new(Store::open(StoreLocation::File(path)).expect("open"));
+        s.insert(&[RequestRecord::sample("a")]).expect("insert");
+        let reader = s.read().expect("reader");
+        reader.execute_batch("BEGIN").expect("begin");
+        let seen: i64 = reader
+            .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(seen, 1);
+        let (done, committed) = std::sync::mpsc::channel();
+        let writer = s.clone();
+        std::thread::spawn(move || {
+            let event = RolloutEvent {
+                ts_ms: 1,
+                actor: "ops".into(),
+                role: "operator".into(),
+                action: "rollback".into(),
+                reason: None,
+                from_status: "running".into(),
+                from_stage: 0,
+                to_status: "rolled_back".into(),
+                to_stage: 0,
+            };
+            let state = sluice_core::rollout::RolloutState::default();
+            let _ = done.send(writer.commit_rollout("r", "d", "v2", None, &state, &event));
+        });
+        // Bounded: a transition stuck behind the read fails here instead of
+        // hanging the test.
+        let version = committed
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("the transition waited for the read")
+            .expect("committed");
+        assert_eq!(version, 1);
+        let in_snapshot: i64 = reader
+            .query_row("SELECT COUNT(*) FROM rollouts", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(in_snapshot, 0, "the read keeps its snapshot");
+        reader.execute_batch("COMMIT").expect("end read");
+        drop(reader);
+        assert_eq!(s.rollout("r").expect("read").expect("stored").version, 1);
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub struct StoredRollout {
 impl Store {
     /// The stored state of a rollout, if it was ever changed.
     pub fn rollout(&self, name: &str) -> Result<Option<StoredRollout>, StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         let row: Option<(String, i64)> = c
             .query_row(
                 "SELECT state, version FROM rollouts WHERE name = ?1",
@@ -130,7 +130,7 @@ impl Store {
 
     /// A rollout's history, oldest first.
     pub fn rollout_history(&self, name: &str) -> Result<Vec<RolloutEvent>, StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         let mut stmt = c.prepare_cached(
             "SELECT ts_ms, actor, role, action, reason, from_status, from_stage, to_status, to_stage \
              FROM rollout_events WHERE rollout = ?1 ORDER BY seq",
@@ -159,7 +159,7 @@ impl Store {
         stage: u32,
         since_ms: i64,
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         let mut stmt = c.prepare_cached(
             "SELECT COALESCE(variant, '-'), COUNT(*) FROM requests \
              WHERE rollout = ?1 AND stage = ?2 AND ts_ms >= ?3 \
@@ -276,7 +276,7 @@ impl Store {
         stage: u32,
         since_ms: i64,
     ) -> Result<Vec<StageRow>, StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         let mut stmt = c.prepare_cached(
             // A request served by a fallback counts as a failure of the
             // variant it was assigned to.
@@ -316,7 +316,7 @@ impl Store {
         stage: u32,
         since_ms: i64,
     ) -> Result<Vec<(StageRow, StageRow)>, StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         let mut stmt = c.prepare_cached(
             "SELECT COALESCE(p.variant, '-'), p.status, p.error_kind, p.latency_ms, p.ttft_ms, p.tokens_out, \
              p.refusal, p.cost_usd, p.policy, \
@@ -419,7 +419,7 @@ impl Store {
         rollout: &str,
         limit: usize,
     ) -> Result<Vec<serde_json::Value>, StoreError> {
-        let c = self.lock();
+        let c = self.read()?;
         let mut stmt = c.prepare_cached(
             "SELECT stage, ts_ms, verdict FROM gate_verdicts WHERE rollout = ?1 ORDER BY seq DESC LIMIT ?2",
         )?;
