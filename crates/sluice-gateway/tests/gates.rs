@@ -485,6 +485,198 @@ min_samples = 100000
     }
 }
 
+/// Everything an operator and the users do on a busy day, at once: chat
+/// and streamed traffic, feedback on the answers, the rollout read, paused
+/// and resumed, the configuration reloaded, metrics scraped. Nothing is
+/// refused, every request is recorded, and the rollout's history holds each
+/// change once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_at_once_while_traffic_flows() {
+    const ADMIN: &str = "admin-token";
+    let gated = with_gated_rollout(
+        "gpt-ok",
+        r#"[{ kind = "percent", percent = 50 }]"#,
+        r#"
+[[rollouts.support-v2.gates]]
+signal = "error_rate"
+max_regression = 0.05
+min_samples = 100000
+"#,
+    );
+    let h = std::sync::Arc::new(
+        Harness::start_with(move |c| {
+            format!(
+                "{}
+[[admin_tokens]]
+name = \"root\"
+role = \"admin\"
+sha256 = \"{}\"
+",
+                gated(c),
+                digest_hex(ADMIN)
+            )
+        })
+        .await,
+    );
+    start(&h).await;
+    type Outcome = (usize, Vec<String>);
+    let mut tasks: Vec<tokio::task::JoinHandle<Outcome>> = Vec::new();
+    for t in 0..4 {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut bad = Vec::new();
+            for i in 0..150 {
+                let (s, _, id) = ask(&h, &format!("chat-{t}-{i}")).await;
+                if s != 200 {
+                    bad.push(format!("chat {id}: {s}"));
+                }
+            }
+            (150, bad)
+        }));
+    }
+    for t in 0..2 {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut bad = Vec::new();
+            for i in 0..40 {
+                let r = chat(
+                    &h,
+                    json!({"model": "support", "user": format!("stream-{t}-{i}"), "stream": true,
+                           "messages": [{"role": "user", "content": "hi"}]}),
+                )
+                .await;
+                let s = r.status();
+                let body = r.text().await.unwrap_or_default();
+                if s != 200 || !body.contains("data: [DONE]") {
+                    bad.push(format!("stream: {s} {}", &body[..body.len().min(200)]));
+                }
+            }
+            (40, bad)
+        }));
+    }
+    {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut bad = Vec::new();
+            for i in 0..60 {
+                let (_, _, id) = ask(&h, &format!("fb-{i}")).await;
+                let r = c
+                    .post(h.url("/v1/feedback"))
+                    .bearer_auth(CLIENT_KEY)
+                    .json(&json!({"request_id": id, "score": 0.5}))
+                    .send()
+                    .await
+                    .expect("sent");
+                if r.status() != 200 {
+                    bad.push(format!(
+                        "feedback: {} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    ));
+                }
+            }
+            (60, bad)
+        }));
+    }
+    {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut bad = Vec::new();
+            for i in 0..40 {
+                let (path, token) = match i % 4 {
+                    0 => ("/admin/rollouts/support-v2", VIEWER),
+                    1 => ("/admin/rollouts", VIEWER),
+                    2 => ("/admin/providers", VIEWER),
+                    _ => ("/metrics", VIEWER),
+                };
+                let r = c
+                    .get(h.url(path))
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .expect("sent");
+                if r.status() != 200 {
+                    bad.push(format!(
+                        "GET {path}: {} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    ));
+                }
+            }
+            (0, bad)
+        }));
+    }
+    {
+        let h = h.clone();
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut bad = Vec::new();
+            for i in 0..20 {
+                let (path, token) = match i % 3 {
+                    0 => ("/admin/rollouts/support-v2/pause", OPS),
+                    1 => ("/admin/rollouts/support-v2/resume", OPS),
+                    _ => ("/admin/reload", ADMIN),
+                };
+                let r = c
+                    .post(h.url(path))
+                    .bearer_auth(token)
+                    .json(&json!({"reason": format!("busy day {i}")}))
+                    .send()
+                    .await
+                    .expect("sent");
+                if r.status() != 200 {
+                    bad.push(format!(
+                        "POST {path}: {} {}",
+                        r.status(),
+                        r.text().await.unwrap_or_default()
+                    ));
+                }
+            }
+            (0, bad)
+        }));
+    }
+    let mut served = 0;
+    let mut bad = Vec::new();
+    for t in tasks {
+        let (n, b) = t.await.expect("task");
+        served += n;
+        bad.extend(b);
+    }
+    assert!(
+        bad.is_empty(),
+        "{} refused, first: {:?}",
+        bad.len(),
+        &bad[..bad.len().min(3)]
+    );
+    let st = status(&h).await;
+    let actions: Vec<&str> = st["history"]
+        .as_array()
+        .expect("history")
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    let mut expected = vec!["start"];
+    for i in 0..20 {
+        match i % 3 {
+            0 => expected.push("pause"),
+            1 => expected.push("resume"),
+            _ => {}
+        }
+    }
+    assert_eq!(actions, expected, "{st}");
+    h.flush().await;
+    assert_eq!(h.store.count().expect("count"), served as u64);
+    match std::sync::Arc::try_unwrap(h) {
+        Ok(h) => {
+            let report = h.stop().await;
+            assert_eq!(report.events.lost(), 0, "{report:?}");
+        }
+        Err(_) => panic!("harness still shared"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_fallback_the_client_sees_the_candidates_error() {
     let h = Harness::start_with(with_gated_rollout(
