@@ -95,7 +95,7 @@ pub enum StoreLocation {
     /// SQLite's `memdb` VFS, whose locks behave like a file's (a connection
     /// that meets another's lock waits out `busy_timeout`), not in the shared
     /// cache, which refuses such a connection at once with "database table
-    /// is locked".
+    /// is locked". It holds at most [`MEMORY_STORE_MAX_BYTES`].
     Memory(String),
 }
 
@@ -137,6 +137,12 @@ impl StoreLocation {
             source,
         })?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        if matches!(self, StoreLocation::Memory(_)) {
+            memdb_limit(&conn, MEMORY_STORE_MAX_BYTES).map_err(|source| StoreError::Open {
+                path: self.describe(),
+                source,
+            })?;
+        }
         if matches!(self, StoreLocation::File(_)) {
             // WAL lets readers (the CLI, the admin API) run beside the writer;
             // NORMAL sync commits survive a process crash.
@@ -149,6 +155,39 @@ impl StoreLocation {
 }
 
 static MEM_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The most an in-memory store may hold: SQLite's `memdb` VFS keeps the
+/// database in one buffer, stops at 1 GiB unless told otherwise, and no
+/// single SQLite allocation may reach 2 GiB. A store that is full fails
+/// every record with "database or disk is full"; a file store has no such
+/// bound.
+pub const MEMORY_STORE_MAX_BYTES: i64 = 2_147_479_552;
+
+/// Sets the `memdb` size limit of an in-memory connection (a negative
+/// `limit` leaves it) and returns the limit in force.
+fn memdb_limit(conn: &Connection, limit: i64) -> Result<i64, rusqlite::Error> {
+    use rusqlite::ffi;
+    let mut limit = limit;
+    // SAFETY: the handle is this open connection's; for
+    // SQLITE_FCNTL_SIZE_LIMIT SQLite reads and writes one sqlite3_int64
+    // through the pointer, which lives until the call returns.
+    let rc = unsafe {
+        ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            ffi::SQLITE_FCNTL_SIZE_LIMIT,
+            std::ptr::addr_of_mut!(limit).cast(),
+        )
+    };
+    if rc == ffi::SQLITE_OK {
+        Ok(limit)
+    } else {
+        Err(rusqlite::Error::SqliteFailure(
+            ffi::Error::new(rc),
+            Some("cannot set the in-memory store's size limit".into()),
+        ))
+    }
+}
 
 /// Idle read connections a file store keeps open for the next read.
 const IDLE_READERS: usize = 4;
@@ -470,6 +509,19 @@ mod tests {
         reader.execute_batch("COMMIT").expect("end read");
         drop(reader);
         assert_eq!(s.rollout("r").expect("read").expect("stored").version, 1);
+    }
+
+    /// An in-memory store may grow to 2 GiB, not to the 1 GiB at which
+    /// SQLite's `memdb` stops by default (about 104 000 records of 10 kB),
+    /// and every connection to it sees that limit.
+    #[test]
+    fn a_memory_store_may_grow_past_a_gibibyte() {
+        let s = Store::open(StoreLocation::from_config(":memory:")).expect("open");
+        let w = s.location.connect().expect("second connection");
+        for c in [&*s.lock(), &w] {
+            assert_eq!(memdb_limit(c, -1).expect("limit"), MEMORY_STORE_MAX_BYTES);
+        }
+        const { assert!(MEMORY_STORE_MAX_BYTES > 1 << 30) };
     }
 
     #[test]
