@@ -409,6 +409,26 @@ min_samples = 1000
     h.stop().await;
 }
 
+/// `None` for a 200; otherwise what was asked and what came back.
+async fn unless_ok(what: &str, r: reqwest::Response) -> Option<String> {
+    if r.status() == 200 {
+        return None;
+    }
+    let status = r.status();
+    Some(format!(
+        "{what}: {status} {}",
+        r.text().await.unwrap_or_default()
+    ))
+}
+
+/// Stops a harness the test's tasks shared, once they are done with it.
+async fn stop_shared(h: std::sync::Arc<Harness>) -> sluice_gateway::ShutdownReport {
+    match std::sync::Arc::try_unwrap(h) {
+        Ok(h) => h.stop().await,
+        Err(_) => panic!("harness still shared"),
+    }
+}
+
 /// Feedback given while traffic flows is accepted and counted every time:
 /// the record writer committing group after group must not make a feedback
 /// write fail with "database is locked".
@@ -454,9 +474,7 @@ min_samples = 100000
                     .send()
                     .await
                     .expect("sent");
-                if r.status() != 200 {
-                    refused.push(format!("{} {}", r.status(), r.text().await.unwrap_or_default()));
-                }
+                refused.extend(unless_ok("feedback", r).await);
             }
             refused
         }));
@@ -477,12 +495,7 @@ min_samples = 100000
         200,
         "{gate}"
     );
-    match std::sync::Arc::try_unwrap(h) {
-        Ok(h) => {
-            h.stop().await;
-        }
-        Err(_) => panic!("harness still shared"),
-    }
+    stop_shared(h).await;
 }
 
 /// Everything an operator and the users do on a busy day, at once: chat
@@ -568,13 +581,7 @@ sha256 = \"{}\"
                     .send()
                     .await
                     .expect("sent");
-                if r.status() != 200 {
-                    bad.push(format!(
-                        "feedback: {} {}",
-                        r.status(),
-                        r.text().await.unwrap_or_default()
-                    ));
-                }
+                bad.extend(unless_ok("feedback", r).await);
             }
             (60, bad)
         }));
@@ -597,13 +604,7 @@ sha256 = \"{}\"
                     .send()
                     .await
                     .expect("sent");
-                if r.status() != 200 {
-                    bad.push(format!(
-                        "GET {path}: {} {}",
-                        r.status(),
-                        r.text().await.unwrap_or_default()
-                    ));
-                }
+                bad.extend(unless_ok(&format!("GET {path}"), r).await);
             }
             (0, bad)
         }));
@@ -626,13 +627,7 @@ sha256 = \"{}\"
                     .send()
                     .await
                     .expect("sent");
-                if r.status() != 200 {
-                    bad.push(format!(
-                        "POST {path}: {} {}",
-                        r.status(),
-                        r.text().await.unwrap_or_default()
-                    ));
-                }
+                bad.extend(unless_ok(&format!("POST {path}"), r).await);
             }
             (0, bad)
         }));
@@ -668,13 +663,8 @@ sha256 = \"{}\"
     assert_eq!(actions, expected, "{st}");
     h.flush().await;
     assert_eq!(h.store.count().expect("count"), served as u64);
-    match std::sync::Arc::try_unwrap(h) {
-        Ok(h) => {
-            let report = h.stop().await;
-            assert_eq!(report.events.lost(), 0, "{report:?}");
-        }
-        Err(_) => panic!("harness still shared"),
-    }
+    let report = stop_shared(h).await;
+    assert_eq!(report.events.lost(), 0, "{report:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -481,17 +481,7 @@ mod tests {
         let (done, committed) = std::sync::mpsc::channel();
         let writer = s.clone();
         std::thread::spawn(move || {
-            let event = RolloutEvent {
-                ts_ms: 1,
-                actor: "ops".into(),
-                role: "operator".into(),
-                action: "rollback".into(),
-                reason: None,
-                from_status: "running".into(),
-                from_stage: 0,
-                to_status: "rolled_back".into(),
-                to_stage: 0,
-            };
+            let event = crate::RolloutEvent::sample("rollback");
             let state = sluice_core::rollout::RolloutState::default();
             let _ = done.send(writer.commit_rollout("r", "d", "v2", None, &state, &event));
         });

@@ -35,6 +35,24 @@ pub struct RolloutEvent {
     pub to_stage: u32,
 }
 
+impl RolloutEvent {
+    /// An operator's history entry for `action`, for tests.
+    #[cfg(test)]
+    pub(crate) fn sample(action: &str) -> Self {
+        RolloutEvent {
+            ts_ms: 5,
+            actor: "ops".into(),
+            role: "operator".into(),
+            action: action.into(),
+            reason: Some("because".into()),
+            from_status: "pending".into(),
+            from_stage: 0,
+            to_status: "running".into(),
+            to_stage: 0,
+        }
+    }
+}
+
 /// A stored rollout state and the version to name when changing it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredRollout {
@@ -178,39 +196,32 @@ mod tests {
     use super::*;
     use crate::StoreLocation;
 
-    fn event(action: &str) -> RolloutEvent {
-        RolloutEvent {
-            ts_ms: 5,
-            actor: "ops".into(),
-            role: "operator".into(),
-            action: action.into(),
-            reason: Some("because".into()),
-            from_status: "pending".into(),
-            from_stage: 0,
-            to_status: "running".into(),
-            to_stage: 0,
-        }
-    }
-
     #[test]
     fn commits_are_versioned_and_conflicts_refused() {
         let s = Store::open(StoreLocation::from_config(":memory:")).expect("open");
         assert!(s.rollout("r").expect("read").is_none());
         let st = RolloutState::default();
         let v = s
-            .commit_rollout("r", "d", "v2", None, &st, &event("start"))
+            .commit_rollout("r", "d", "v2", None, &st, &RolloutEvent::sample("start"))
             .expect("first");
         assert_eq!(v, 1);
         assert!(matches!(
-            s.commit_rollout("r", "d", "v2", None, &st, &event("start")),
+            s.commit_rollout("r", "d", "v2", None, &st, &RolloutEvent::sample("start")),
             Err(StoreError::Conflict(_))
         ));
         let v2 = s
-            .commit_rollout("r", "d", "v2", Some(1), &st, &event("pause"))
+            .commit_rollout("r", "d", "v2", Some(1), &st, &RolloutEvent::sample("pause"))
             .expect("second");
         assert_eq!(v2, 2);
         assert!(matches!(
-            s.commit_rollout("r", "d", "v2", Some(1), &st, &event("resume")),
+            s.commit_rollout(
+                "r",
+                "d",
+                "v2",
+                Some(1),
+                &st,
+                &RolloutEvent::sample("resume")
+            ),
             Err(StoreError::Conflict(_))
         ));
         let h = s.rollout_history("r").expect("history");

@@ -951,17 +951,7 @@ mod tests {
                 failed.push(format!("count: {e}"));
             }
             if i % 10 == 0 {
-                let event = crate::RolloutEvent {
-                    ts_ms: i64::from(i),
-                    actor: "test".into(),
-                    role: "operator".into(),
-                    action: "pause".into(),
-                    reason: None,
-                    from_status: "running".into(),
-                    from_stage: 0,
-                    to_status: "paused".into(),
-                    to_stage: 0,
-                };
+                let event = crate::RolloutEvent::sample("pause");
                 let state = sluice_core::rollout::RolloutState::default();
                 match store.commit_rollout("r", "d", "v2", version, &state, &event) {
                     Ok(v) => version = Some(v),
