@@ -1,5 +1,5 @@
-//! Resident memory, CPU time and context switches of a process and its
-//! children, from /proc.
+//! Resident memory, CPU time, context switches and time spent waiting for
+//! a CPU of a process and its children, from /proc.
 
 use std::time::Duration;
 
@@ -89,6 +89,36 @@ fn switches_in(path: &std::path::Path) -> Option<u64> {
             .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
             .sum::<u64>(),
     )
+}
+
+/// Time every thread of the process tree has spent runnable but waiting
+/// for a CPU so far (the second field of each thread's
+/// `/proc/.../schedstat`, kept by the kernel's scheduler statistics). On a
+/// machine a target shares with the generator and the upstream, this is
+/// the part of its latency that is queueing for a core rather than work:
+/// wake-ups not yet run and preemptions in the middle of a request alike.
+/// Threads that have exited are not counted; without scheduler statistics
+/// in the kernel it stays zero.
+pub fn run_queue_wait(pid: u32) -> Duration {
+    tree(pid)
+        .into_iter()
+        .flat_map(|p| {
+            std::fs::read_dir(format!("/proc/{p}/task"))
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok())
+                .map(|e| e.path().join("schedstat"))
+        })
+        .filter_map(|path| wait_in(&path))
+        .sum()
+}
+
+/// The run-queue wait from one `/proc/.../schedstat` file (nanoseconds on
+/// the CPU, nanoseconds waiting, time slices).
+fn wait_in(path: &std::path::Path) -> Option<Duration> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let ns: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
 }
 
 /// Samples a process tree's RSS every `every` until stopped; keeps the peak.
@@ -191,5 +221,81 @@ mod tests {
     fn a_process_that_is_gone_has_no_switches() {
         // Pid numbers above the kernel's maximum never exist.
         assert_eq!(context_switches(u32::MAX), 0);
+        assert_eq!(run_queue_wait(u32::MAX), Duration::ZERO);
+    }
+
+    #[test]
+    fn threads_that_outnumber_the_cores_wait_for_them() {
+        // One more busy thread than there are cores: for 200 ms at least
+        // one of them is runnable without a core at any moment. The cores
+        // are counted from /proc/stat as well, since a CPU quota lowers
+        // `available_parallelism` without taking cores away (and time
+        // throttled by a quota is not run-queue wait).
+        let online = std::fs::read_to_string("/proc/stat")
+            .map(|s| {
+                s.lines()
+                    .filter(|l| {
+                        l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        let busy = std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .max(online)
+            + 1;
+        let spun = std::sync::Arc::new(std::sync::Barrier::new(busy + 1));
+        let counted = std::sync::Arc::new(std::sync::Barrier::new(busy + 1));
+        let threads: Vec<_> = (0..busy)
+            .map(|_| {
+                let (spun, counted) = (spun.clone(), counted.clone());
+                let spawned = std::time::Instant::now();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while spawned.elapsed() < Duration::from_millis(200) {
+                        x = std::hint::black_box(x.wrapping_add(1));
+                    }
+                    let own = std::path::Path::new("/proc/thread-self/schedstat");
+                    let on_cpu = std::fs::read_to_string(own)
+                        .ok()
+                        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                        .map(Duration::from_nanos);
+                    let waited = wait_in(own);
+                    let lived = spawned.elapsed();
+                    spun.wait();
+                    // Stays alive until the process total has been read.
+                    counted.wait();
+                    (waited, on_cpu, lived)
+                })
+            })
+            .collect();
+        spun.wait();
+        let total = run_queue_wait(std::process::id());
+        counted.wait();
+        let mut waited = Duration::ZERO;
+        for t in threads {
+            let (w, on_cpu, lived) = t.join().expect("busy thread");
+            let (w, on_cpu) = (
+                w.expect("the thread's own schedstat is readable"),
+                on_cpu.expect("the thread's time on a CPU is readable"),
+            );
+            // A thread is running, waiting for a core or asleep: the
+            // first two cannot add up to more than its life (a reading of
+            // the wrong field, its time on a CPU, would count that twice).
+            assert!(
+                w + on_cpu <= lived + Duration::from_millis(5),
+                "waited {w:?} and ran {on_cpu:?} in {lived:?}"
+            );
+            waited += w;
+        }
+        assert!(
+            waited >= Duration::from_millis(10),
+            "{busy} busy threads on {} cores waited {waited:?} in all",
+            busy - 1
+        );
+        assert!(
+            total >= waited,
+            "process total {total:?}, busy threads {waited:?}"
+        );
     }
 }

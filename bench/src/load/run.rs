@@ -54,6 +54,9 @@ pub struct Run {
     /// Context switches of the target's threads per request sent (each a
     /// thread sleeping or preempted; see `procstat::context_switches`).
     pub switches_per_request: Option<f64>,
+    /// Time the target's threads spent runnable but waiting for a CPU, per
+    /// request sent, microseconds (see `procstat::run_queue_wait`).
+    pub wait_us_per_request: Option<f64>,
     /// sluice: its own overhead per request (arrival to answer minus the
     /// upstream wait), from its histogram: bucket bounds holding p50, p99,
     /// p99.9, microseconds.
@@ -140,6 +143,7 @@ struct Watched {
     probes: u64,
     cpu0: Option<Duration>,
     switches0: Option<u64>,
+    wait0: Option<Duration>,
     rss: Option<procstat::RssSampler>,
 }
 
@@ -149,6 +153,7 @@ impl Watched {
         Watched {
             cpu0: pid.map(procstat::cpu_time),
             switches0: pid.map(procstat::context_switches),
+            wait0: pid.map(procstat::run_queue_wait),
             rss: pid.map(|p| procstat::RssSampler::start(p, Duration::from_millis(100))),
             target,
             probes,
@@ -164,6 +169,7 @@ impl Watched {
             probes,
             cpu0,
             switches0,
+            wait0,
             rss,
         } = self;
         if let (Some(pid), Some(cpu0)) = (target.pid(), cpu0) {
@@ -173,6 +179,11 @@ impl Watched {
         if let (Some(pid), Some(before)) = (target.pid(), switches0) {
             let n = procstat::context_switches(pid).saturating_sub(before);
             run.switches_per_request = Some(n as f64 / run.load.sent.max(1) as f64);
+        }
+        if let (Some(pid), Some(before)) = (target.pid(), wait0) {
+            let waited = procstat::run_queue_wait(pid).saturating_sub(before);
+            run.wait_us_per_request =
+                Some(waited.as_secs_f64() * 1e6 / run.load.sent.max(1) as f64);
         }
         if let Some(s) = rss {
             run.peak_rss_mib = Some(s.finish().0 as f64 / (1024.0 * 1024.0));
@@ -344,6 +355,7 @@ fn blank(scenario: Scenario, stream: bool, rate: u32, round: u32) -> Run {
         peak_rss_mib: None,
         cpu_s_per_1000: None,
         switches_per_request: None,
+        wait_us_per_request: None,
         overhead_us: None,
         offloaded: None,
         recorded: None,
@@ -436,7 +448,7 @@ fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
 /// One row per scenario that ran; `direct` shows the floor itself.
 pub fn summary(runs: &[Run]) -> String {
     let mut s = String::from(
-        "| mode | rate | scenario | rounds | median p99 ms | median added p50 / p99 / p99.9 ms | added p99 range ms | added p99 ÷ nginx's | median CPU s / 1k req | median switches / req | steal % | worst send lag p99 ms | every event recorded |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| mode | rate | scenario | rounds | median p99 ms | median added p50 / p99 / p99.9 ms | added p99 range ms | added p99 ÷ nginx's | median CPU s / 1k req | median switches / req | median wait for a CPU µs / req | steal % | worst send lag p99 ms | every event recorded |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut keys: Vec<(bool, u32, Scenario)> = Vec::new();
     for r in runs {
@@ -496,6 +508,7 @@ pub fn summary(runs: &[Run]) -> String {
         };
         let cpu = of_runs(|r| r.cpu_s_per_1000, 3);
         let switches = of_runs(|r| r.switches_per_request, 2);
+        let wait = of_runs(|r| r.wait_us_per_request, 0);
         let steal = of_runs(|r| r.steal_pct, 1);
         // The generator's own lateness in the worst round: a round in which
         // it could not send on time measured the machine, not the target.
@@ -512,7 +525,7 @@ pub fn summary(runs: &[Run]) -> String {
             "NO".to_string()
         };
         s.push_str(&format!(
-            "| {} | {rate} | {} | {} | {:.2} | {} | {range} | {ratio} | {cpu} | {switches} | {steal} | {lag} | {recorded} |\n",
+            "| {} | {rate} | {} | {} | {:.2} | {} | {range} | {ratio} | {cpu} | {switches} | {wait} | {steal} | {lag} | {recorded} |\n",
             if stream { "stream" } else { "non-stream" },
             scenario.name(),
             mine.len(),
@@ -583,13 +596,13 @@ fn or_dash(v: Option<f64>, decimals: usize) -> String {
 /// A Markdown table of runs.
 pub fn table(runs: &[Run]) -> String {
     let mut s = String::from(
-        "| round | mode | rate | scenario | ok | errors | p50 ms | p99 ms | p99.9 ms | added p50 / p99 / p99.9 ms | added TTFT p50 / p99 ms | own overhead p50 / p99 / p99.9 | send lag p50 / p99 ms | throughput | peak RSS MiB | CPU s / 1k req | switches / req | recorded | steal % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| round | mode | rate | scenario | ok | errors | p50 ms | p99 ms | p99.9 ms | added p50 / p99 / p99.9 ms | added TTFT p50 / p99 ms | own overhead p50 / p99 / p99.9 | send lag p50 / p99 ms | throughput | peak RSS MiB | CPU s / 1k req | switches / req | wait for a CPU µs / req | recorded | steal % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in runs {
         let l = &r.load;
         if let Some(f) = &r.failed {
             s.push_str(&format!(
-                "| {} | {} | {} | {} | — | — | — | — | — | — | — | — | — | — | — | — | — | failed: {f} | — |\n",
+                "| {} | {} | {} | {} | — | — | — | — | — | — | — | — | — | — | — | — | — | — | failed: {f} | — |\n",
                 r.round,
                 if r.stream { "stream" } else { "non-stream" },
                 l.rate,
@@ -598,7 +611,7 @@ pub fn table(runs: &[Run]) -> String {
             continue;
         }
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {:.0}/s | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {:.0}/s | {} | {} | {} | {} | {} | {} |\n",
             r.round,
             if r.stream { "stream" } else { "non-stream" },
             l.rate,
@@ -637,6 +650,7 @@ pub fn table(runs: &[Run]) -> String {
             or_dash(r.peak_rss_mib, 1),
             or_dash(r.cpu_s_per_1000, 3),
             or_dash(r.switches_per_request, 2),
+            or_dash(r.wait_us_per_request, 0),
             match (r.recorded, r.no_event_lost) {
                 (Some(n), Some(true)) if n == l.sent => format!("{n} = sent"),
                 (Some(n), Some(true)) => {
