@@ -64,17 +64,21 @@ pub fn cpu_time(pid: u32) -> Duration {
 /// each other or sleep between the steps of one request. Threads that have
 /// exited are not counted.
 pub fn context_switches(pid: u32) -> u64 {
-    tree(pid)
-        .into_iter()
-        .flat_map(|p| {
-            std::fs::read_dir(format!("/proc/{p}/task"))
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e.ok())
-                .map(|e| e.path().join("status"))
-        })
+    thread_files(pid, "status")
         .filter_map(|path| switches_in(&path))
         .sum()
+}
+
+/// The file `name` of every thread of the process tree
+/// (`/proc/PID/task/TID/NAME`).
+fn thread_files(pid: u32, name: &'static str) -> impl Iterator<Item = std::path::PathBuf> {
+    tree(pid).into_iter().flat_map(move |p| {
+        std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(move |e| e.path().join(name))
+    })
 }
 
 /// Voluntary plus involuntary switches from one `/proc/.../status` file.
@@ -100,15 +104,7 @@ fn switches_in(path: &std::path::Path) -> Option<u64> {
 /// Threads that have exited are not counted; without scheduler statistics
 /// in the kernel it stays zero.
 pub fn run_queue_wait(pid: u32) -> Duration {
-    tree(pid)
-        .into_iter()
-        .flat_map(|p| {
-            std::fs::read_dir(format!("/proc/{p}/task"))
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e.ok())
-                .map(|e| e.path().join("schedstat"))
-        })
+    thread_files(pid, "schedstat")
         .filter_map(|path| wait_in(&path))
         .sum()
 }

@@ -592,15 +592,15 @@ sha256 = \"{}\"
             let c = client();
             let mut bad = Vec::new();
             for i in 0..40 {
-                let (path, token) = match i % 4 {
-                    0 => ("/admin/rollouts/support-v2", VIEWER),
-                    1 => ("/admin/rollouts", VIEWER),
-                    2 => ("/admin/providers", VIEWER),
-                    _ => ("/metrics", VIEWER),
+                let path = match i % 4 {
+                    0 => "/admin/rollouts/support-v2",
+                    1 => "/admin/rollouts",
+                    2 => "/admin/providers",
+                    _ => "/metrics",
                 };
                 let r = c
                     .get(h.url(path))
-                    .bearer_auth(token)
+                    .bearer_auth(VIEWER)
                     .send()
                     .await
                     .expect("sent");
