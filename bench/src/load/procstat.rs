@@ -1,5 +1,5 @@
-//! Resident memory, CPU time, context switches and time spent waiting for
-//! a CPU of a process and its children, from /proc.
+//! Resident memory, CPU time (user and kernel), context switches and time
+//! spent waiting for a CPU of a process and its children, from /proc.
 
 use std::time::Duration;
 
@@ -38,23 +38,57 @@ pub fn rss_bytes(pid: u32) -> u64 {
         .sum()
 }
 
-/// User + system CPU time of the process tree so far.
-pub fn cpu_time(pid: u32) -> Duration {
+/// CPU time of a process tree, split where it was spent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CpuTime {
+    /// In the processes' own code (user time).
+    pub user: Duration,
+    /// In the kernel on their behalf: system calls, page faults and the
+    /// network stack's work done in their context (system time).
+    pub kernel: Duration,
+}
+
+impl CpuTime {
+    /// User and kernel time together.
+    pub fn total(self) -> Duration {
+        self.user + self.kernel
+    }
+
+    /// The time used since `before` (zero where a counter went back).
+    pub fn since(self, before: CpuTime) -> CpuTime {
+        CpuTime {
+            user: self.user.saturating_sub(before.user),
+            kernel: self.kernel.saturating_sub(before.kernel),
+        }
+    }
+}
+
+/// User and system CPU time of the process tree so far (each process's
+/// threads included, exited ones too).
+pub fn cpu_time(pid: u32) -> CpuTime {
+    tree(pid)
+        .into_iter()
+        .filter_map(|p| cpu_in(std::path::Path::new(&format!("/proc/{p}/stat"))))
+        .fold(CpuTime::default(), |a, b| CpuTime {
+            user: a.user + b.user,
+            kernel: a.kernel + b.kernel,
+        })
+}
+
+/// The user and system time in one `/proc/.../stat` file.
+fn cpu_in(path: &std::path::Path) -> Option<CpuTime> {
+    let s = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name (which may contain spaces).
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
     // Linux reports in clock ticks; USER_HZ is 100 on every mainstream
     // architecture.
-    let ticks: u64 = tree(pid)
-        .into_iter()
-        .filter_map(|p| {
-            let s = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-            // Fields after the command name (which may contain spaces).
-            let rest = &s[s.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let utime: u64 = f.get(11)?.parse().ok()?;
-            let stime: u64 = f.get(12)?.parse().ok()?;
-            Some(utime + stime)
-        })
-        .sum();
-    Duration::from_millis(ticks * 10)
+    Some(CpuTime {
+        user: Duration::from_millis(utime * 10),
+        kernel: Duration::from_millis(stime * 10),
+    })
 }
 
 /// Context switches (voluntary and involuntary) of every thread of the
@@ -211,6 +245,56 @@ mod tests {
         let own = own.expect("the thread's own status is readable");
         assert!(own >= 20, "the helper switched {own} times");
         assert!(total > own, "process total {total}, helper alone {own}");
+    }
+
+    #[test]
+    fn system_calls_count_as_kernel_time_and_arithmetic_as_user_time() {
+        // This thread's own counters (other tests run in this process at
+        // the same time). Each phase runs until they have moved by 300 ms
+        // (ticks are 10 ms), so the other half moves little in comparison
+        // however busy the machine is.
+        let own = || cpu_in(std::path::Path::new("/proc/thread-self/stat")).expect("own stat");
+        let phase = |work: &mut dyn FnMut()| {
+            let before = own();
+            let started = std::time::Instant::now();
+            while own().total() < before.total() + Duration::from_millis(300) {
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "300 ms of CPU did not come within a minute"
+                );
+                for _ in 0..1000 {
+                    work();
+                }
+            }
+            own().since(before)
+        };
+        let mut x = 0u64;
+        let user = phase(&mut || {
+            for _ in 0..1000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+        });
+        // A zero-length write is a system call that does nothing else.
+        let null = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .expect("/dev/null");
+        let kernel = phase(&mut || {
+            use std::io::Write;
+            let _ = (&null).write(&[0u8; 0]);
+        });
+        assert!(
+            user.user > user.kernel * 2,
+            "arithmetic: {user:?} (user time should dominate)"
+        );
+        assert!(
+            kernel.kernel > kernel.user,
+            "system calls: {kernel:?} (kernel time should dominate)"
+        );
+        // The process total holds at least this thread's share.
+        let total = cpu_time(std::process::id());
+        let mine = own();
+        assert!(total.user >= mine.user && total.kernel >= mine.kernel);
     }
 
     #[test]

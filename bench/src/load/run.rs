@@ -51,6 +51,9 @@ pub struct Run {
     pub peak_rss_mib: Option<f64>,
     /// CPU seconds the target used per 1000 requests.
     pub cpu_s_per_1000: Option<f64>,
+    /// Of those, the seconds spent in the kernel on the target's behalf
+    /// (system calls, the network stack): the rest is its own code.
+    pub kernel_cpu_s_per_1000: Option<f64>,
     /// Context switches of the target's threads per request sent (each a
     /// thread sleeping or preempted; see `procstat::context_switches`).
     pub switches_per_request: Option<f64>,
@@ -141,7 +144,7 @@ async fn launch(
 struct Watched {
     target: targets::Running,
     probes: u64,
-    cpu0: Option<Duration>,
+    cpu0: Option<procstat::CpuTime>,
     switches0: Option<u64>,
     wait0: Option<Duration>,
     rss: Option<procstat::RssSampler>,
@@ -173,8 +176,10 @@ impl Watched {
             rss,
         } = self;
         if let (Some(pid), Some(cpu0)) = (target.pid(), cpu0) {
-            let used = procstat::cpu_time(pid).saturating_sub(cpu0);
-            run.cpu_s_per_1000 = Some(used.as_secs_f64() / run.load.sent.max(1) as f64 * 1000.0);
+            let used = procstat::cpu_time(pid).since(cpu0);
+            let per_1000 = |d: Duration| d.as_secs_f64() / run.load.sent.max(1) as f64 * 1000.0;
+            run.cpu_s_per_1000 = Some(per_1000(used.total()));
+            run.kernel_cpu_s_per_1000 = Some(per_1000(used.kernel));
         }
         if let (Some(pid), Some(before)) = (target.pid(), switches0) {
             let n = procstat::context_switches(pid).saturating_sub(before);
@@ -354,6 +359,7 @@ fn blank(scenario: Scenario, stream: bool, rate: u32, round: u32) -> Run {
         added_ttft_us: None,
         peak_rss_mib: None,
         cpu_s_per_1000: None,
+        kernel_cpu_s_per_1000: None,
         switches_per_request: None,
         wait_us_per_request: None,
         overhead_us: None,
@@ -448,7 +454,7 @@ fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
 /// One row per scenario that ran; `direct` shows the floor itself.
 pub fn summary(runs: &[Run]) -> String {
     let mut s = String::from(
-        "| mode | rate | scenario | rounds | median p99 ms | median added p50 / p99 / p99.9 ms | added p99 range ms | added p99 ÷ nginx's | median CPU s / 1k req | median switches / req | median wait for a CPU µs / req | steal % | worst send lag p99 ms | every event recorded |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| mode | rate | scenario | rounds | median p99 ms | median added p50 / p99 / p99.9 ms | added p99 range ms | added p99 ÷ nginx's | median CPU s / 1k req | of which kernel | median switches / req | median wait for a CPU µs / req | steal % | worst send lag p99 ms | every event recorded |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut keys: Vec<(bool, u32, Scenario)> = Vec::new();
     for r in runs {
@@ -507,6 +513,7 @@ pub fn summary(runs: &[Run]) -> String {
             or_dash(median(mine.iter().filter_map(|r| f(r)).collect()), decimals)
         };
         let cpu = of_runs(|r| r.cpu_s_per_1000, 3);
+        let kernel = of_runs(|r| r.kernel_cpu_s_per_1000, 3);
         let switches = of_runs(|r| r.switches_per_request, 2);
         let wait = of_runs(|r| r.wait_us_per_request, 0);
         let steal = of_runs(|r| r.steal_pct, 1);
@@ -525,7 +532,7 @@ pub fn summary(runs: &[Run]) -> String {
             "NO".to_string()
         };
         s.push_str(&format!(
-            "| {} | {rate} | {} | {} | {:.2} | {} | {range} | {ratio} | {cpu} | {switches} | {wait} | {steal} | {lag} | {recorded} |\n",
+            "| {} | {rate} | {} | {} | {:.2} | {} | {range} | {ratio} | {cpu} | {kernel} | {switches} | {wait} | {steal} | {lag} | {recorded} |\n",
             if stream { "stream" } else { "non-stream" },
             scenario.name(),
             mine.len(),
@@ -596,13 +603,13 @@ fn or_dash(v: Option<f64>, decimals: usize) -> String {
 /// A Markdown table of runs.
 pub fn table(runs: &[Run]) -> String {
     let mut s = String::from(
-        "| round | mode | rate | scenario | ok | errors | p50 ms | p99 ms | p99.9 ms | added p50 / p99 / p99.9 ms | added TTFT p50 / p99 ms | own overhead p50 / p99 / p99.9 | send lag p50 / p99 ms | throughput | peak RSS MiB | CPU s / 1k req | switches / req | wait for a CPU µs / req | recorded | steal % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| round | mode | rate | scenario | ok | errors | p50 ms | p99 ms | p99.9 ms | added p50 / p99 / p99.9 ms | added TTFT p50 / p99 ms | own overhead p50 / p99 / p99.9 | send lag p50 / p99 ms | throughput | peak RSS MiB | CPU s / 1k req | of which kernel | switches / req | wait for a CPU µs / req | recorded | steal % |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in runs {
         let l = &r.load;
         if let Some(f) = &r.failed {
             s.push_str(&format!(
-                "| {} | {} | {} | {} | — | — | — | — | — | — | — | — | — | — | — | — | — | — | failed: {f} | — |\n",
+                "| {} | {} | {} | {} | — | — | — | — | — | — | — | — | — | — | — | — | — | — | — | failed: {f} | — |\n",
                 r.round,
                 if r.stream { "stream" } else { "non-stream" },
                 l.rate,
@@ -611,7 +618,7 @@ pub fn table(runs: &[Run]) -> String {
             continue;
         }
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {:.0}/s | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {:.0}/s | {} | {} | {} | {} | {} | {} | {} |\n",
             r.round,
             if r.stream { "stream" } else { "non-stream" },
             l.rate,
@@ -649,6 +656,7 @@ pub fn table(runs: &[Run]) -> String {
             l.throughput,
             or_dash(r.peak_rss_mib, 1),
             or_dash(r.cpu_s_per_1000, 3),
+            or_dash(r.kernel_cpu_s_per_1000, 3),
             or_dash(r.switches_per_request, 2),
             or_dash(r.wait_us_per_request, 0),
             match (r.recorded, r.no_event_lost) {
