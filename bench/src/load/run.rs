@@ -175,20 +175,20 @@ impl Watched {
             wait0,
             rss,
         } = self;
+        let sent = run.load.sent.max(1) as f64;
         if let (Some(pid), Some(cpu0)) = (target.pid(), cpu0) {
             let used = procstat::cpu_time(pid).since(cpu0);
-            let per_1000 = |d: Duration| d.as_secs_f64() / run.load.sent.max(1) as f64 * 1000.0;
+            let per_1000 = |d: Duration| d.as_secs_f64() / sent * 1000.0;
             run.cpu_s_per_1000 = Some(per_1000(used.total()));
             run.kernel_cpu_s_per_1000 = Some(per_1000(used.kernel));
         }
         if let (Some(pid), Some(before)) = (target.pid(), switches0) {
             let n = procstat::context_switches(pid).saturating_sub(before);
-            run.switches_per_request = Some(n as f64 / run.load.sent.max(1) as f64);
+            run.switches_per_request = Some(n as f64 / sent);
         }
         if let (Some(pid), Some(before)) = (target.pid(), wait0) {
             let waited = procstat::run_queue_wait(pid).saturating_sub(before);
-            run.wait_us_per_request =
-                Some(waited.as_secs_f64() * 1e6 / run.load.sent.max(1) as f64);
+            run.wait_us_per_request = Some(waited.as_secs_f64() * 1e6 / sent);
         }
         if let Some(s) = rss {
             run.peak_rss_mib = Some(s.finish().0 as f64 / (1024.0 * 1024.0));
