@@ -75,9 +75,24 @@ impl Drop for Slot {
     }
 }
 
+/// The places a request holds: in the gateway's limit and in its
+/// deployment's (a pair, not a list: nothing to allocate per request).
+#[derive(Default)]
+pub(crate) struct Slots {
+    global: Option<Slot>,
+    deployment: Option<Slot>,
+}
+
 /// A new request id: `req_` and a time-ordered UUIDv7 in hex.
 pub fn new_request_id() -> String {
-    format!("req_{}", uuid::Uuid::now_v7().simple())
+    // Written into a string of the final size: `format!` would guess short
+    // and grow it (two allocations on every request instead of one).
+    let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
+    let hex = uuid::Uuid::now_v7().simple().encode_lower(&mut buf);
+    let mut id = String::with_capacity(4 + hex.len());
+    id.push_str("req_");
+    id.push_str(hex);
+    id
 }
 
 /// A body as text for the record, invalid UTF-8 replaced (checked in one
@@ -131,8 +146,11 @@ pub fn authenticate<'a>(
     }
 }
 
-/// Phase: read the body, refusing more than `limit` bytes.
+/// Phase: read the body, refusing more than `limit` bytes. A body that
+/// arrives in one piece (the usual request) is kept as it came, without a
+/// copy or a list of pieces.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -140,20 +158,30 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit));
     }
-    match axum::body::to_bytes(body, limit).await {
-        Ok(b) => Ok(b),
-        Err(e) => {
-            let inner = e.into_inner();
-            if inner
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                Err(ApiError::too_large(limit))
-            } else {
-                Err(ApiError::unreadable_body(&inner))
+    let mut body = body;
+    let mut first: Option<Bytes> = None;
+    let mut rest: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::unreadable_body(&e.into_inner()))?;
+        // Trailers carry nothing sluice reads.
+        let Ok(piece) = frame.into_data() else {
+            continue;
+        };
+        let held = first.as_ref().map_or(0, Bytes::len) + rest.len();
+        if held + piece.len() > limit {
+            return Err(ApiError::too_large(limit));
+        }
+        match first.take() {
+            None if rest.is_empty() => first = Some(piece),
+            None => rest.extend_from_slice(&piece),
+            Some(f) => {
+                rest.reserve(f.len() + piece.len());
+                rest.extend_from_slice(&f);
+                rest.extend_from_slice(&piece);
             }
         }
     }
+    Ok(first.unwrap_or_else(|| Bytes::from(rest)))
 }
 
 /// Phase: resolve the deployment named in `model`.
@@ -174,7 +202,7 @@ pub struct Assignment<'a> {
     /// The variant's config.
     pub variant: &'a VariantConfig,
     /// Its provider.
-    pub provider: Arc<crate::upstream::Upstream>,
+    pub provider: &'a Arc<crate::upstream::Upstream>,
     /// Why.
     pub reason: Reason,
     /// The rollout that governs the deployment, if any.
@@ -212,7 +240,7 @@ pub fn assign<'a>(
     let governing = rollouts.governing(&d.name);
     let stage_header = crate::rollouts::stage_header(governing);
     let pick =
-        |name: &str| -> Result<(&'a VariantConfig, Arc<crate::upstream::Upstream>), ApiError> {
+        |name: &str| -> Result<(&'a VariantConfig, &'a Arc<crate::upstream::Upstream>), ApiError> {
             let v = d
                 .variants
                 .get(name)
@@ -220,7 +248,6 @@ pub fn assign<'a>(
             let p = deployment
                 .providers
                 .get(name)
-                .cloned()
                 .ok_or_else(|| ApiError::model_not_found(&d.name))?;
             Ok((v, p))
         };
@@ -361,9 +388,20 @@ struct Ctx {
     /// The mirror waiting for this request's outcome (shadow stages).
     shadow: Option<crate::shadow::PairSender>,
     /// Places held in the global and deployment concurrency limits.
-    slots: Vec<Slot>,
+    slots: Slots,
     /// Time spent waiting on upstream calls (for the overhead metric).
     upstream: std::time::Duration,
+    /// The deployment's and variant's response headers, once known.
+    names: NameHeaders,
+}
+
+/// The deployment's and the serving variant's names as response header
+/// values, taken ready-made from the snapshot (an atomic count each, where
+/// building them would copy and check the names on every request).
+#[derive(Default, Clone)]
+struct NameHeaders {
+    deployment: Option<HeaderValue>,
+    variant: Option<HeaderValue>,
 }
 
 impl Drop for Ctx {
@@ -395,6 +433,7 @@ static H_FALLBACK_FROM: HeaderName = HeaderName::from_static(FALLBACK_FROM);
 fn with_headers(
     mut resp: Response,
     rec: &RequestRecord,
+    names: &NameHeaders,
     stage: Option<&Cow<'static, str>>,
     policy: Option<String>,
 ) -> Response {
@@ -419,18 +458,20 @@ fn with_headers(
     {
         h.insert(H_FALLBACK_FROM.clone(), v);
     }
-    if let Some(v) = rec
-        .variant
-        .as_deref()
-        .and_then(|v| HeaderValue::from_str(v).ok())
-    {
+    let variant = names.variant.clone().or_else(|| {
+        rec.variant
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+    });
+    if let Some(v) = variant {
         h.insert(H_VARIANT.clone(), v);
     }
-    if let Some(v) = rec
-        .deployment
-        .as_deref()
-        .and_then(|v| HeaderValue::from_str(v).ok())
-    {
+    let deployment = names.deployment.clone().or_else(|| {
+        rec.deployment
+            .as_deref()
+            .and_then(|v| HeaderValue::from_str(v).ok())
+    });
+    if let Some(v) = deployment {
         h.insert(H_DEPLOYMENT.clone(), v);
     }
     resp
@@ -549,8 +590,9 @@ pub async fn chat_completions(
         started: Instant::now(),
         log_full: snap.config.store.log_bodies != LogBodies::Metadata,
         shadow: None,
-        slots: Vec::new(),
+        slots: Slots::default(),
         upstream: std::time::Duration::ZERO,
+        names: NameHeaders::default(),
     };
     let out = handle(&app, &snap, headers, body, &mut ctx).await;
     app.metrics
@@ -567,6 +609,7 @@ pub async fn chat_completions(
             let resp = with_headers(
                 e.into_response(),
                 &rec,
+                &ctx.names,
                 ctx.stage_header.as_ref(),
                 ctx.policy.header(),
             );
@@ -584,30 +627,34 @@ fn fallback_chain<'a>(
     deployment: &'a Deployment,
     assignment: &Assignment<'a>,
     rollouts: &Rollouts,
-) -> Vec<(&'a VariantConfig, Arc<crate::upstream::Upstream>)> {
+) -> Vec<(&'a VariantConfig, &'a Arc<crate::upstream::Upstream>)> {
     let d = &deployment.config;
     let assigned = assignment.variant.name.as_str();
-    let mut names: Vec<&str> = vec![assigned];
-    if assignment.reason != Reason::Pinned {
+    let (to_stable, fallbacks) = if assignment.reason == Reason::Pinned {
+        (false, false)
+    } else {
         let is_stable = assigned == d.stable;
         let to_stable = !is_stable
             && rollouts
                 .governing(&d.name)
                 .is_none_or(|g| g.config.fallback == Fallback::Stable);
-        if to_stable {
-            names.push(&d.stable);
-        }
-        if is_stable || to_stable {
-            names.extend(d.fallbacks.iter().map(String::as_str));
-        }
-    }
-    let mut out: Vec<(&'a VariantConfig, Arc<crate::upstream::Upstream>)> = Vec::new();
+        (to_stable, is_stable || to_stable)
+    };
+    let names = std::iter::once(assigned)
+        .chain(to_stable.then_some(d.stable.as_str()))
+        .chain(
+            d.fallbacks
+                .iter()
+                .map(String::as_str)
+                .filter(move |_| fallbacks),
+        );
+    let mut out: Vec<(&'a VariantConfig, &'a Arc<crate::upstream::Upstream>)> = Vec::new();
     for n in names {
         if out.iter().any(|(v, _)| v.name == n) {
             continue;
         }
         if let (Some(v), Some(p)) = (d.variants.get(n), deployment.providers.get(n)) {
-            out.push((v, p.clone()));
+            out.push((v, p));
         }
     }
     out
@@ -637,7 +684,7 @@ async fn handle(
     ctx: &mut Ctx,
 ) -> Result<Response, ApiError> {
     let limits = &snap.config.limits;
-    ctx.slots.push(
+    ctx.slots.global = Some(
         Slot::try_take(&app.in_flight, limits.max_in_flight)
             .ok_or_else(|| ApiError::overloaded(limits.max_in_flight))?,
     );
@@ -663,8 +710,9 @@ async fn handle(
         ctx.rec.subject = req.user.clone().or_else(|| ctx.rec.api_key.clone());
         let deployment = resolve(snap, key, &req.model)?;
         ctx.rec.deployment = Some(deployment.config.name.clone());
+        ctx.names.deployment = deployment.name_header.clone();
         if let Some(limit) = deployment.config.max_in_flight {
-            ctx.slots.push(
+            ctx.slots.deployment = Some(
                 Slot::try_take(&deployment.in_flight, limit)
                     .ok_or_else(|| ApiError::deployment_busy(&deployment.config.name, limit))?,
             );
@@ -686,6 +734,10 @@ async fn handle(
         ctx.rec.assignment = Some(assignment.reason.name().to_string());
         ctx.rec.sticky = Some(assignment.sticky);
         ctx.rec.variant = Some(assignment.variant.name.clone());
+        ctx.names.variant = deployment
+            .variant_headers
+            .get(&assignment.variant.name)
+            .cloned();
         ctx.rec.provider = Some(assignment.variant.provider.clone());
         ctx.rec.model = Some(assignment.variant.model.clone());
         let constitution = deployment.constitution.clone();
@@ -782,6 +834,7 @@ async fn handle(
     };
     if let Some(e) = first_failure {
         ctx.rec.fallback_from = ctx.rec.variant.replace(variant.name.clone());
+        ctx.names.variant = deployment.variant_headers.get(&variant.name).cloned();
         ctx.rec.fallback_error = Some(e.kind().to_string());
         ctx.rec.provider = Some(variant.provider.clone());
         ctx.rec.model = Some(variant.model.clone());
@@ -867,7 +920,13 @@ async fn handle(
                 body,
             )
                 .into_response();
-            let resp = with_headers(resp, &rec, ctx.stage_header.as_ref(), ctx.policy.header());
+            let resp = with_headers(
+                resp,
+                &rec,
+                &ctx.names,
+                ctx.stage_header.as_ref(),
+                ctx.policy.header(),
+            );
             committed(finish(app, rec, flags, ctx.shadow.take())).await;
             Ok(resp)
         }
@@ -884,7 +943,7 @@ struct StreamRecorder {
     acc: StreamAccumulator,
     log_full: bool,
     price: Option<Price>,
-    constitution: Constitution,
+    constitution: Arc<Constitution>,
     guards: std::collections::BTreeMap<u64, OutputGuard>,
     finished: std::collections::BTreeSet<u64>,
     policy: crate::policy::PolicyLog,
@@ -892,7 +951,7 @@ struct StreamRecorder {
     shadow: Option<crate::shadow::PairSender>,
     /// A strictly durable record's commit, awaited before the stream ends.
     ack: Option<tokio::sync::oneshot::Receiver<()>>,
-    _slots: Vec<Slot>,
+    _slots: Slots,
     _in_flight: crate::metrics::InFlight,
 }
 
@@ -1066,7 +1125,7 @@ fn sse_data(text: &str) -> Bytes {
 fn stream_response(
     app: Arc<AppState>,
     price: Option<Price>,
-    constitution: Constitution,
+    constitution: Arc<Constitution>,
     ctx: &mut Ctx,
     upstream: ChunkStream,
     want_usage: bool,
@@ -1282,5 +1341,33 @@ fn stream_response(
         .header("x-accel-buffering", "no")
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
-    with_headers(resp, &headers_rec, ctx.stage_header.as_ref(), policy_header)
+    with_headers(
+        resp,
+        &headers_rec,
+        &ctx.names,
+        ctx.stage_header.as_ref(),
+        policy_header,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_unique_lowercase_hex_after_the_prefix() {
+        let ids: Vec<String> = (0..2000).map(|_| new_request_id()).collect();
+        for id in &ids {
+            assert_eq!(id.len(), 36, "{id}");
+            let hex = id.strip_prefix("req_").expect("prefix");
+            assert!(
+                hex.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                "{id}"
+            );
+            assert!(HeaderValue::from_str(id).is_ok(), "{id}");
+        }
+        let unique: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+    }
 }

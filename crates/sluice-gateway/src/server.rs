@@ -530,19 +530,62 @@ impl Tracked {
     }
 }
 
+/// A tracked response still to come: the handler's answer on this
+/// thread (no allocation beyond the handler's own), or a handler handed to
+/// another thread.
+enum Call {
+    Here {
+        answer: Answer,
+        /// `None` once the answer has been returned.
+        busy: Option<Busy>,
+        /// This thread's count of running handlers, when it has peers.
+        running: Option<Counted>,
+    },
+    Elsewhere(
+        Pin<Box<dyn Future<Output = Result<TrackedResponse, std::convert::Infallible>> + Send>>,
+    ),
+}
+
+type TrackedResponse = axum::http::Response<TrackedBody>;
+
+impl Future for Call {
+    type Output = Result<TrackedResponse, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Call::Here {
+                answer,
+                busy,
+                running,
+            } => {
+                let r = std::task::ready!(answer.as_mut().poll(cx));
+                let Ok(resp) = r;
+                drop(running.take());
+                match busy.take() {
+                    Some(busy) => Poll::Ready(Ok(tracked(resp, busy, None))),
+                    // Polled again after its answer: hyper never does.
+                    None => Poll::Pending,
+                }
+            }
+            Call::Elsewhere(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
 impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Tracked {
-    type Response = axum::http::Response<TrackedBody>;
+    type Response = TrackedResponse;
     type Error = std::convert::Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = Call;
 
     fn call(&self, req: axum::http::Request<hyper::body::Incoming>) -> Self::Future {
         let busy = self.activity.dispatched();
         let answer = self.answer(req);
         let Some(o) = &self.offload else {
-            return Box::pin(async move {
-                let resp: RouterResponse = answer.await?;
-                Ok(tracked(resp, busy, None))
-            });
+            return Call::Here {
+                answer,
+                busy: Some(busy),
+                running: None,
+            };
         };
         if let Some(j) = o.peers.pick(o.me) {
             let peer = &o.peers.threads[j];
@@ -558,7 +601,7 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Tra
                     answer.await
                 });
                 let abort = AbortOnDrop(task.abort_handle());
-                return Box::pin(async move {
+                return Call::Elsewhere(Box::pin(async move {
                     let resp: RouterResponse = match task.await {
                         Ok(r) => r?,
                         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -569,16 +612,15 @@ impl hyper::service::Service<axum::http::Request<hyper::body::Incoming>> for Tra
                     };
                     drop(abort);
                     Ok(tracked(resp, busy, Some(hosted)))
-                });
+                }));
             }
             drop(hosted);
         }
-        let running = Counted::running(&o.peers, o.me);
-        Box::pin(async move {
-            let resp: RouterResponse = answer.await?;
-            drop(running);
-            Ok(tracked(resp, busy, None))
-        })
+        Call::Here {
+            answer,
+            busy: Some(busy),
+            running: Some(Counted::running(&o.peers, o.me)),
+        }
     }
 }
 

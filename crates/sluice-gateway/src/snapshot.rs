@@ -56,11 +56,16 @@ pub struct Deployment {
     pub config: DeploymentConfig,
     /// Provider of each variant, by variant name.
     pub providers: BTreeMap<String, Arc<Upstream>>,
-    /// The principles enforced on it, compiled.
-    pub constitution: Constitution,
+    /// The principles enforced on it, compiled (shared: every request
+    /// takes a reference).
+    pub constitution: Arc<Constitution>,
     /// Requests to it being served now (for `max_in_flight`); carried over
     /// across reloads.
     pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Its name as the `x-sluice-deployment` response header, built once.
+    pub name_header: Option<axum::http::HeaderValue>,
+    /// Each variant's name as the `x-sluice-variant` response header.
+    pub variant_headers: BTreeMap<String, axum::http::HeaderValue>,
 }
 
 impl std::fmt::Debug for Deployment {
@@ -273,9 +278,13 @@ impl Snapshot {
         let mut deployments = BTreeMap::new();
         for (name, d) in &config.deployments {
             let mut dp = BTreeMap::new();
+            let mut variant_headers = BTreeMap::new();
             for (vname, v) in &d.variants {
                 if let Some(p) = providers.get(&v.provider) {
                     dp.insert(vname.clone(), p.clone());
+                }
+                if let Ok(h) = axum::http::HeaderValue::from_str(vname) {
+                    variant_headers.insert(vname.clone(), h);
                 }
             }
             deployments.insert(
@@ -287,13 +296,15 @@ impl Snapshot {
                         .unwrap_or_default(),
                     config: d.clone(),
                     providers: dp,
-                    constitution: Constitution {
+                    name_header: axum::http::HeaderValue::from_str(name).ok(),
+                    variant_headers,
+                    constitution: Arc::new(Constitution {
                         principles: d
                             .principles
                             .iter()
                             .filter_map(|p| compiled.get(p).cloned())
                             .collect(),
-                    },
+                    }),
                 },
             );
         }

@@ -242,10 +242,14 @@ impl Endpoint {
 
 /// A request body as JSON bytes.
 pub(crate) fn encode(body: &impl serde::Serialize) -> Result<Vec<u8>, ProviderError> {
-    serde_json::to_vec(body).map_err(|e| ProviderError::Unsupported {
+    // Room for a usual request at once (serde_json alone starts at 128
+    // bytes and grows by doubling, copying each time).
+    let mut out = Vec::with_capacity(1024);
+    serde_json::to_writer(&mut out, body).map_err(|e| ProviderError::Unsupported {
         param: "body".into(),
         message: format!("cannot encode request: {e}"),
-    })
+    })?;
+    Ok(out)
 }
 
 /// The endpoint `base_url` + `path`, checked to be an absolute http(s) URL.
