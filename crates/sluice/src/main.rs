@@ -3,6 +3,8 @@
 
 /// mimalloc: the request path allocates many small, short-lived buffers
 /// across threads, where it is markedly cheaper than the system allocator.
+/// (The `system-allocator` feature keeps the system's, for malloc tracers.)
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
