@@ -35,7 +35,6 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use futures_util::FutureExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use sluice_core::config::ServerLimits;
 use tokio::net::TcpListener;
@@ -45,24 +44,73 @@ use tokio::task::JoinSet;
 
 /// The connections still open after the listener stopped.
 pub(crate) struct Draining {
-    /// Resolves once every connection finished gracefully.
-    graceful: GracefulShutdown,
-    /// The connection tasks, to abort when the grace period runs out (which
-    /// drops their streams, so each still records its request).
+    /// Each connection's stop flag.
+    stops: Vec<Weak<Stop>>,
+    /// The connection tasks: waited for, then aborted when the grace period
+    /// runs out (which drops their streams, so each still records its
+    /// request).
     tasks: JoinSet<()>,
 }
 
 impl Draining {
-    /// Lets in-flight requests and streams finish until `deadline`, then
-    /// cuts what is left (a cut stream still records itself); whether all
-    /// finished in time.
+    /// Tells every connection to finish (an idle one closes at once, a busy
+    /// one after its response), lets in-flight requests and streams finish
+    /// until `deadline`, then cuts what is left (a cut stream still records
+    /// itself); whether all finished in time.
     pub(crate) async fn finish(mut self, deadline: tokio::time::Instant) -> bool {
-        let drained = tokio::time::timeout_at(deadline, self.graceful.shutdown())
-            .await
-            .is_ok();
+        for s in self.stops.iter().filter_map(Weak::upgrade) {
+            s.raise();
+        }
+        let tasks = &mut self.tasks;
+        let drained = tokio::time::timeout_at(deadline, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok();
         self.tasks.abort_all();
         while self.tasks.join_next().await.is_some() {}
         drained
+    }
+}
+
+/// A flag one connection's task waits on: told to stop, or (its
+/// watchdog) to close if it is still the one idle longest. The task checks
+/// it on each of its polls with two atomic operations on memory of its own;
+/// a `tokio::sync::Notify` would take a lock on every poll, and a channel
+/// watched by every connection a lock they all share.
+#[derive(Default)]
+struct Signal {
+    raised: std::sync::atomic::AtomicBool,
+    waker: futures_util::task::AtomicWaker,
+}
+
+/// A connection's stop flag.
+type Stop = Signal;
+
+impl Signal {
+    /// Raises the flag and wakes the task waiting on it.
+    fn raise(&self) {
+        self.raised.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Whether the flag is raised (it stays raised); the task is woken when
+    /// it is.
+    fn raised(&self, cx: &Context<'_>) -> bool {
+        self.waker.register(cx.waker());
+        self.raised.load(Ordering::Acquire)
+    }
+
+    /// Ready once the flag is raised, lowering it again.
+    fn taken(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            if self.raised.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
     }
 }
 
@@ -187,7 +235,8 @@ struct Connections {
     header_timeout: Duration,
     keep_alive_timeout: Duration,
     routes: Routes,
-    graceful: GracefulShutdown,
+    /// The stop flags of the connections started (pruned as they close).
+    stops: Vec<Weak<Stop>>,
     tasks: JoinSet<()>,
     /// Connections handed to this set and not yet closed (counted up by
     /// whoever hands one over, down when it closes), read by the acceptor to
@@ -213,7 +262,7 @@ impl Connections {
             header_timeout: limits.header_timeout,
             keep_alive_timeout: limits.keep_alive_timeout,
             routes,
-            graceful: GracefulShutdown::new(),
+            stops: Vec::new(),
             tasks: JoinSet::new(),
             open,
             offload: None,
@@ -237,7 +286,23 @@ impl Connections {
             activity: activity.clone(),
         };
         let conn = self.builder.serve_connection(TokioIo::new(io), svc);
-        let conn = self.graceful.watch(conn);
+        let stop = Arc::new(Stop::default());
+        if self.stops.len() == self.stops.capacity() {
+            self.stops.retain(|s| s.strong_count() > 0);
+        }
+        self.stops.push(Arc::downgrade(&stop));
+        let conn = async move {
+            let mut conn = std::pin::pin!(conn);
+            let mut finishing = false;
+            std::future::poll_fn(|cx| {
+                if !finishing && stop.raised(cx) {
+                    finishing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                conn.as_mut().poll(cx)
+            })
+            .await
+        };
         while self.tasks.try_join_next().is_some() {}
         let open = self.open.clone();
         let (head, idle) = (self.header_timeout, self.keep_alive_timeout);
@@ -259,7 +324,7 @@ impl Connections {
 
     fn draining(self) -> Draining {
         Draining {
-            graceful: self.graceful,
+            stops: self.stops,
             tasks: self.tasks,
         }
     }
@@ -284,7 +349,7 @@ struct Activity {
     idle_seq: AtomicU64,
     /// Wakes the watchdog to close the connection if it is still the one
     /// idle longest and a place is still wanted.
-    evict: tokio::sync::Notify,
+    evict: Signal,
 }
 
 impl Activity {
@@ -292,7 +357,7 @@ impl Activity {
         Activity {
             crowding,
             idle_seq: AtomicU64::new(0),
-            evict: tokio::sync::Notify::new(),
+            evict: Signal::default(),
             origin: Instant::now(),
             busy: AtomicUsize::new(0),
             head_since: AtomicU64::new(0),
@@ -405,7 +470,7 @@ async fn watchdog(
         };
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(wait.max(1))) => {}
-            _ = activity.evict.notified() => {}
+            _ = activity.evict.taken() => {}
         }
     }
 }
@@ -764,7 +829,7 @@ impl IdleQueue {
         let mut q = self.lock();
         while let Some((&seq, w)) = q.by_age.first_key_value() {
             if let Some(a) = w.upgrade() {
-                a.evict.notify_one();
+                a.evict.raise();
                 return;
             }
             q.by_age.remove(&seq);

@@ -267,6 +267,46 @@ async fn a_graceful_stop_lets_streams_in_flight_finish() {
         .is_err());
 }
 
+/// A stop wakes the connections that are only being kept alive and closes
+/// them at once: the drain does not wait out the grace period (5 s in the
+/// harness) for them, and counts as complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_closes_idle_kept_alive_connections_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start().await;
+    let addr = h.base.trim_start_matches("http://").to_string();
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut conn = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("send");
+        let mut buf = vec![0u8; 4096];
+        let n = conn.read(&mut buf).await.expect("answer");
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+        idle.push(conn);
+    }
+    let report = h.stop().await;
+    assert!(
+        report.drained,
+        "the idle connections were left to the end of the grace period"
+    );
+    for mut conn in idle {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without another byte");
+    }
+}
+
 /// Hostile bodies over real HTTP: every one gets a 4xx in OpenAI's error
 /// shape with a message, every one is recorded, and the gateway keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
