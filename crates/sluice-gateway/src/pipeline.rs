@@ -159,29 +159,18 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
         return Err(ApiError::too_large(limit));
     }
     let mut body = body;
-    let mut first: Option<Bytes> = None;
-    let mut rest: Vec<u8> = Vec::new();
+    let mut gathered = sluice_providers::Gathered::default();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::unreadable_body(&e.into_inner()))?;
         // Trailers carry nothing sluice reads.
         let Ok(piece) = frame.into_data() else {
             continue;
         };
-        let held = first.as_ref().map_or(0, Bytes::len) + rest.len();
-        if held + piece.len() > limit {
+        if !gathered.push(piece, limit) {
             return Err(ApiError::too_large(limit));
         }
-        match first.take() {
-            None if rest.is_empty() => first = Some(piece),
-            None => rest.extend_from_slice(&piece),
-            Some(f) => {
-                rest.reserve(f.len() + piece.len());
-                rest.extend_from_slice(&f);
-                rest.extend_from_slice(&piece);
-            }
-        }
     }
-    Ok(first.unwrap_or_else(|| Bytes::from(rest)))
+    Ok(gathered.into_bytes())
 }
 
 /// Phase: resolve the deployment named in `model`.
@@ -398,7 +387,7 @@ struct Ctx {
 /// The deployment's and the serving variant's names as response header
 /// values, taken ready-made from the snapshot (an atomic count each, where
 /// building them would copy and check the names on every request).
-#[derive(Default, Clone)]
+#[derive(Default)]
 struct NameHeaders {
     deployment: Option<HeaderValue>,
     variant: Option<HeaderValue>,
@@ -458,20 +447,10 @@ fn with_headers(
     {
         h.insert(H_FALLBACK_FROM.clone(), v);
     }
-    let variant = names.variant.clone().or_else(|| {
-        rec.variant
-            .as_deref()
-            .and_then(|v| HeaderValue::from_str(v).ok())
-    });
-    if let Some(v) = variant {
+    if let Some(v) = names.variant.clone() {
         h.insert(H_VARIANT.clone(), v);
     }
-    let deployment = names.deployment.clone().or_else(|| {
-        rec.deployment
-            .as_deref()
-            .and_then(|v| HeaderValue::from_str(v).ok())
-    });
-    if let Some(v) = deployment {
+    if let Some(v) = names.deployment.clone() {
         h.insert(H_DEPLOYMENT.clone(), v);
     }
     resp

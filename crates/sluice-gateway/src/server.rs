@@ -45,7 +45,7 @@ use tokio::task::JoinSet;
 /// The connections still open after the listener stopped.
 pub(crate) struct Draining {
     /// Each connection's stop flag.
-    stops: Vec<Weak<Stop>>,
+    stops: Vec<Weak<Signal>>,
     /// The connection tasks: waited for, then aborted when the grace period
     /// runs out (which drops their streams, so each still records its
     /// request).
@@ -83,9 +83,6 @@ struct Signal {
     raised: std::sync::atomic::AtomicBool,
     waker: futures_util::task::AtomicWaker,
 }
-
-/// A connection's stop flag.
-type Stop = Signal;
 
 impl Signal {
     /// Raises the flag and wakes the task waiting on it.
@@ -236,7 +233,7 @@ struct Connections {
     keep_alive_timeout: Duration,
     routes: Routes,
     /// The stop flags of the connections started (pruned as they close).
-    stops: Vec<Weak<Stop>>,
+    stops: Vec<Weak<Signal>>,
     tasks: JoinSet<()>,
     /// Connections handed to this set and not yet closed (counted up by
     /// whoever hands one over, down when it closes), read by the acceptor to
@@ -286,7 +283,7 @@ impl Connections {
             activity: activity.clone(),
         };
         let conn = self.builder.serve_connection(TokioIo::new(io), svc);
-        let stop = Arc::new(Stop::default());
+        let stop = Arc::new(Signal::default());
         if self.stops.len() == self.stops.capacity() {
             self.stops.retain(|s| s.strong_count() > 0);
         }

@@ -360,34 +360,21 @@ pub(crate) async fn read_body(
     timeout: Duration,
 ) -> Result<Bytes, ProviderError> {
     let read = async {
-        // A body that arrives in one piece (the usual small answer) is kept
-        // as it came, without a copy.
-        let mut first: Option<Bytes> = None;
-        let mut out = Vec::new();
+        let mut body = crate::Gathered::default();
         let mut stream = BodyDataStream::new(resp.into_body());
         while let Some(piece) = stream.next().await {
             let piece = piece.map_err(|e| ProviderError::Stream {
                 provider: provider.to_string(),
                 message: format!("response body broke off: {}", error_chain(&e)),
             })?;
-            let held = first.as_ref().map_or(0, Bytes::len) + out.len();
-            if held + piece.len() > limit {
+            if !body.push(piece, limit) {
                 return Err(ProviderError::InvalidResponse {
                     provider: provider.to_string(),
                     message: format!("response body larger than {limit} bytes"),
                 });
             }
-            match first.take() {
-                None if out.is_empty() => first = Some(piece),
-                None => out.extend_from_slice(&piece),
-                Some(f) => {
-                    out.reserve(f.len() + piece.len());
-                    out.extend_from_slice(&f);
-                    out.extend_from_slice(&piece);
-                }
-            }
         }
-        Ok(first.unwrap_or_else(|| Bytes::from(out)))
+        Ok(body.into_bytes())
     };
     match crate::within(timeout, read).await {
         Err(_) => Err(ProviderError::Timeout {

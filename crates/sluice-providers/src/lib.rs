@@ -47,6 +47,41 @@ pub async fn within<F: std::future::Future>(
     }
 }
 
+/// A body gathered piece by piece under a size limit. A body that arrives
+/// in one piece (the usual small one) is kept as it came, without a copy;
+/// later pieces are joined into one buffer.
+#[derive(Debug, Default)]
+pub struct Gathered {
+    first: Option<Bytes>,
+    rest: Vec<u8>,
+}
+
+impl Gathered {
+    /// Adds `piece`, unless the body would then be longer than `limit`
+    /// bytes: then nothing is added and `false` returned.
+    pub fn push(&mut self, piece: Bytes, limit: usize) -> bool {
+        let held = self.first.as_ref().map_or(0, Bytes::len) + self.rest.len();
+        if held + piece.len() > limit {
+            return false;
+        }
+        match self.first.take() {
+            None if self.rest.is_empty() => self.first = Some(piece),
+            None => self.rest.extend_from_slice(&piece),
+            Some(f) => {
+                self.rest.reserve(f.len() + piece.len());
+                self.rest.extend_from_slice(&f);
+                self.rest.extend_from_slice(&piece);
+            }
+        }
+        true
+    }
+
+    /// The whole body.
+    pub fn into_bytes(self) -> Bytes {
+        self.first.unwrap_or_else(|| Bytes::from(self.rest))
+    }
+}
+
 /// Why an upstream call failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ProviderError {
@@ -310,7 +345,31 @@ variants.v1 = { provider = "o", model = "m" }
 #[cfg(test)]
 mod tests {
     use super::Provider;
+    use proptest::prelude::*;
     use std::time::Duration;
+
+    proptest! {
+        /// Gathered pieces are the pieces joined, as long as they fit the
+        /// limit; the first piece that does not is refused and the body
+        /// stays what it was.
+        #[test]
+        fn gathered_pieces_join_up_to_the_limit(
+            pieces in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 0..8),
+            limit in 0usize..200,
+        ) {
+            let mut g = super::Gathered::default();
+            let mut joined = Vec::new();
+            for p in pieces {
+                let fits = joined.len() + p.len() <= limit;
+                prop_assert_eq!(g.push(bytes::Bytes::from(p.clone()), limit), fits);
+                if !fits {
+                    break;
+                }
+                joined.extend_from_slice(&p);
+            }
+            prop_assert_eq!(&g.into_bytes()[..], &joined[..]);
+        }
+    }
 
     /// A future that is already done finishes without waiting, even with
     /// no time at all; one that waits is cut at the limit, counted from the
