@@ -75,6 +75,60 @@ pub struct AppState {
     pub external: policy::External,
     /// Chat completion requests being served now (for `max_in_flight`).
     pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Work a request leaves running after its answer (shadow calls), which
+    /// shutdown waits for so that their records are written.
+    pub background: Arc<Background>,
+}
+
+/// A count of background tasks that shutdown waits for.
+#[derive(Debug, Default)]
+pub struct Background {
+    running: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Held by a background task while it runs.
+#[derive(Debug)]
+pub struct BackgroundGuard(Arc<Background>);
+
+impl Background {
+    /// Counts a task as running until the guard is dropped.
+    pub fn enter(self: &Arc<Self>) -> BackgroundGuard {
+        self.running
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        BackgroundGuard(self.clone())
+    }
+
+    /// Tasks running now.
+    pub fn running(&self) -> usize {
+        self.running.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves once no task is running.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.running() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for BackgroundGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl AppState {
@@ -257,6 +311,7 @@ impl Gateway {
             secrets,
             external: policy::External::default(),
             in_flight: Arc::default(),
+            background: Arc::default(),
         });
         app.metrics.set_health(health);
         Ok(Gateway {
@@ -415,6 +470,17 @@ impl Gateway {
             tracing::warn!(
                 ?grace,
                 "in-flight requests did not finish within the grace period; stopping"
+            );
+        }
+        // Shadow calls still running record what they saw: wait for them
+        // (each is bounded by its stage's timeout) up to the deadline.
+        if tokio::time::timeout_at(deadline, app.background.idle())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = app.background.running(),
+                "shadow calls still running at the end of the grace period; their records are dropped"
             );
         }
         // Give in-flight stream bodies dropped by the deadline a moment to

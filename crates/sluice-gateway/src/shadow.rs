@@ -81,7 +81,9 @@ pub fn start(
     let counters = entry.counters.clone();
     let timeout = cfg.timeout;
     let (app, snap, req, name) = (app.clone(), snap.clone(), req.clone(), name.to_string());
+    let running = app.background.enter();
     tokio::spawn(async move {
+        let _running = running;
         let Some(dep) = snap
             .deployments
             .get(rec.deployment.as_deref().unwrap_or_default())

@@ -524,3 +524,30 @@ stages = [
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_waits_for_running_mirrors_and_writes_their_records() {
+    let rollout = manual(
+        "support-v2",
+        r#"stages = [
+  { kind = "shadow", max_in_flight = 4, timeout = "1s", min_requests = 100000 },
+  { kind = "percent", percent = 100 },
+]
+"#,
+    );
+    // gpt-slow answers after 3 s: each mirror runs for its 1 s timeout,
+    // long after the users' answers came back.
+    let h = Harness::start_with(with("gpt-slow", rollout)).await;
+    let (s, _) = act(&h, "support-v2", "start").await;
+    assert_eq!(s, 200);
+    for i in 0..3 {
+        assert_eq!(ask(&h, i).await.0, 200);
+    }
+    let started = Instant::now();
+    let report = h.stop().await;
+    assert_eq!(report.events.dropped, 0, "{:?}", report.events);
+    assert_eq!(report.events.lost(), 0, "{:?}", report.events);
+    // Three answers and three mirrors (and nothing else is recorded here).
+    assert_eq!(report.events.written, 6, "{:?}", report.events);
+    assert!(started.elapsed() >= Duration::from_millis(500));
+}
