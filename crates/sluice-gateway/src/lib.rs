@@ -25,6 +25,7 @@ pub mod upstream;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,7 +75,7 @@ pub struct AppState {
     /// What the external detectors (judges, webhooks) share.
     pub external: policy::External,
     /// Chat completion requests being served now (for `max_in_flight`).
-    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    pub in_flight: Arc<AtomicUsize>,
     /// Work a request leaves running after its answer (shadow calls), which
     /// shutdown waits for so that their records are written.
     pub background: Arc<Background>,
@@ -83,7 +84,7 @@ pub struct AppState {
 /// A count of background tasks that shutdown waits for.
 #[derive(Debug, Default)]
 pub struct Background {
-    running: std::sync::atomic::AtomicUsize,
+    running: AtomicUsize,
     idle: tokio::sync::Notify,
 }
 
@@ -94,14 +95,13 @@ pub struct BackgroundGuard(Arc<Background>);
 impl Background {
     /// Counts a task as running until the guard is dropped.
     pub fn enter(self: &Arc<Self>) -> BackgroundGuard {
-        self.running
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.running.fetch_add(1, Ordering::AcqRel);
         BackgroundGuard(self.clone())
     }
 
     /// Tasks running now.
     pub fn running(&self) -> usize {
-        self.running.load(std::sync::atomic::Ordering::Acquire)
+        self.running.load(Ordering::Acquire)
     }
 
     /// Resolves once no task is running.
@@ -120,12 +120,7 @@ impl Background {
 
 impl Drop for BackgroundGuard {
     fn drop(&mut self) {
-        if self
-            .0
-            .running
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
-            == 1
-        {
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.0.idle.notify_waiters();
         }
     }

@@ -23,6 +23,21 @@ fn manual(name: &str, rest: &str) -> String {
     )
 }
 
+/// A manual `support-v2` rollout: a shadow stage (4 mirrors at most, each
+/// cut at `timeout`) that does not end by itself, then everyone.
+fn shadow_then_everyone(timeout: &str) -> String {
+    manual(
+        "support-v2",
+        &format!(
+            r#"stages = [
+  {{ kind = "shadow", max_in_flight = 4, timeout = "{timeout}", min_requests = 100000 }},
+  {{ kind = "percent", percent = 100 }},
+]
+"#
+        ),
+    )
+}
+
 fn with(candidate_model: &'static str, rollouts: String) -> impl Fn(String) -> String {
     move |c: String| {
         let c = c.replace(
@@ -119,14 +134,7 @@ async fn mirrors(h: &Harness, n: usize) -> Vec<sluice_store::RequestRecord> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_candidate_in_shadow_leaves_stable_untouched_and_pairs_are_recorded() {
-    let rollout = manual(
-        "support-v2",
-        r#"stages = [
-  { kind = "shadow", max_in_flight = 4, timeout = "300ms", min_requests = 100000 },
-  { kind = "percent", percent = 100 },
-]
-"#,
-    );
+    let rollout = shadow_then_everyone("300ms");
     // gpt-slow answers after 3 s: every mirror hits the 300 ms shadow timeout.
     let h = Harness::start_with(with("gpt-slow", rollout)).await;
     const N: usize = 40;
@@ -527,14 +535,7 @@ stages = [
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_waits_for_running_mirrors_and_writes_their_records() {
-    let rollout = manual(
-        "support-v2",
-        r#"stages = [
-  { kind = "shadow", max_in_flight = 4, timeout = "1s", min_requests = 100000 },
-  { kind = "percent", percent = 100 },
-]
-"#,
-    );
+    let rollout = shadow_then_everyone("1s");
     // gpt-slow answers after 3 s: each mirror runs for its 1 s timeout,
     // long after the users' answers came back.
     let h = Harness::start_with(with("gpt-slow", rollout)).await;
